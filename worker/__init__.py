@@ -1,0 +1,1 @@
+"""shipmon: a monitor for 247Express shipments."""

@@ -164,7 +164,9 @@ ERROR_MESSAGES: dict[ErrorCode, str] = {
     ErrorCode.ORDERCODE_MIN_LENGTH: "OrderCode less than 5 characters",
     ErrorCode.ORDERCODE_MAX_LENGTH: "The maximum number of OrderCode is 20 characters",
     ErrorCode.ORDERCODE_NOT_FOUND: "OrderCode is not found",
-    ErrorCode.ORDERCODE_DOES_NOT_BELONG_TO_YOUR_ACCOUNT: "Ordercode does not belong to your account",
+    ErrorCode.ORDERCODE_DOES_NOT_BELONG_TO_YOUR_ACCOUNT: (
+        "Ordercode does not belong to your account"
+    ),
     ErrorCode.APIKEY_NOT_FOUND: "Apikey is not found",
     ErrorCode.APIKEY_LIMIT: "Look up more than 200,000 times/day",
     ErrorCode.EXCEPTION: "Unknown error, please contact 247",

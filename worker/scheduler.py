@@ -1,0 +1,530 @@
+"""The poll scheduler: when each shipment is next worth a lookup, within the key's daily quota.
+
+A lookup is worth making when it probably reveals a transition soon after it happened. From the
+stays shipmon has observed, `fit_model` learns per status how long shipments stay (a lognormal
+dwell, censored stays included) and the local hours when the status never moves on (its quiet
+hours: a transition due then waits for the window to reopen, so its probability piles up at the
+reopening). `next_poll_at` then places a shipment's next lookup where the expected detection
+delay it would cut has grown to the key's price: nothing is spent on shipments young in a slow
+status or in quiet hours, a lookup lands when a window closes rather than during the night, and
+just after a reopening when most of what a lookup would reveal is already there. One price per
+key, adapted by `PriceController`, makes the lookups the policy asks for fit the daily quota.
+
+Everything here is pure and typed: the worker and the benchmarks call the very same functions
+with their own clock.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from worker.domain import Status
+
+DAY_SECONDS = 86_400
+# Stays before the carrier knows an order are modelled like a status under this name.
+NOT_FOUND = "NOT_FOUND"
+
+# The longest a shipment may wait for its next lookup (no shipment starves), and the shortest.
+DEFAULT_MAX_INTERVAL = timedelta(hours=24)
+MIN_INTERVAL = timedelta(minutes=2)
+# A lookup meant for a window's reopening is placed this long after it, so that it sees the
+# transitions stamped at the reopening itself.
+REOPENING_LAG_SECONDS = 60.0
+# Move a lookup back to a reopening when that early it would already reveal this share of what
+# it would reveal at its threshold time: the rest is not worth the wait.
+REOPENING_SHARE = 0.7
+
+# Cold start: a vague dwell (median 6 h, spread of a factor e) worth a few observations, so the
+# first days poll sensibly and data soon dominates.
+PRIOR_MEDIAN_SECONDS = 6 * 3600.0
+PRIOR_SIGMA = 1.0
+PRIOR_WEIGHT = 5.0
+# Local-hour bins for learning quiet hours, and how sure a bin must be before it is called quiet.
+HOUR_BIN_SECONDS = 300
+MIN_EXITS_FOR_QUIET_HOURS = 200
+QUIET_RATE_SHARE = 0.03
+QUIET_MIN_EXPECTED_EXITS = 5.0
+MIN_QUIET_SECONDS = 1800
+# Fitting cost is bounded by using at most this many stays per status.
+MAX_STAYS_PER_FIT = 1500
+EM_ITERATIONS = 40
+
+
+@dataclass(frozen=True)
+class ShipmentState:
+    """What shipmon knows of one shipment; every datetime is timezone-aware UTC."""
+
+    registered_at: datetime
+    # None while the carrier does not know the order (ORDERCODE_NOT_FOUND).
+    status: Status | None = None
+    # The carrier's event time of the current status (from statuses[]).
+    status_entered_at: datetime | None = None
+    last_polled_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Stay:
+    """One observed stay of a shipment in one status (status None: not yet known to the carrier).
+
+    A stay that has not ended (`exited_at` None) is censored: the shipment was still in the
+    status at `observed_until`, the last lookup that saw it.
+    """
+
+    status: Status | None
+    entered_at: datetime
+    exited_at: datetime | None = None
+    observed_until: datetime | None = None
+
+
+@dataclass(frozen=True)
+class DwellModel:
+    """How long shipments stay in one status, and the local hours when they never leave it."""
+
+    # Lognormal dwell: the mean and spread of the natural log of the dwell in seconds.
+    log_mu: float
+    log_sigma: float
+    # (close, reopen) in local seconds of the day, or None when the status moves at any hour.
+    quiet: tuple[int, int] | None = None
+    stays: int = 0
+
+    def survival(self, dwell_seconds: float) -> float:
+        """The chance that a shipment's dwell exceeds `dwell_seconds`."""
+        if dwell_seconds <= 0.0:
+            return 1.0
+        z = (math.log(dwell_seconds) - self.log_mu) / (self.log_sigma * math.sqrt(2.0))
+        return 0.5 * math.erfc(z)
+
+    def last_active(self, local_seconds: float) -> float:
+        """The latest moment not after `local_seconds` when a transition could happen."""
+        if self.quiet is None:
+            return local_seconds
+        close, reopen = self.quiet
+        into_quiet = (local_seconds - close) % DAY_SECONDS
+        if into_quiet < (reopen - close) % DAY_SECONDS:
+            return local_seconds - into_quiet
+        return local_seconds
+
+
+PRIOR = DwellModel(math.log(PRIOR_MEDIAN_SECONDS), PRIOR_SIGMA)
+
+
+@dataclass(frozen=True)
+class LearnedModel:
+    """Dwell models per status, learned from observed stays, in the carrier's timezone."""
+
+    timezone: str
+    dwell: Mapping[str, DwellModel] = field(default_factory=dict)
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    def for_status(self, status: Status | None) -> DwellModel:
+        """The dwell model of a status (None: not yet found), the prior when nothing is known."""
+        return self.dwell.get(_key(status), PRIOR)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready form, to share the model between processes."""
+        return {
+            "timezone": self.timezone,
+            "dwell": {
+                key: {
+                    "median_hours": math.exp(m.log_mu) / 3600.0,
+                    "sigma": m.log_sigma,
+                    "quiet_hours": None if m.quiet is None else [q / 3600.0 for q in m.quiet],
+                    "stays": m.stays,
+                }
+                for key, m in self.dwell.items()
+            },
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> LearnedModel:
+        """The model `to_json` described."""
+        dwell = {}
+        for key, m in data["dwell"].items():
+            quiet = m["quiet_hours"]
+            dwell[key] = DwellModel(
+                log_mu=math.log(float(m["median_hours"]) * 3600.0),
+                log_sigma=float(m["sigma"]),
+                quiet=None if quiet is None else (round(quiet[0] * 3600), round(quiet[1] * 3600)),
+                stays=int(m["stays"]),
+            )
+        return cls(timezone=str(data["timezone"]), dwell=dwell)
+
+
+def _key(status: Status | None) -> str:
+    return NOT_FOUND if status is None else status.value
+
+
+# ---------------------------------------------------------------------------------------------
+# The policy
+
+
+def next_poll_at(
+    state: ShipmentState,
+    model: LearnedModel,
+    price: float,
+    max_interval: timedelta = DEFAULT_MAX_INTERVAL,
+) -> datetime | None:
+    """When this shipment is next worth a lookup; None once its status is terminal.
+
+    `price` is the key's current price of one lookup, in seconds of expected detection delay it
+    must cut (see `PriceController`). A shipment never looked up is due at once.
+    """
+    if state.status is not None and state.status.terminal:
+        return None
+    if state.last_polled_at is None:
+        return state.registered_at
+    entered = state.status_entered_at if state.status is not None else None
+    entered = entered or state.registered_at
+    polled = state.last_polled_at
+    # The carrier's local hours, at one offset for the whole horizon: the carrier's timezone has
+    # no daylight saving, and elsewhere an hour's shift once a season costs little.
+    offset = _utc_offset_seconds(polled, model.zone)
+    wait = _wait_seconds(
+        model.for_status(state.status),
+        entered=entered.timestamp() + offset,
+        polled=polled.timestamp() + offset,
+        price=price,
+        horizon=max_interval.total_seconds(),
+    )
+    return polled + timedelta(seconds=wait)
+
+
+def _utc_offset_seconds(moment: datetime, zone: ZoneInfo) -> float:
+    delta = moment.astimezone(zone).utcoffset()
+    return 0.0 if delta is None else delta.total_seconds()
+
+
+def _wait_seconds(
+    dwell: DwellModel, entered: float, polled: float, price: float, horizon: float
+) -> float:
+    """Seconds from the last lookup (at local time `polled`) to the next one.
+
+    The next lookup goes where the expected delay of a transition caught by it,
+    A(t) = E[(t - T)+ | T > polled] = integral of the chance T <= x for x up to t, reaches the
+    price; A grows fast where transitions are likely and not at all before they can happen.
+    """
+    alive = dwell.survival(dwell.last_active(polled) - entered)
+    if alive <= 0.0:
+        return _snap_to_close(dwell, polled, horizon)
+
+    def caught(x: float) -> float:
+        """The chance that the transition has happened by local time x."""
+        return 1.0 - dwell.survival(dwell.last_active(x) - entered) / alive
+
+    end = polled + horizon
+    breaks = _window_edges(dwell, polled, end)
+    accrued = 0.0
+    u, at_u = polled, 0.0
+    while u < end:
+        step = min(max(300.0, (u - polled) / 6.0), 3600.0)
+        v = min(u + step, end)
+        if breaks and breaks[0] <= v:
+            v = breaks.pop(0)
+        # Just before v: at a reopening the chance jumps, and the jump is caught only after it.
+        before_v = caught(v - 1e-3)
+        gain = (v - u) * (at_u + before_v) / 2.0
+        if accrued + gain >= price:
+            t = u + _solve_segment(price - accrued, at_u, before_v, v - u)
+            return _place(dwell, polled, t, caught) - polled
+        accrued += gain
+        u, at_u = v, caught(v)
+    return _snap_to_close(dwell, polled, horizon)
+
+
+def _solve_segment(needed: float, start: float, end: float, width: float) -> float:
+    """How far into a segment, where the caught chance goes linearly from start to end, the
+    accrued delay reaches `needed`."""
+    slope = (end - start) / width
+    if slope <= 1e-15:
+        return min(width, needed / start) if start > 0 else width
+    # slope/2 * x^2 + start * x - needed = 0
+    return min(width, (-start + math.sqrt(start * start + 2.0 * slope * needed)) / slope)
+
+
+def _place(dwell: DwellModel, polled: float, t: float, caught: Callable[[float], float]) -> float:
+    """Move a lookup planned at t to where it reveals as much for less delay."""
+    active = dwell.last_active(t)
+    if active < t:
+        # Nothing happens between the window's close and t: look at the close instead.
+        return max(active, polled + MIN_INTERVAL.total_seconds())
+    if dwell.quiet is not None:
+        reopen = dwell.quiet[1]
+        since_reopen = (t - reopen) % DAY_SECONDS
+        opening = t - since_reopen
+        if opening > polled and caught(opening + 1e-3) >= REOPENING_SHARE * caught(t):
+            t = opening + REOPENING_LAG_SECONDS
+    return max(t, polled + MIN_INTERVAL.total_seconds())
+
+
+def _snap_to_close(dwell: DwellModel, polled: float, horizon: float) -> float:
+    """The ceiling's lookup, moved back to a window's close if the ceiling falls in quiet hours."""
+    end = polled + horizon
+    return max(dwell.last_active(end), polled + MIN_INTERVAL.total_seconds()) - polled
+
+
+def _window_edges(dwell: DwellModel, start: float, end: float) -> list[float]:
+    """The closes and reopenings of a status's window in (start, end], in order."""
+    if dwell.quiet is None:
+        return []
+    edges = []
+    for edge in dwell.quiet:
+        first = start + ((edge - start) % DAY_SECONDS or DAY_SECONDS)
+        edges.extend(_arange(first, end, DAY_SECONDS))
+    return sorted(edges)
+
+
+def _arange(first: float, end: float, step: float) -> list[float]:
+    values = []
+    x = first
+    while x <= end:
+        values.append(x)
+        x += step
+    return values
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning from observed stays
+
+
+def fit_model(
+    stays: Iterable[Stay], timezone: str, previous: LearnedModel | None = None
+) -> LearnedModel:
+    """Learn each status's dwell and quiet hours from observed stays, censored ones included.
+
+    Pass stays that entered their status within a recent window (a few days), whether or not they
+    have ended: that choice keeps the fit unbiased. `previous` only speeds convergence up.
+    """
+    zone = ZoneInfo(timezone)
+    groups: dict[str, list[Stay]] = {}
+    for stay in stays:
+        groups.setdefault(_key(stay.status), []).append(stay)
+    dwell = {}
+    for key, group in groups.items():
+        start = previous.dwell.get(key, PRIOR) if previous is not None else PRIOR
+        dwell[key] = _fit_status(group, zone, start)
+    return LearnedModel(timezone=timezone, dwell=dwell)
+
+
+def _local_seconds(moment: datetime, zone: ZoneInfo) -> float:
+    return moment.timestamp() + _utc_offset_seconds(moment, zone)
+
+
+def _fit_status(stays: list[Stay], zone: ZoneInfo, start: DwellModel) -> DwellModel:
+    spans: list[tuple[float, float, bool]] = []  # (entered, ended or last seen, ended?)
+    for stay in stays:
+        entered = _local_seconds(stay.entered_at, zone)
+        if stay.exited_at is not None:
+            spans.append((entered, _local_seconds(stay.exited_at, zone), True))
+        elif stay.observed_until is not None:
+            spans.append((entered, _local_seconds(stay.observed_until, zone), False))
+    quiet = _learn_quiet(spans) if len(spans) >= MIN_EXITS_FOR_QUIET_HOURS else None
+    windowed = DwellModel(start.log_mu, start.log_sigma, quiet)
+    stride = max(1, math.ceil(len(spans) / MAX_STAYS_PER_FIT))
+    exact: list[float] = []
+    bounded: list[tuple[float, float]] = []  # log-dwell known to lie between the two
+    for entered, ended, exited in spans[::stride]:
+        if not exited:
+            # Still in the status when last seen: the dwell ran at least to the last active moment.
+            low = windowed.last_active(ended) - entered
+            if low > 0.0:
+                bounded.append((math.log(low), math.inf))
+        elif quiet is not None and (ended - quiet[1]) % DAY_SECONDS < HOUR_BIN_SECONDS:
+            # Left at a reopening: it may have been due at any moment of the quiet hours before.
+            closed = ended - (ended - quiet[0]) % DAY_SECONDS
+            low = closed - entered
+            high = max(ended - entered, 1.0)
+            bounded.append((math.log(low) if low > 0.0 else -math.inf, math.log(high)))
+        else:
+            exact.append(math.log(max(ended - entered, 1.0)))
+    mu, sigma = _fit_lognormal(exact, bounded, start.log_mu, start.log_sigma)
+    return DwellModel(mu, sigma, quiet, len(spans))
+
+
+def _learn_quiet(spans: list[tuple[float, float, bool]]) -> tuple[int, int] | None:
+    """The longest run of local hours when shipments at risk (nearly) never left the status."""
+    bins = DAY_SECONDS // HOUR_BIN_SECONDS
+    exits = [0] * bins
+    # Exposure by local-hour bin, as a difference array over two days to unroll the wrap.
+    change = [0.0] * (2 * bins + 1)
+    full_days = 0
+    for entered, ended, exited in spans:
+        if exited:
+            exits[int(ended % DAY_SECONDS) // HOUR_BIN_SECONDS] += 1
+        length = ended - entered
+        if length <= 0.0:
+            continue
+        days, rest = divmod(length, DAY_SECONDS)
+        full_days += int(days)
+        first = int(entered % DAY_SECONDS) // HOUR_BIN_SECONDS
+        last = int((entered % DAY_SECONDS + rest) // HOUR_BIN_SECONDS)
+        change[first] += 1.0
+        change[last] -= 1.0
+    exposure = [float(full_days)] * bins
+    running = 0.0
+    for i in range(2 * bins):
+        running += change[i]
+        exposure[i % bins] += running
+    total_exposure = sum(exposure)
+    if total_exposure <= 0.0:
+        return None
+    rate = sum(exits) / total_exposure
+    quiet = [
+        exposure[i] * rate >= QUIET_MIN_EXPECTED_EXITS
+        and exits[i] < QUIET_RATE_SHARE * exposure[i] * rate
+        for i in range(bins)
+    ]
+    if all(quiet) or not any(quiet):
+        return None
+    # The longest circular run, walked from an active bin so no run is split by the wrap.
+    origin = quiet.index(False)
+    best_start, best_length, run_start, run_length = 0, 0, 0, 0
+    for j in range(1, bins + 1):
+        i = (origin + j) % bins
+        if quiet[i]:
+            if run_length == 0:
+                run_start = i
+            run_length += 1
+            if run_length > best_length:
+                best_start, best_length = run_start, run_length
+        else:
+            run_length = 0
+    if best_length * HOUR_BIN_SECONDS < MIN_QUIET_SECONDS:
+        return None
+    close = best_start * HOUR_BIN_SECONDS
+    return close, (close + best_length * HOUR_BIN_SECONDS) % DAY_SECONDS
+
+
+def _fit_lognormal(
+    exact: list[float], bounded: list[tuple[float, float]], mu: float, sigma: float
+) -> tuple[float, float]:
+    """Mean and spread of a normal log-dwell by expectation-maximisation, with the prior's weight.
+
+    `exact` are observed log-dwells; `bounded` are (low, high) ranges a log-dwell is known to lie
+    in (censored or deferred stays).
+    """
+    prior_mu, prior_sigma = PRIOR.log_mu, PRIOR.log_sigma
+    count = len(exact) + len(bounded) + PRIOR_WEIGHT
+    exact_sum = sum(exact) + PRIOR_WEIGHT * prior_mu
+    exact_squares = sum(y * y for y in exact) + PRIOR_WEIGHT * (prior_sigma**2 + prior_mu**2)
+    for _ in range(EM_ITERATIONS):
+        first, second = exact_sum, exact_squares
+        for low, high in bounded:
+            m1, m2 = _truncated_moments(mu, sigma, low, high)
+            first += m1
+            second += m2
+        new_mu = first / count
+        new_sigma = math.sqrt(max(second / count - new_mu * new_mu, 1e-4))
+        done = abs(new_mu - mu) < 1e-4 and abs(new_sigma - sigma) < 1e-4
+        mu, sigma = new_mu, new_sigma
+        if done:
+            break
+    return mu, sigma
+
+
+_ROOT_TWO_PI = math.sqrt(2.0 * math.pi)
+
+
+def _truncated_moments(mu: float, sigma: float, low: float, high: float) -> tuple[float, float]:
+    """E[y] and E[y^2] of y ~ Normal(mu, sigma) known to lie in (low, high)."""
+    a = (low - mu) / sigma
+    b = (high - mu) / sigma
+    above_a = 1.0 if a == -math.inf else 0.5 * math.erfc(a / math.sqrt(2.0))
+    above_b = 0.0 if b == math.inf else 0.5 * math.erfc(b / math.sqrt(2.0))
+    mass = above_a - above_b
+    if mass < 1e-300:
+        # Far in a tail the range is all but a point: its nearer end.
+        y = low if math.isfinite(low) and (not math.isfinite(high) or a > 0) else high
+        return y, y * y
+    pdf_a = 0.0 if not math.isfinite(a) else math.exp(-0.5 * a * a) / _ROOT_TWO_PI
+    pdf_b = 0.0 if not math.isfinite(b) else math.exp(-0.5 * b * b) / _ROOT_TWO_PI
+    z1 = (pdf_a - pdf_b) / mass
+    z2 = 1.0 + ((a * pdf_a if pdf_a else 0.0) - (b * pdf_b if pdf_b else 0.0)) / mass
+    return mu + sigma * z1, mu * mu + 2.0 * mu * sigma * z1 + sigma * sigma * z2
+
+
+# ---------------------------------------------------------------------------------------------
+# The price of a lookup
+
+INITIAL_PRICE = 1800.0
+MIN_PRICE = 1.0
+MAX_PRICE = 30.0 * DAY_SECONDS
+# Plan for a little less than the quota: the pace line absorbs the rest of the noise.
+TARGET_UTILISATION = 0.97
+# How fast the price follows demand: a day's excess is worked off in a few hours.
+PRICE_TIME_CONSTANT = 3 * 3600.0
+MAX_STEP_FACTOR = 1.25
+
+
+@dataclass
+class PriceController:
+    """Adapts one key's lookup price so that the lookups the policy asks for fit the daily quota.
+
+    Call `observe` every minute or so with the lookups made since the previous call and the
+    number of shipments due and still waiting. Demand over the last day, re-priced at the current
+    price (intervals grow as the square root of the price), is steered to the quota.
+    """
+
+    daily_quota: int
+    price: float = INITIAL_PRICE
+    # [hour start (epoch seconds), shipments that fell due in it, price when they were planned]
+    hours: list[list[float]] = field(default_factory=list)
+    started_at: float | None = None
+    observed_at: float | None = None
+    waiting: int = 0
+
+    def observe(self, now: datetime, polls: int, waiting: int) -> float:
+        """Account for the lookups made and still waiting, and return the updated price."""
+        t = now.timestamp()
+        demand = polls + waiting - self.waiting
+        self.waiting = waiting
+        hour = t - t % 3600
+        if not self.hours or self.hours[-1][0] != hour:
+            self.hours.append([hour, 0.0, self.price])
+        self.hours[-1][1] += demand
+        while self.hours[0][0] <= t - DAY_SECONDS:
+            self.hours.pop(0)
+        if self.started_at is None:
+            self.started_at = t
+        if self.observed_at is not None:
+            covered = min(DAY_SECONDS, max(3600.0, t - self.started_at))
+            repriced = sum(d * math.sqrt(p / self.price) for _, d, p in self.hours)
+            daily = repriced * DAY_SECONDS / covered
+            if daily > 0.0:
+                target = self.daily_quota * TARGET_UTILISATION
+                exponent = 2.0 * (t - self.observed_at) / PRICE_TIME_CONSTANT
+                factor = (daily / target) ** exponent
+                factor = min(MAX_STEP_FACTOR, max(1.0 / MAX_STEP_FACTOR, factor))
+                self.price = min(MAX_PRICE, max(MIN_PRICE, self.price * factor))
+        self.observed_at = t
+        return self.price
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready form, to keep the controller in Redis between beat runs."""
+        return {
+            "daily_quota": self.daily_quota,
+            "price": self.price,
+            "hours": self.hours,
+            "started_at": self.started_at,
+            "observed_at": self.observed_at,
+            "waiting": self.waiting,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PriceController:
+        """The controller `to_json` described."""
+        return cls(
+            daily_quota=int(data["daily_quota"]),
+            price=float(data["price"]),
+            hours=[[float(x) for x in h] for h in data["hours"]],
+            started_at=data["started_at"],
+            observed_at=data["observed_at"],
+            waiting=int(data["waiting"]),
+        )

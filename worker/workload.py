@@ -612,6 +612,11 @@ def _utc(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
 
+def _whole_microseconds(ts: float) -> float:
+    """`ts` rounded as a datetime holds it, so times handed out and back compare exactly."""
+    return datetime.fromtimestamp(ts, UTC).timestamp()
+
+
 class Carrier:
     """The carrier's world: accounts, orders and their drawn lifecycles, and the lookup quota.
 
@@ -836,6 +841,7 @@ class Carrier:
         self, order: _Order, ts: float, status: Status, delay_code: int | None, *, given_delay: bool
     ) -> None:
         rng = order.rng
+        ts = _whole_microseconds(ts)
         previous = order.entries[-1].delay_code if order.entries else None
         if not given_delay:
             rule = self.workload.statuses.get(status)
@@ -880,8 +886,9 @@ class Carrier:
                 return
             if active < 24 and not self._inside(ts, rule.active_hours):
                 continue
-            order.scans.append(_Scan(ts, status, change=False, variant=int(rng.random() * 8)))
-            order.scan_times.append(ts)
+            at = _whole_microseconds(ts)
+            order.scans.append(_Scan(at, status, change=False, variant=int(rng.random() * 8)))
+            order.scan_times.append(at)
 
     def _inside(self, ts: float, window: tuple[int, int]) -> bool:
         hour = datetime.fromtimestamp(ts, self._zone).hour
@@ -910,6 +917,8 @@ class Carrier:
 
     def _body(self, order: _Order, ts: float) -> JSONDict:
         seen = bisect.bisect_right(order.entry_times, ts)
+        if seen and self._expired(order.entries[seen - 1], ts):
+            return error_body(ErrorCode.ORDERCODE_QUERY_EXPIRED)
         scanned = bisect.bisect_right(order.scan_times, ts)
         key = (order.version, seen, scanned)
         if order.cached_at != key:
@@ -919,6 +928,8 @@ class Carrier:
 
     def _body_json(self, order: _Order, ts: float) -> bytes:
         body = self._body(order, ts)
+        if body["errorCode"] is not None:
+            return _ERROR_JSON[ErrorCode(body["errorCode"])]
         if order.cached_json is None:
             order.cached_json = _encode(body)
         return order.cached_json
@@ -927,8 +938,6 @@ class Carrier:
         if seen == 0:
             return error_body(ErrorCode.ORDERCODE_NOT_FOUND)
         current = order.entries[seen - 1]
-        if current.status.terminal and ts - current.at > self.query_expiry_seconds:
-            return error_body(ErrorCode.ORDERCODE_QUERY_EXPIRED)
         profile = order.profile or self._draw_profile(order)
         order.profile = profile
         entries = order.entries[:seen]
@@ -995,6 +1004,9 @@ class Carrier:
             else [],
             "acceptDate": self._status_row(picked)["time"] if picked else None,
         }
+
+    def _expired(self, current: _Entry, ts: float) -> bool:
+        return current.status.terminal and ts - current.at > self.query_expiry_seconds
 
     def _status_row(self, entry: _Entry) -> JSONDict:
         if entry.row is not None:

@@ -773,17 +773,11 @@ class CarrierClient:
     def _client(self) -> httpx.AsyncClient:
         loop = asyncio.get_running_loop()
         if self._http is None:
-            limits = httpx.Limits(
-                max_connections=self.max_connections,
-                max_keepalive_connections=self.max_connections,
-                keepalive_expiry=self._KEEPALIVE_SECONDS,
-            )
             self._loop = loop
             self._http = HttpxAiohttpClient(
                 base_url=self.base_url,
                 timeout=self.timeout,
-                limits=limits,
-                transport=self._transport,
+                transport=self._transport or AiohttpTransport(client=self._session),
                 headers={"Accept": "application/json", "User-Agent": "shipmon"},
             )
         elif loop is not self._loop:
@@ -791,6 +785,20 @@ class CarrierClient:
                 "this CarrierClient belongs to another event loop; make one per loop"
             )
         return self._http
+
+    def _session(self) -> aiohttp.ClientSession:
+        """The aiohttp session behind the transport, made on first use inside the loop."""
+        connector = aiohttp.TCPConnector(
+            limit=self.max_connections,
+            keepalive_timeout=self._KEEPALIVE_SECONDS,
+            ssl=httpx.create_ssl_context(),
+        )
+        session = aiohttp.ClientSession(connector=connector)
+        # aiohttp silently sends a GET a second time when the connection drops before the
+        # answer; each attempt costs quota, so retrying stays the caller's decision. The
+        # attribute is private (aiohttp >= 3.11); tests fail if it stops doing this.
+        session._retry_connection = False
+        return session
 
     async def track(self, order_code: str, api_key: str) -> TrackingResult:
         """The carrier's tracking of `order_code`, in one HTTP attempt; raises CarrierError."""

@@ -1,0 +1,177 @@
+"""The schema, migrations, settings, encryption and order intake."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+
+import psycopg
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import create_engine, func, select, text
+from sqlalchemy.exc import DataError, IntegrityError
+from sqlalchemy.orm import Session
+
+from tests.conftest import RunServers, make_account
+from worker.config import ConfigError, Settings, load_settings
+from worker.crypto import SecretKeyMismatch, decrypt, encrypt
+from worker.db import alembic_config, upgrade
+from worker.domain import ErrorCode
+from worker.intake import UnknownAccount, register_orders
+from worker.models import Base, Shipment, StatusEvent
+
+
+def test_models_and_migrations_do_not_drift(servers: RunServers) -> None:
+    engine = create_engine(servers.database_url)
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    engine.dispose()
+    assert diff == []
+
+
+def test_migrations_downgrade_to_base_and_back(servers: RunServers) -> None:
+    from alembic import command
+
+    name = f"shipmon_mig_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(servers.libpq_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    url = servers.database_url.rsplit("/", 1)[0] + "/" + name
+    try:
+        upgrade(url)
+        command.downgrade(alembic_config(url), "base")
+        engine = create_engine(url)
+        with engine.connect() as conn:
+            tables = conn.scalar(text("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"))
+        engine.dispose()
+        assert tables == 1  # only alembic_version is left
+        upgrade(url)
+    finally:
+        with psycopg.connect(servers.libpq_url, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+def test_plain_sql_insert_gives_a_shipment_due_at_once(session: Session) -> None:
+    account = make_account(session)
+    session.execute(
+        text("INSERT INTO shipments (account_id, order_code) VALUES (:a, 'SPX-2024_001')"),
+        {"a": account.id},
+    )
+    row = session.execute(
+        text("SELECT active, next_poll_at <= now() AS due, polls_made FROM shipments")
+    ).one()
+    assert row.active is True
+    assert row.due is True
+    assert row.polls_made == 0
+
+
+@pytest.mark.parametrize(
+    "code", ["ABCD", "A" * 21, "ABC DE", "ĐƠNHÀNG1", "ABC'1;--", "ABCDE\x00", "📦📦📦📦📦", ""]
+)
+def test_database_refuses_malformed_order_codes(session: Session, code: str) -> None:
+    account = make_account(session)
+    with pytest.raises((IntegrityError, DataError, ValueError)), session.begin_nested():
+        session.execute(
+            text("INSERT INTO shipments (account_id, order_code) VALUES (:a, :c)"),
+            {"a": account.id, "c": code},
+        )
+    assert session.scalar(select(func.count()).select_from(Shipment)) == 0
+
+
+def test_recording_the_same_status_history_twice_is_refused(session: Session) -> None:
+    account = make_account(session)
+    shipment = Shipment(account_id=account.id, order_code="ORDER001")
+    session.add(shipment)
+    session.flush()
+    at = session.scalar(select(func.now()))
+    session.add(StatusEvent(shipment_id=shipment.id, status="ACCEPTED", occurred_at=at))
+    session.flush()
+    with pytest.raises(IntegrityError), session.begin_nested():
+        session.add(StatusEvent(shipment_id=shipment.id, status="ACCEPTED", occurred_at=at))
+        session.flush()
+
+
+def test_register_orders_validates_and_is_idempotent(session: Session) -> None:
+    account = make_account(session)
+    first = register_orders(session, account.name, ["GOOD0001", "BAD", "GOOD0001", "bad code"])
+    assert first.registered == ["GOOD0001"]
+    assert [(r.order_code, r.error) for r in first.refused] == [
+        ("BAD", ErrorCode.ORDERCODE_MIN_LENGTH),
+        ("bad code", ErrorCode.ORDERCODE_FORMAT_EXCEPTION),
+    ]
+    again = register_orders(session, account.name, ["GOOD0001", "GOOD0002"])
+    assert again.registered == ["GOOD0002"]
+    assert again.already_registered == ["GOOD0001"]
+    assert session.scalar(select(func.count()).select_from(Shipment)) == 2
+
+
+def test_register_orders_for_an_unknown_account_says_how_to_create_it(session: Session) -> None:
+    with pytest.raises(UnknownAccount, match="shipmon account add nobody"):
+        register_orders(session, "nobody", ["GOOD0001"])
+
+
+def test_settings_report_every_bad_value_with_its_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SHIPMON_DATABASE_URL", "mysql://db/x")
+    monkeypatch.setenv("SHIPMON_QUOTA_TIMEZONE", "Mars/Olympus")
+    monkeypatch.setenv("SHIPMON_KEY_DAILY_QUOTA", "-5")
+    monkeypatch.setenv("SHIPMON_SMTP_URL", "http://user:hunter2@mail")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    message = str(info.value)
+    for variable in ("DATABASE_URL", "QUOTA_TIMEZONE", "KEY_DAILY_QUOTA", "SMTP_URL"):
+        assert f"SHIPMON_{variable}" in message
+    assert "hunter2" not in message
+
+
+def test_settings_normalise_database_urls_for_psycopg() -> None:
+    settings = Settings(database_url="postgresql://u@h/db")
+    assert settings.database_url == "postgresql+psycopg://u@h/db"
+
+
+def test_secrets_round_trip_and_refuse_a_different_key() -> None:
+    token = encrypt("api-key-123", "k" * 32)
+    assert "api-key-123" not in token
+    assert decrypt(token, "k" * 32) == "api-key-123"
+    with pytest.raises(SecretKeyMismatch, match="SHIPMON_SECRET_KEY"):
+        decrypt(token, "x" * 32)
+
+
+def _shipmon(servers: RunServers, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=servers.env(),
+        timeout=60,
+    )
+
+
+def test_cli_adds_an_account_and_tracks_orders(servers: RunServers) -> None:
+    name = f"cli-{uuid.uuid4().hex[:6]}"
+    added = _shipmon(servers, "account", "add", name, "--api-key", "SECRET-KEY-9876")
+    assert added.returncode == 0, added.stderr
+    duplicate = _shipmon(servers, "account", "add", name, "--api-key", "x")
+    assert duplicate.returncode == 2
+    assert "already exists" in duplicate.stderr
+    tracked = _shipmon(servers, "track", "--account", name, "-", stdin="CLI00001\nNO\nCLI00002\n")
+    assert tracked.returncode == 1
+    assert "'NO'\tORDERCODE_MIN_LENGTH" in tracked.stdout
+    assert "2 registered" in tracked.stderr
+    listed = _shipmon(servers, "account", "list", "--json")
+    assert "SECRET-KEY-9876" not in listed.stdout
+    assert "…9876" in listed.stdout
+
+
+def test_secret_key_is_required_with_configured_servers(servers: RunServers) -> None:
+    env = servers.env()
+    del env["SHIPMON_SECRET_KEY"]
+    result = subprocess.run(
+        [sys.executable, "-m", "worker", "account", "list"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "SHIPMON_SECRET_KEY is required" in result.stderr

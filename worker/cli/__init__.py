@@ -1,0 +1,22 @@
+"""The `shipmon` command line."""
+
+from __future__ import annotations
+
+import typer
+
+from worker.cli.accounts import account_app, db_app
+from worker.cli.intake import track
+
+app = typer.Typer(
+    name="shipmon",
+    help="Monitor 247Express shipments: poll within quota, record changes, notify merchants.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,  # locals may hold API keys and secrets
+)
+app.add_typer(db_app, name="db")
+app.add_typer(account_app, name="account")
+app.command()(track)
+
+
+def main() -> None:
+    app()

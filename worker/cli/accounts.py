@@ -1,0 +1,96 @@
+"""`shipmon db` and `shipmon account`: the schema and the merchants' carrier accounts."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+import typer
+from sqlalchemy import select
+
+from worker.cli.common import console, fail, print_json, servers, session
+from worker.crypto import encrypt
+from worker.db import upgrade
+from worker.models import Account
+
+db_app = typer.Typer(help="Manage the database schema.", no_args_is_help=True)
+account_app = typer.Typer(help="Manage carrier accounts (one API key each).", no_args_is_help=True)
+
+ACCOUNT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+API_KEY = re.compile(r"[!-~]{1,200}")  # printable ASCII, no spaces
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Migrate the database to the newest schema (safe to run again)."""
+    upgrade(servers().database_url)
+    console.print("database is at the newest schema")
+
+
+@account_app.command("add")
+def account_add(
+    name: Annotated[str, typer.Argument(help="A short name for the account, e.g. shop-a.")],
+    api_key: Annotated[
+        str, typer.Option("--api-key", help="The carrier API key (stored encrypted).")
+    ],
+    daily_quota: Annotated[
+        int | None,
+        typer.Option(
+            help="Lookups per carrier day for this key [default: SHIPMON_KEY_DAILY_QUOTA]"
+        ),
+    ] = None,
+    ops_email: Annotated[
+        str | None, typer.Option(help="Who to tell when the key is refused or paused.")
+    ] = None,
+) -> None:
+    """Add a carrier account with its API key."""
+    if not ACCOUNT_NAME.fullmatch(name):
+        fail("an account name is 1-100 letters, digits, '.', '_' or '-', starting with a letter")
+    if not API_KEY.fullmatch(api_key):
+        fail("the API key must be 1-200 printable characters without spaces")
+    if daily_quota is not None and daily_quota <= 0:
+        fail("--daily-quota must be a positive number of lookups")
+    if ops_email is not None and "@" not in ops_email:
+        fail(f"{ops_email!r} is not an email address")
+    secret_key = servers().secret_key
+    with session() as s:
+        if s.scalar(select(Account.id).where(Account.name == name)) is not None:
+            fail(f"an account named {name!r} already exists; choose another name")
+        s.add(
+            Account(
+                name=name,
+                api_key_encrypted=encrypt(api_key, secret_key),
+                api_key_hint=api_key[-4:],
+                daily_quota=daily_quota,
+                ops_email=ops_email,
+            )
+        )
+    console.print(f"account [bold]{name}[/] added")
+
+
+@account_app.command("list")
+def account_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+) -> None:
+    """List accounts (keys are shown only by their last four characters)."""
+    with session() as s:
+        accounts = s.scalars(select(Account).order_by(Account.name)).all()
+        rows = [
+            {
+                "name": a.name,
+                "api_key": f"…{a.api_key_hint}",
+                "daily_quota": a.daily_quota,
+                "paused_until": a.paused_until,
+                "pause_reason": a.pause_reason,
+            }
+            for a in accounts
+        ]
+    if as_json:
+        print_json(rows)
+        return
+    from rich.table import Table
+
+    table = Table("name", "api key", "daily quota", "paused until", "why")
+    for r in rows:
+        table.add_row(*(str(v) if v is not None else "" for v in r.values()))
+    console.print(table)

@@ -1,0 +1,82 @@
+"""What every command needs: settings, servers, a database session, and readable failures."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, NoReturn
+
+import typer
+from rich.console import Console
+from sqlalchemy.exc import OperationalError, ProgrammingError
+from sqlalchemy.orm import Session
+
+from worker.config import ConfigError, Settings, get_settings
+from worker.crypto import SecretKeyMismatch
+from worker.db import transaction
+from worker.embedded import EmbeddedServerError, Servers, resolve
+from worker.intake import UnknownAccount
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print an actionable error and exit."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def settings() -> Settings:
+    try:
+        return get_settings()
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+def servers() -> Servers:
+    try:
+        return resolve(settings())
+    except (ConfigError, EmbeddedServerError) as exc:
+        fail(str(exc))
+
+
+@contextmanager
+def session() -> Iterator[Session]:
+    """A transaction on the configured database; known failures become readable errors."""
+    try:
+        with transaction(servers().database_url) as s:
+            yield s
+    except UnknownAccount as exc:
+        fail(str(exc))
+    except SecretKeyMismatch as exc:
+        fail(str(exc))
+    except ProgrammingError as exc:
+        if "does not exist" in str(exc.orig):
+            fail("the database has no shipmon tables yet; run: shipmon db upgrade")
+        raise
+    except OperationalError as exc:
+        fail(f"cannot reach PostgreSQL: {str(exc.orig).strip()}")
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str, ensure_ascii=False) + "\n")
+
+
+def parse_event_types(value: str | None) -> list[str] | None:
+    """A comma-separated list of event types, checked against the known ones."""
+    from worker.domain import EventType
+
+    if value is None:
+        return None
+    types = [t.strip() for t in value.split(",") if t.strip()]
+    known = {t.value for t in EventType}
+    unknown = [t for t in types if t not in known]
+    if unknown or not types:
+        fail(
+            f"unknown event type(s): {', '.join(unknown) or '(none given)'}; "
+            f"choose from: {', '.join(sorted(known))}"
+        )
+    return types

@@ -1,0 +1,160 @@
+"""Configuration: every `SHIPMON_*` environment variable, validated once, with actionable errors."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import AfterValidator, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says which variable and what to do."""
+
+
+def _url_with_scheme(value: str, schemes: tuple[str, ...], what: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in schemes or not (parts.netloc or parts.query or parts.path):
+        raise ValueError(
+            f"{value!r} is not a {what} URL; expected a URL starting with "
+            + " or ".join(f"{s}://" for s in schemes)
+        )
+    return value
+
+
+def _postgres_url(value: str) -> str:
+    _url_with_scheme(value, ("postgresql", "postgres", "postgresql+psycopg"), "PostgreSQL")
+    # SQLAlchemy needs the driver named; users write the plain libpq form.
+    scheme, rest = value.split("://", 1)
+    return f"postgresql+psycopg://{rest}" if scheme != "postgresql+psycopg" else value
+
+
+def _redis_url(value: str) -> str:
+    return _url_with_scheme(value, ("redis", "rediss", "unix"), "Redis")
+
+
+def _http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{value!r} is not an http:// or https:// URL")
+    return value.rstrip("/")
+
+
+def _smtp_url(value: SecretStr) -> SecretStr:
+    parts = urlsplit(value.get_secret_value())
+    if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
+        # The URL may carry a password: never echo it back.
+        raise ValueError("expected smtp://[user:password@]host[:port] or smtps://...")
+    return value
+
+
+PostgresURL = Annotated[str, AfterValidator(_postgres_url)]
+RedisURL = Annotated[str, AfterValidator(_redis_url)]
+HttpURL = Annotated[str, AfterValidator(_http_url)]
+SmtpURL = Annotated[SecretStr, AfterValidator(_smtp_url)]
+
+
+class Settings(BaseSettings):
+    """shipmon's settings, read from `SHIPMON_*` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="SHIPMON_", extra="ignore", frozen=True)
+
+    database_url: PostgresURL | None = Field(
+        None, description="PostgreSQL URL; unset: an embedded PostgreSQL under SHIPMON_HOME."
+    )
+    redis_url: RedisURL | None = Field(
+        None, description="Redis URL for quota counters and the broker; unset: an embedded Redis."
+    )
+    broker_url: RedisURL | None = Field(
+        None, description="Celery broker URL; defaults to SHIPMON_REDIS_URL."
+    )
+    home: Path = Field(Path(".shipmon"), description="State folder for the embedded servers.")
+    carrier_base_url: HttpURL = Field(
+        "https://tracking.247express.vn", description="Base URL of the carrier's tracking API."
+    )
+    key_daily_quota: int = Field(
+        200_000, gt=0, description="Lookups allowed per API key per carrier day."
+    )
+    global_daily_quota: int = Field(
+        3_000_000, gt=0, description="Lookups allowed in total per carrier day."
+    )
+    quota_timezone: str = Field(
+        "Asia/Ho_Chi_Minh", description="Timezone whose midnight starts the carrier day."
+    )
+    smtp_url: SmtpURL | None = Field(
+        None, description="Outgoing mail server, smtp:// or smtps://; unset: email is off."
+    )
+    smtp_user: str | None = Field(None, description="SMTP user, if not in SHIPMON_SMTP_URL.")
+    smtp_password: SecretStr | None = Field(
+        None, description="SMTP password, if not in SHIPMON_SMTP_URL."
+    )
+    email_from: str = Field("shipmon@localhost", description="Sender address of emails.")
+    secret_key: SecretStr | None = Field(
+        None,
+        min_length=32,
+        description="Encrypts API keys and webhook secrets at rest (32+ characters); "
+        "generated into SHIPMON_HOME with the embedded servers, required otherwise.",
+    )
+    max_poll_interval: int | None = Field(
+        None, gt=0, description="Longest time in seconds between two polls of an open shipment."
+    )
+    webhook_allow_private: bool = Field(
+        False, description="Allow webhook endpoints on private and loopback addresses."
+    )
+    poll_concurrency: int = Field(
+        32, gt=0, description="Carrier requests in flight per worker process."
+    )
+    log_level: str = Field("INFO", description="Log level: DEBUG, INFO, WARNING or ERROR.")
+    retention_days: int = Field(
+        180, gt=0, description="Days a finished shipment and its events are kept."
+    )
+
+    @field_validator("quota_timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"{value!r} is not a known timezone; use an IANA name like Asia/Ho_Chi_Minh"
+            ) from None
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError(f"{value!r} is not a log level; use DEBUG, INFO, WARNING or ERROR")
+        return level
+
+    @property
+    def timezone(self) -> ZoneInfo:
+        return ZoneInfo(self.quota_timezone)
+
+    @property
+    def embedded(self) -> bool:
+        """True when some server must come from SHIPMON_HOME rather than from a URL."""
+        return self.database_url is None or self.redis_url is None
+
+
+def load_settings() -> Settings:
+    """Read the environment, turning validation errors into one readable ConfigError."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            name = "SHIPMON_" + "_".join(str(p) for p in error["loc"]).upper()
+            lines.append(f"{name}: {error['msg']}")
+        raise ConfigError("Invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once."""
+    return load_settings()

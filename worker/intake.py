@@ -1,0 +1,89 @@
+"""Order intake: validating and registering order codes, the same for every way in."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from worker.domain import ErrorCode, validate_order_code
+from worker.models import Account, Shipment
+
+# Rows per INSERT statement; keeps statements small when thousands of codes come at once.
+INSERT_CHUNK = 1000
+
+
+class UnknownAccount(LookupError):
+    """No account has this name."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"no account named {name!r}; create it with: shipmon account add {name} --api-key KEY"
+        )
+        self.name = name
+
+
+@dataclass(frozen=True)
+class Refusal:
+    order_code: str
+    error: ErrorCode
+
+
+@dataclass
+class IntakeResult:
+    """What became of each submitted code."""
+
+    registered: list[str] = field(default_factory=list)
+    already_registered: list[str] = field(default_factory=list)
+    refused: list[Refusal] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "registered": self.registered,
+            "already_registered": self.already_registered,
+            "refused": [{"order_code": r.order_code, "error": r.error.value} for r in self.refused],
+        }
+
+
+def account_by_name(session: Session, name: str) -> Account:
+    account = session.scalar(select(Account).where(Account.name == name))
+    if account is None:
+        raise UnknownAccount(name)
+    return account
+
+
+def register_orders(
+    session: Session, account_name: str, order_codes: Iterable[str]
+) -> IntakeResult:
+    """Register order codes for an account; valid ones are due for a poll at once.
+
+    Registering a code twice is not an error and creates nothing new. Invalid codes are
+    refused with the carrier's own error code and never reach the database.
+    """
+    account = account_by_name(session, account_name)
+    result = IntakeResult()
+    valid: list[str] = []
+    seen: set[str] = set()
+    for code in order_codes:
+        error = validate_order_code(code)
+        if error is not None:
+            result.refused.append(Refusal(code, error))
+        elif code not in seen:
+            seen.add(code)
+            valid.append(code)
+    for start in range(0, len(valid), INSERT_CHUNK):
+        chunk = valid[start : start + INSERT_CHUNK]
+        inserted = set(
+            session.scalars(
+                insert(Shipment)
+                .values([{"account_id": account.id, "order_code": c} for c in chunk])
+                .on_conflict_do_nothing(index_elements=["account_id", "order_code"])
+                .returning(Shipment.order_code)
+            )
+        )
+        for code in chunk:
+            (result.registered if code in inserted else result.already_registered).append(code)
+    return result

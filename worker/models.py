@@ -1,0 +1,322 @@
+"""The database schema: accounts, shipments and their history, the outbox and deliveries, quota."""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Date,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from worker.domain import ORDER_CODE_SQL_PATTERN
+
+# Stable constraint names, so migrations can refer to them.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+Timestamp = DateTime(timezone=True)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        datetime: Timestamp,
+        dict[str, Any]: JSONB,
+        list[Any]: JSONB,
+        Decimal: Numeric,
+    }
+
+
+def _now() -> Any:
+    return mapped_column(Timestamp, server_default=func.now(), nullable=False)
+
+
+class Account(Base):
+    """A merchant's carrier account: its API key (encrypted) and its daily quota."""
+
+    __tablename__ = "accounts"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    api_key_encrypted: Mapped[str] = mapped_column(Text)
+    # The key's last four characters, so ops can tell keys apart without seeing them.
+    api_key_hint: Mapped[str] = mapped_column(String(8))
+    daily_quota: Mapped[int | None] = mapped_column(
+        Integer, CheckConstraint("daily_quota > 0", name="positive_daily_quota")
+    )
+    paused_until: Mapped[datetime | None]
+    pause_reason: Mapped[str | None] = mapped_column(Text)
+    ops_email: Mapped[str | None] = mapped_column(String(320))
+    created_at: Mapped[datetime] = _now()
+
+    shipments: Mapped[list[Shipment]] = relationship(back_populates="account", lazy="raise")
+
+
+class Shipment(Base):
+    """One order code of one account: what the carrier last said, and when to ask again."""
+
+    __tablename__ = "shipments"
+    __table_args__ = (
+        UniqueConstraint("account_id", "order_code"),
+        CheckConstraint(f"order_code ~ '{ORDER_CODE_SQL_PATTERN}'", name="order_code_format"),
+        # The dispatcher's question: which active shipments of this account are due, oldest first.
+        Index(
+            "ix_shipments_due",
+            "account_id",
+            "next_poll_at",
+            postgresql_where=text("active"),
+        ),
+        Index("ix_shipments_active_next_poll_at", "next_poll_at", postgresql_where=text("active")),
+        Index("ix_shipments_status", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    order_code: Mapped[str] = mapped_column(String(20))
+
+    # Current state, as the carrier last reported it. `status` is the English name, or the
+    # carrier's raw value when it is a status shipmon does not know.
+    status: Mapped[str | None] = mapped_column(String(40))
+    status_id: Mapped[int | None] = mapped_column(Integer)
+    status_code: Mapped[str | None] = mapped_column(String(40))
+    tracking_name: Mapped[str | None] = mapped_column(Text)
+    status_changed_at: Mapped[datetime | None]
+    delay_code: Mapped[int | None] = mapped_column(Integer)
+    delay_reason: Mapped[str | None] = mapped_column(Text)
+    delay_note: Mapped[str | None] = mapped_column(Text)
+    delivery_notes: Mapped[str | None] = mapped_column(Text)
+    delivery_date: Mapped[datetime | None]
+    receiver_name: Mapped[str | None] = mapped_column(Text)
+    mailer_type: Mapped[str | None] = mapped_column(String(20))
+    length: Mapped[Decimal | None]
+    width: Mapped[Decimal | None]
+    height: Mapped[Decimal | None]
+    real_weight: Mapped[Decimal | None]
+    cal_weight: Mapped[Decimal | None]
+    weight: Mapped[Decimal | None]
+    quantity: Mapped[int | None] = mapped_column(Integer)
+    price: Mapped[Decimal | None]
+    price_fr: Mapped[Decimal | None]
+    far_region_fee_amount: Mapped[Decimal | None]
+    fuel_fee_amount: Mapped[Decimal | None]
+    vat_amount: Mapped[Decimal | None]
+    total_service_cost: Mapped[Decimal | None]
+    price_info: Mapped[list[Any] | None]
+    estimate_routes: Mapped[list[Any] | None]
+    confirm_images: Mapped[list[Any] | None]
+    accept_date: Mapped[datetime | None]
+    external_code: Mapped[str | None] = mapped_column(Text)
+    last_scan_at: Mapped[datetime | None]
+    last_payload: Mapped[dict[str, Any] | None]
+    payload_hash: Mapped[str | None] = mapped_column(String(64))
+
+    # Polling state. Every column has a default so a bare INSERT gives a row that is due now.
+    active: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    next_poll_at: Mapped[datetime] = _now()
+    last_polled_at: Mapped[datetime | None]
+    polls_made: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    consecutive_errors: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    last_error_code: Mapped[str | None] = mapped_column(String(60))
+    registered_at: Mapped[datetime] = _now()
+    found_at: Mapped[datetime | None]
+    terminal_at: Mapped[datetime | None]
+    stopped_reason: Mapped[str | None] = mapped_column(String(60))
+    stalled_at: Mapped[datetime | None]
+    # The sequence number of the shipment's latest outbox event.
+    last_sequence: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+
+    account: Mapped[Account] = relationship(back_populates="shipments", lazy="raise")
+
+
+class StatusEvent(Base):
+    """One entry of the carrier's `statuses[]`: the shipment entered a status at a time."""
+
+    __tablename__ = "status_events"
+    __table_args__ = (UniqueConstraint("shipment_id", "occurred_at", "status"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    shipment_id: Mapped[int] = mapped_column(
+        ForeignKey("shipments.id", ondelete="CASCADE"), index=True
+    )
+    status: Mapped[str] = mapped_column(String(40))
+    status_id: Mapped[int | None] = mapped_column(Integer)
+    status_code: Mapped[str | None] = mapped_column(String(40))
+    tracking_name: Mapped[str | None] = mapped_column(Text)
+    occurred_at: Mapped[datetime]
+    seen_at: Mapped[datetime] = _now()
+
+
+class TrackingEvent(Base):
+    """One entry of the carrier's `trackings[]`: a scan at a post office."""
+
+    __tablename__ = "tracking_events"
+    # Scans have no id of their own; a digest of all their fields is their natural key.
+    __table_args__ = (UniqueConstraint("shipment_id", "fingerprint"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    shipment_id: Mapped[int] = mapped_column(
+        ForeignKey("shipments.id", ondelete="CASCADE"), index=True
+    )
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    status_id: Mapped[int | None] = mapped_column(Integer)
+    status_name: Mapped[str | None] = mapped_column(Text)
+    post_office_id: Mapped[str | None] = mapped_column(Text)
+    post_office_name: Mapped[str | None] = mapped_column(Text)
+    province_id: Mapped[str | None] = mapped_column(Text)
+    province_name: Mapped[str | None] = mapped_column(Text)
+    occurred_at: Mapped[datetime | None]
+    notes: Mapped[str | None] = mapped_column(Text)
+    seen_at: Mapped[datetime] = _now()
+
+
+class OutboxEvent(Base):
+    """A change worth telling the merchant, written in the transaction that saw it."""
+
+    __tablename__ = "outbox_events"
+    __table_args__ = (
+        UniqueConstraint("shipment_id", "sequence"),
+        Index("ix_outbox_events_created_at", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    # The public id: `webhook-id` and the body's `id`, stable across retries and replays.
+    event_id: Mapped[str] = mapped_column(String(40), unique=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    shipment_id: Mapped[int] = mapped_column(ForeignKey("shipments.id", ondelete="CASCADE"))
+    type: Mapped[str] = mapped_column(String(40))
+    sequence: Mapped[int] = mapped_column(Integer)
+    data: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = _now()
+    # Set once a delivery row exists for every endpoint and recipient that wants this event.
+    fanned_out_at: Mapped[datetime | None]
+
+
+class WebhookEndpoint(Base):
+    """Where an account's webhooks go, signed with the endpoint's own secret."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    account_id: Mapped[int] = mapped_column(
+        ForeignKey("accounts.id", ondelete="CASCADE"), index=True
+    )
+    url: Mapped[str] = mapped_column(Text)
+    secret_encrypted: Mapped[str] = mapped_column(Text)
+    # During a rotation the previous secret also signs, until it expires.
+    previous_secret_encrypted: Mapped[str | None] = mapped_column(Text)
+    previous_secret_expires_at: Mapped[datetime | None]
+    # NULL means every event type.
+    event_types: Mapped[list[str] | None] = mapped_column(ARRAY(String(40)))
+    enabled: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    disabled_reason: Mapped[str | None] = mapped_column(Text)
+    failing_since: Mapped[datetime | None]
+    created_at: Mapped[datetime] = _now()
+
+
+class EmailRecipient(Base):
+    """An address that gets one email per event of the chosen types."""
+
+    __tablename__ = "email_recipients"
+    __table_args__ = (UniqueConstraint("account_id", "address"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    address: Mapped[str] = mapped_column(String(320))
+    event_types: Mapped[list[str] | None] = mapped_column(ARRAY(String(40)))
+    enabled: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    created_at: Mapped[datetime] = _now()
+
+
+class Delivery(Base):
+    """One event on its way to one endpoint or one email recipient."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        CheckConstraint("(endpoint_id IS NULL) <> (recipient_id IS NULL)", name="one_destination"),
+        CheckConstraint("state IN ('pending', 'succeeded', 'dead', 'skipped')", name="known_state"),
+        UniqueConstraint("event_id", "endpoint_id"),
+        UniqueConstraint("event_id", "recipient_id"),
+        Index(
+            "ix_deliveries_pending", "next_attempt_at", postgresql_where=text("state = 'pending'")
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    event_id: Mapped[int] = mapped_column(ForeignKey("outbox_events.id", ondelete="CASCADE"))
+    endpoint_id: Mapped[int | None] = mapped_column(
+        ForeignKey("webhook_endpoints.id", ondelete="CASCADE")
+    )
+    recipient_id: Mapped[int | None] = mapped_column(
+        ForeignKey("email_recipients.id", ondelete="CASCADE")
+    )
+    # Copied from the event so per-shipment ordering needs no join.
+    shipment_id: Mapped[int] = mapped_column(BigInteger, index=True)
+    sequence: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(20), server_default=text("'pending'"))
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    next_attempt_at: Mapped[datetime] = _now()
+    last_attempt_at: Mapped[datetime | None]
+    completed_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = _now()
+
+
+class DeliveryAttempt(Base):
+    """One try at a delivery: what was sent back, and how long it took."""
+
+    __tablename__ = "delivery_attempts"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    delivery_id: Mapped[int] = mapped_column(
+        ForeignKey("deliveries.id", ondelete="CASCADE"), index=True
+    )
+    attempted_at: Mapped[datetime] = _now()
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    duration_ms: Mapped[int] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    response_excerpt: Mapped[str | None] = mapped_column(Text)
+
+
+class QuotaUsage(Base):
+    """Lookups spent per account (API key) per carrier day; restores Redis if it loses them."""
+
+    __tablename__ = "quota_usage"
+
+    account_id: Mapped[int] = mapped_column(
+        ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True
+    )
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    used: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    updated_at: Mapped[datetime] = _now()
+
+
+class SchedulerState(Base):
+    """Named state the poll scheduler shares between processes (its learned model, prices)."""
+
+    __tablename__ = "scheduler_state"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    data: Mapped[dict[str, Any]]
+    updated_at: Mapped[datetime] = _now()

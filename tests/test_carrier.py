@@ -28,6 +28,7 @@ from worker.carrier import (
     ERROR_CLASSES,
     TRACKING_PATH,
     ApiKeyLimit,
+    ApiKeyNotFound,
     CarrierClient,
     CarrierError,
     CarrierErrorCode,
@@ -132,7 +133,7 @@ def body(payload: object) -> bytes:
 
 
 def utc(*parts: int) -> datetime:
-    return datetime(*parts, tzinfo=UTC)  # type: ignore[misc]
+    return datetime(*parts).replace(tzinfo=UTC)  # type: ignore[arg-type]
 
 
 # --- Parsing ------------------------------------------------------------------------------
@@ -913,6 +914,20 @@ async def test_the_api_key_appears_in_no_log_line_message_or_traceback(api_key: 
     for form in {api_key, quote(api_key, safe=""), quote_plus(api_key), quote(api_key)}:
         for text in shown:
             assert form not in text
+
+
+@run_async
+async def test_a_carrier_message_echoing_the_key_is_redacted() -> None:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        message = f"Apikey {request.query['apikey']} is not found"
+        return web.json_response({"errorCode": "APIKEY_NOT_FOUND", "errorMessage": message})
+
+    async with fake_carrier(answer) as carrier, CarrierClient(carrier.base_url) as client:
+        with pytest.raises(ApiKeyNotFound) as caught:
+            await client.track(ORDER, API_KEY)
+
+    assert caught.value.carrier_message == "Apikey [redacted] is not found"
+    assert API_KEY not in "".join(traceback.format_exception(caught.value)) + repr(caught.value)
 
 
 # --- A mocked transport, for failures a real server cannot easily stage --------------------

@@ -820,9 +820,17 @@ class CarrierClient:
         except (httpx.RequestError, aiohttp.ClientError, TimeoutError) as error:
             failure = _transport_failure(error, order_code, secrets, self._deadline)
             raise failure from _scrubbed(error, secrets)
-        if response.is_success:
-            return parse_tracking(response.content, order_code)
-        raise _status_failure(response, order_code)
+        try:
+            if response.is_success:
+                return parse_tracking(response.content, order_code)
+            raise _status_failure(response, order_code)
+        except CarrierErrorCode as error:
+            # The carrier's errorMessage is its own text; an echo of the key must not travel on.
+            if error.carrier_message is not None:
+                error.carrier_message = _redact(error.carrier_message, secrets)
+            error.message = _redact(error.message, secrets)
+            error.args = (error.message,)
+            raise
 
 
 def _status_failure(response: httpx.Response, order_code: str) -> CarrierError:

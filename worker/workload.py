@@ -602,6 +602,11 @@ def _encode(body: JSONDict) -> bytes:
 _ERROR_JSON: dict[ErrorCode, bytes] = {code: _encode(error_body(code)) for code in ErrorCode}
 
 
+def error_json(code: ErrorCode) -> bytes:
+    """error_body(code), encoded as the carrier sends it."""
+    return _ERROR_JSON[code]
+
+
 def _epoch(at: datetime) -> float:
     if at.tzinfo is None or at.utcoffset() is None:
         raise ValueError(f"times must be timezone-aware, got {at!r}")
@@ -735,6 +740,10 @@ class Carrier:
 
     def has_order(self, order_code: str) -> bool:
         return order_code in self._orders
+
+    @property
+    def order_count(self) -> int:
+        return len(self._orders)
 
     def transitions(self, order_code: str) -> list[tuple[datetime, Status]]:
         """The truth: when the order enters each status, future ones included (UTC)."""

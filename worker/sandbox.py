@@ -1,0 +1,562 @@
+"""The sandbox: an emulated 247Express tracking API, for demos, tests and benchmarks.
+
+It serves the carrier's tracking endpoint from a `Carrier` world (worker.workload) on its own
+clock, which may run faster than real time, injects the transport faults seen in real life
+(HTTP 500, hangs, truncated JSON and HTML error pages, slow answers), and exposes the admin API
+of SPEC §5 under `/_sandbox/` so tests and demos can create accounts and orders, move orders
+on, read the truth and change the faults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import math
+import random
+import signal
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import httpx
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from worker.domain import ErrorCode, Status
+from worker.workload import (
+    Carrier,
+    ConflictError,
+    Faults,
+    OrderTruth,
+    Transition,
+    UnknownAccountError,
+    UnknownOrderError,
+    Workload,
+    default_workload,
+    error_json,
+    generate_orders,
+    load_workload,
+)
+
+TRACKING_PATH = "/api/Order/v1/Tracking"
+DEFAULT_PORT = 8247
+# z-score of the 99th percentile: sigma of a lognormal from its p50 and p99.
+_Z99 = 2.3263478740408408
+
+
+class Clock(Protocol):
+    """The sandbox's notion of now (timezone-aware)."""
+
+    def now(self) -> datetime: ...
+
+
+class SpeedClock:
+    """Sandbox time that starts at `start` (default: now) and runs `speed` times real time."""
+
+    def __init__(self, speed: float = 1.0, start: datetime | None = None) -> None:
+        if speed <= 0:
+            raise ValueError("speed must be positive")
+        self.speed = speed
+        self._start = start or datetime.now(UTC)
+        self._real_start = datetime.now(UTC)
+
+    def now(self) -> datetime:
+        return self._start + (datetime.now(UTC) - self._real_start) * self.speed
+
+    def real_seconds(self, sandbox_seconds: float) -> float:
+        """How long a span of sandbox time lasts in real time."""
+        return sandbox_seconds / self.speed
+
+
+class ManualClock:
+    """A clock that moves only when told to, for tests."""
+
+    def __init__(self, start: datetime) -> None:
+        self._now = start
+
+    def now(self) -> datetime:
+        return self._now
+
+    def set(self, at: datetime) -> None:
+        self._now = at
+
+    def advance(self, by: timedelta) -> None:
+        self._now += by
+
+
+@dataclass
+class FaultInjector:
+    """Draws the fault (if any) and the latency of each request, and counts what it injected."""
+
+    faults: Faults
+    rng: random.Random
+    injected: Counter[str] = field(default_factory=Counter)
+
+    def draw(self) -> str | None:
+        """The fault for one request: http_500, timeout, malformed, carrier_exception or None."""
+        faults = self.faults
+        roll = self.rng.random()
+        for kind, chance in (
+            ("http_500", faults.http_500),
+            ("timeout", faults.timeout),
+            ("malformed", faults.malformed),
+            ("carrier_exception", faults.carrier_exception),
+        ):
+            if roll < chance:
+                self.injected[kind] += 1
+                return kind
+            roll -= chance
+        return None
+
+    def latency(self) -> float:
+        """Seconds to wait before answering, lognormal between slow_ms's p50 and p99."""
+        if self.faults.slow_ms is None:
+            return 0.0
+        p50, p99 = self.faults.slow_ms
+        if p50 <= 0:
+            return 0.0
+        sigma = math.log(p99 / p50) / _Z99
+        self.injected["slow"] += 1
+        return p50 * math.exp(sigma * self.rng.gauss(0.0, 1.0)) / 1000.0
+
+
+@dataclass
+class _State:
+    world: Carrier
+    clock: Clock
+    faults: FaultInjector
+
+
+_STATE = web.AppKey("state", _State)
+
+_JSON = "application/json"
+_GATEWAY_PAGE = (
+    "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
+    "<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n"
+    "</body>\r\n</html>\r\n"
+)
+_RUNTIME_ERROR_PAGE = (
+    "<!DOCTYPE html>\r\n<html><head><title>Runtime Error</title></head><body>"
+    "<h1>Server Error in '/' Application.</h1><h2><i>Runtime Error</i></h2></body></html>"
+)
+_SERVER_ERROR = b'{"Message":"An error has occurred."}'
+
+
+def create_app(
+    world: Carrier, clock: Clock, faults: Faults | None = None, seed: int = 0
+) -> web.Application:
+    """The sandbox's web application: the tracking endpoint and the `/_sandbox/` admin API.
+
+    `faults` defaults to the world's workload faults; `seed` fixes which requests they hit.
+    """
+    app = web.Application()
+    injector = FaultInjector(faults or world.workload.faults, random.Random(f"faults:{seed}"))
+    app[_STATE] = _State(world=world, clock=clock, faults=injector)
+    app.router.add_get(TRACKING_PATH, _track)
+    app.router.add_post("/_sandbox/accounts", _add_account)
+    app.router.add_post("/_sandbox/orders", _add_order)
+    app.router.add_post("/_sandbox/orders/{code}/advance", _advance)
+    app.router.add_get("/_sandbox/orders/{code}", _order)
+    app.router.add_get("/_sandbox/stats", _stats)
+    app.router.add_put("/_sandbox/faults", _set_faults)
+    return app
+
+
+# --- the carrier's endpoint ---
+
+
+async def _track(request: web.Request) -> web.StreamResponse:
+    state = request.app[_STATE]
+    apikey = order_code = None
+    # The carrier's framework binds query parameters case-insensitively (apikey, apiKey).
+    for name, value in request.query.items():
+        lowered = name.lower()
+        if lowered == "apikey":
+            apikey = value
+        elif lowered == "ordercode":
+            order_code = value
+    now = state.clock.now()
+    fault = state.faults.draw()
+    # Like the real API, every request counts toward the quotas, failed ones included.
+    refusal = state.world.count_request(apikey, now)
+    if fault == "timeout":
+        await asyncio.sleep(state.faults.faults.hang_seconds)
+        _drop_connection(request)
+        return web.Response()
+    latency = state.faults.latency()
+    if latency:
+        await asyncio.sleep(latency)
+    if fault == "http_500":
+        return web.Response(status=500, body=_SERVER_ERROR, content_type=_JSON)
+    if refusal is not None:
+        body = error_json(refusal)
+    elif fault == "carrier_exception":
+        body = error_json(ErrorCode.EXCEPTION)
+    else:
+        assert apikey is not None  # count_request refuses a missing key
+        body = state.world.lookup_json(apikey, order_code, now)
+    if fault == "malformed":
+        return _malformed(body, state.faults.rng)
+    return web.Response(body=body, content_type=_JSON, charset="utf-8")
+
+
+def _drop_connection(request: web.Request) -> None:
+    """Close the connection without an answer, as a gateway that gave up does."""
+    transport = request.transport
+    if transport is not None:
+        transport.close()
+
+
+def _malformed(body: bytes, rng: random.Random) -> web.Response:
+    """A broken answer: truncated JSON, or an HTML error page from a gateway or the server."""
+    roll = rng.random()
+    if roll < 0.5:
+        cut = max(1, int(len(body) * rng.random()))
+        return web.Response(body=body[:cut], content_type=_JSON, charset="utf-8")
+    if roll < 0.75:
+        return web.Response(status=502, text=_GATEWAY_PAGE, content_type="text/html")
+    return web.Response(text=_RUNTIME_ERROR_PAGE, content_type="text/html")
+
+
+# --- the admin API ---
+
+
+class _AccountIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+    apikey: str = Field(min_length=1)
+    daily_quota: int | None = Field(default=None, ge=0)
+
+
+class _OrderIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    apikey: str
+    order_code: str
+    status: str | int | None = None
+    delay_code: int | None = Field(default=None, gt=0)
+
+
+class _AdvanceIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    to: str | int | None = None
+    delay_code: int | None = Field(default=None, gt=0)
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _error(status: int, message: str, **extra: Any) -> web.Response:
+    return web.json_response({"error": message, **extra}, status=status)
+
+
+async def _body(request: web.Request, model: type[_M], empty_ok: bool = False) -> _M:
+    """The request's JSON body as `model`, or a 422 answer raised as an exception."""
+    raw = await request.read()
+    if not raw.strip() and empty_ok:
+        raw = b"{}"
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        problems = [
+            {"field": ".".join(str(part) for part in err["loc"]), "problem": err["msg"]}
+            for err in exc.errors()
+        ]
+        raise web.HTTPUnprocessableEntity(
+            text=json.dumps({"error": "invalid body", "problems": problems}),
+            content_type=_JSON,
+        ) from None
+
+
+def _transition_json(transition: Transition) -> dict[str, Any]:
+    return {
+        "at": transition.at.isoformat(),
+        **_status_json(transition.status),
+        "delay_code": transition.delay_code,
+    }
+
+
+def _status_json(status: Status) -> dict[str, Any]:
+    return {"status": status.value, "carrier_id": status.carrier_id, "code": status.code}
+
+
+def _truth_json(truth: OrderTruth) -> dict[str, Any]:
+    return {
+        "order_code": truth.order_code,
+        "account": truth.account,
+        "created_at": truth.created_at.isoformat(),
+        "registered_at": truth.registered_at.isoformat() if truth.registered_at else None,
+        "status": _status_json(truth.status) if truth.status else None,
+        "delay_code": truth.delay_code,
+        "history": [_transition_json(t) for t in truth.history],
+        "next_transition": (
+            _transition_json(truth.next_transition) if truth.next_transition else None
+        ),
+        "tracking": truth.body,
+    }
+
+
+async def _add_account(request: web.Request) -> web.Response:
+    state = request.app[_STATE]
+    data = await _body(request, _AccountIn)
+    try:
+        account = state.world.add_account(data.name, data.apikey, data.daily_quota)
+    except ConflictError as exc:
+        return _error(409, str(exc))
+    return web.json_response(
+        {"name": account.name, "apikey": account.apikey, "daily_quota": account.daily_quota},
+        status=201,
+    )
+
+
+async def _add_order(request: web.Request) -> web.Response:
+    state = request.app[_STATE]
+    data = await _body(request, _OrderIn)
+    now = state.clock.now()
+    try:
+        state.world.add_order(
+            data.apikey, data.order_code, now, status=_status_arg(data.status),
+            delay_code=data.delay_code,
+        )  # fmt: skip
+    except UnknownAccountError as exc:
+        return _error(404, str(exc))
+    except ConflictError as exc:
+        return _error(409, str(exc))
+    except ValueError as exc:
+        return _error(422, str(exc))
+    return web.json_response(_truth_json(state.world.truth(data.order_code, now)), status=201)
+
+
+async def _advance(request: web.Request) -> web.Response:
+    state = request.app[_STATE]
+    code = request.match_info["code"]
+    data = await _body(request, _AdvanceIn, empty_ok=True)
+    now = state.clock.now()
+    try:
+        state.world.advance(code, now, to=_status_arg(data.to), delay_code=data.delay_code)
+    except UnknownOrderError as exc:
+        return _error(404, str(exc))
+    except ConflictError as exc:
+        return _error(409, str(exc))
+    except ValueError as exc:
+        return _error(422, str(exc))
+    return web.json_response(_truth_json(state.world.truth(code, now)))
+
+
+def _status_arg(value: str | int | None) -> str | None:
+    return None if value is None else str(value)
+
+
+async def _order(request: web.Request) -> web.Response:
+    state = request.app[_STATE]
+    try:
+        truth = state.world.truth(request.match_info["code"], state.clock.now())
+    except UnknownOrderError as exc:
+        return _error(404, str(exc))
+    return web.json_response(_truth_json(truth))
+
+
+async def _stats(request: web.Request) -> web.Response:
+    state = request.app[_STATE]
+    now = state.clock.now()
+    usage = state.world.usage(now)
+    return web.json_response(
+        {
+            "now": now.isoformat(),
+            "carrier_day": usage.day.isoformat(),
+            "requests": {"total": usage.total, "per_key": usage.per_key},
+            "faults": dict(state.faults.injected),
+            "accounts": len(state.world.accounts),
+            "orders": state.world.order_count,
+        }
+    )
+
+
+async def _set_faults(request: web.Request) -> web.Response:
+    state = request.app[_STATE]
+    state.faults.faults = await _body(request, Faults)
+    return web.json_response(state.faults.faults.model_dump(mode="json"))
+
+
+# --- running it ---
+
+
+def account_key(name: str, seed: int) -> str:
+    """The API key the population mode gives an account, shaped like the carrier's keys."""
+    digits = hashlib.sha256(f"{seed}:{name}".encode()).hexdigest()
+    return "-".join((digits[0:4], digits[4:8], digits[8:12], digits[12:16], digits[16:25]))
+
+
+async def _populate(world: Carrier, clock: SpeedClock, seed: int) -> None:
+    """Add the workload's orders as they arrive, on the sandbox clock."""
+    keys = {account.name: account_key(account.name, seed) for account in world.workload.accounts}
+    for arrival, account, code in generate_orders(world.workload, clock.now(), seed=seed):
+        wait = (arrival - clock.now()).total_seconds()
+        if wait > 0:
+            await asyncio.sleep(clock.real_seconds(wait))
+        world.add_order(keys[account], code, arrival)
+
+
+def _open_accounts(world: Carrier, seed: int) -> list[tuple[str, str]]:
+    opened = []
+    for account in world.workload.accounts:
+        key = account_key(account.name, seed)
+        world.add_account(account.name, key)
+        opened.append((account.name, key))
+    return opened
+
+
+async def _serve(
+    host: str, port: int, workload: Workload, speed: float, seed: int, populate: bool
+) -> None:
+    world = Carrier(workload, seed=seed)
+    clock = SpeedClock(speed)
+    runner = web.AppRunner(
+        create_app(world, clock, seed=seed), handler_cancellation=True, access_log=None
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound_host, bound_port = runner.addresses[0][:2]
+    print(
+        f"Sandbox carrier API on http://{bound_host}:{bound_port} "
+        f"(workload {workload.name}, speed {speed:g}x, seed {seed})",
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    population = None
+    if populate:
+        for name, key in _open_accounts(world, seed):
+            print(f"  account {name}: apikey {key}", flush=True)
+        population = asyncio.create_task(_populate(world, clock, seed))
+    try:
+        await stop.wait()
+    finally:
+        if population is not None:
+            population.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await population
+        await runner.cleanup()
+
+
+def run_sandbox(
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    workload: Path | None = None,
+    speed: float = 1.0,
+    seed: int | None = None,
+    populate: bool = False,
+) -> None:
+    """Serve the sandbox until SIGINT or SIGTERM; prints its URL (port 0 picks a free one).
+
+    With `populate`, the workload's accounts are opened (their keys printed) and its orders
+    arrive at `orders_per_day` on the sandbox clock.
+    """
+    chosen = load_workload(workload) if workload is not None else default_workload()
+    if seed is None:
+        seed = random.SystemRandom().randrange(1_000_000)
+    asyncio.run(_serve(host, port, chosen, speed, seed, populate))
+
+
+@dataclass
+class SandboxHandle:
+    """A sandbox running in this process: its URL, its world and clock, and admin calls."""
+
+    base_url: str
+    world: Carrier
+    clock: Clock
+    admin: httpx.Client
+
+    @property
+    def tracking_url(self) -> str:
+        return self.base_url + TRACKING_PATH
+
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        response = self.admin.request(method, path, json=body)
+        response.raise_for_status()
+        return response.json()
+
+    def add_account(self, name: str, apikey: str, daily_quota: int | None = None) -> Any:
+        body: dict[str, Any] = {"name": name, "apikey": apikey}
+        if daily_quota is not None:
+            body["daily_quota"] = daily_quota
+        return self._call("POST", "/_sandbox/accounts", body)
+
+    def add_order(
+        self, apikey: str, order_code: str, status: str | None = None, delay_code: int | None = None
+    ) -> Any:
+        body: dict[str, Any] = {"apikey": apikey, "order_code": order_code}
+        if status is not None:
+            body["status"] = status
+        if delay_code is not None:
+            body["delay_code"] = delay_code
+        return self._call("POST", "/_sandbox/orders", body)
+
+    def advance(self, order_code: str, to: str | None = None, delay_code: int | None = None) -> Any:
+        body = {key: value for key, value in (("to", to), ("delay_code", delay_code)) if value}
+        return self._call("POST", f"/_sandbox/orders/{order_code}/advance", body)
+
+    def order(self, order_code: str) -> Any:
+        return self._call("GET", f"/_sandbox/orders/{order_code}")
+
+    def stats(self) -> Any:
+        return self._call("GET", "/_sandbox/stats")
+
+    def set_faults(self, faults: dict[str, Any]) -> Any:
+        return self._call("PUT", "/_sandbox/faults", faults)
+
+
+@contextlib.contextmanager
+def running_sandbox(
+    *,
+    workload: Workload | None = None,
+    seed: int = 0,
+    speed: float = 1.0,
+    start: datetime | None = None,
+    clock: Clock | None = None,
+    faults: Faults | None = None,
+    key_daily_quota: int = 200_000,
+    global_daily_quota: int = 3_000_000,
+) -> Iterator[SandboxHandle]:
+    """A sandbox served from a background thread on a free loopback port, stopped on exit.
+
+    The clock is `clock` if given, else sandbox time from `start` at `speed`. Faults default
+    to the workload's; pass `Faults()` for none.
+    """
+    world = Carrier(
+        workload or default_workload(),
+        seed=seed,
+        key_daily_quota=key_daily_quota,
+        global_daily_quota=global_daily_quota,
+    )
+    chosen_clock = clock or SpeedClock(speed, start)
+    app = create_app(world, chosen_clock, faults, seed=seed)
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1)
+
+    async def start_serving() -> int:
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return int(runner.addresses[0][1])
+
+    thread = threading.Thread(target=loop.run_forever, name="sandbox", daemon=True)
+    thread.start()
+    try:
+        port = asyncio.run_coroutine_threadsafe(start_serving(), loop).result(timeout=10)
+        base_url = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=base_url, timeout=10) as admin:
+            yield SandboxHandle(base_url=base_url, world=world, clock=chosen_clock, admin=admin)
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()

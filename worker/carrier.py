@@ -18,7 +18,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from types import TracebackType
 from typing import Any, ClassVar, NoReturn, Self, TypeVar
@@ -341,12 +341,13 @@ class _Fields:
         self._read: set[str] = set()
 
     def value(self, key: str) -> Any:
-        self._read.add(key.lower())
-        return self._values.get(key.lower())
+        lower = key.lower()
+        self._read.add(lower)
+        return self._values.get(lower)
 
     def read(self, key: str, reader: Callable[[Any, str], _T]) -> _T:
         """The field read by `reader`, which names the field's path when it refuses the value."""
-        return reader(self.value(key), f"{self._path}{key}")
+        return reader(self.value(key), self._path + key)
 
     def unread(self) -> dict[str, Any]:
         """The fields not read so far, spelled as the carrier sent them."""
@@ -358,10 +359,10 @@ def _blank(value: object) -> bool:
 
 
 def _text(value: object, path: str) -> str | None:
-    if _blank(value):
-        return None
     if isinstance(value, str):
-        return value.strip()
+        return value.strip() or None
+    if value is None:
+        return None
     if isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
     raise _FieldError(path, "text", value)
@@ -418,51 +419,35 @@ def _delay_code(value: object, path: str) -> int | None:
     return code or None
 
 
-_TIME = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})"
-    r"(?:[T ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d+))?)?)?"
-    r"\s*(Z|[+-]\d{2}(?::?\d{2})?)?",
-    re.IGNORECASE,
-)
+# Some Python 3.11 releases refuse more than 6 fractional digits; .NET sends 7.
+_EXTRA_FRACTION_DIGITS = re.compile(r"(?<=[.,]\d{6})\d+")
 
 
 def _time(value: object, path: str) -> datetime | None:
     """A carrier time as UTC: ISO-8601 with an offset, or a naive Vietnam wall-clock time."""
-    if _blank(value):
+    if value is None:
         return None
     if not isinstance(value, str):
         raise _FieldError(path, "a time", value)
-    match = _TIME.fullmatch(value.strip())
-    if match is None:
-        raise _FieldError(path, "a time", value)
-    year, month, day, hour, minute, second, fraction, offset = match.groups()
-    # The carrier's .NET side sends up to 7 fractional digits; Python keeps microseconds.
-    micro = int((fraction or "0")[:6].ljust(6, "0"))
+    text = value.strip()
+    if not text:
+        return None
     try:
-        tz: timezone | ZoneInfo = CARRIER_TIMEZONE if offset is None else _offset(offset)
-        local = datetime(
-            int(year),
-            int(month),
-            int(day),
-            int(hour or 0),
-            int(minute or 0),
-            int(second or 0),
-            micro,
-            tzinfo=tz,
-        )
-        if local.year == 1:
+        moment = _from_isoformat(text)
+        if moment.year == 1:
             return None  # .NET's DateTime.MinValue: the carrier's way of saying "not set"
-        return local.astimezone(UTC)
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=CARRIER_TIMEZONE)
+        return moment.astimezone(UTC)
     except (ValueError, OverflowError):
         raise _FieldError(path, "a time", value) from None
 
 
-def _offset(text: str) -> timezone:
-    if text.upper() == "Z":
-        return UTC
-    digits = text[1:].replace(":", "")
-    delta = timedelta(hours=int(digits[:2]), minutes=int(digits[2:] or 0))
-    return timezone(-delta if text[0] == "-" else delta)
+def _from_isoformat(text: str) -> datetime:
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        return datetime.fromisoformat(_EXTRA_FRACTION_DIGITS.sub("", text))
 
 
 def _objects(value: object, path: str) -> list[_Fields]:

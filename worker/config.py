@@ -93,6 +93,10 @@ class Settings(BaseSettings):
         None, description="SMTP password, if not in SHIPMON_SMTP_URL."
     )
     email_from: str = Field("shipmon@localhost", description="Sender address of emails.")
+    templates_dir: Path | None = Field(
+        None,
+        description="Folder whose email/event.*.j2 files replace the built-in email templates.",
+    )
     secret_key: SecretStr | None = Field(
         None,
         min_length=32,

@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ from worker.sandbox import (
     SandboxHandle,
     SpeedClock,
     account_key,
+    run_sandbox,
     running_sandbox,
 )
 from worker.workload import DEFAULT_WORKLOAD, Faults, parse_workload
@@ -343,3 +345,12 @@ def test_run_sandbox_serves_a_population_and_stops_on_sigterm(tmp_path: Path) ->
             if process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+def test_run_sandbox_says_when_its_port_is_taken() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit, match=f"cannot listen on 127.0.0.1:{port}"):
+            run_sandbox(port=port, seed=1)

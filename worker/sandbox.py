@@ -420,8 +420,14 @@ async def _serve(
         create_app(world, clock, seed=seed), handler_cancellation=True, access_log=None
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise SystemExit(
+            f"The sandbox cannot listen on {host}:{port} ({exc.strerror}); "
+            "choose another port (0 picks a free one)."
+        ) from exc
     bound_host, bound_port = runner.addresses[0][:2]
     print(
         f"Sandbox carrier API on http://{bound_host}:{bound_port} "
@@ -430,8 +436,9 @@ async def _serve(
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+    if threading.current_thread() is threading.main_thread():  # signals reach only that one
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
     population = None
     if populate:
         for name, key in _open_accounts(world, seed):
@@ -525,6 +532,7 @@ def running_sandbox(
     faults: Faults | None = None,
     key_daily_quota: int = 200_000,
     global_daily_quota: int = 3_000_000,
+    query_expiry_days: float = 90.0,
 ) -> Iterator[SandboxHandle]:
     """A sandbox served from a background thread on a free loopback port, stopped on exit.
 
@@ -536,6 +544,7 @@ def running_sandbox(
         seed=seed,
         key_daily_quota=key_daily_quota,
         global_daily_quota=global_daily_quota,
+        query_expiry_days=query_expiry_days,
     )
     chosen_clock = clock or SpeedClock(speed, start)
     app = create_app(world, chosen_clock, faults, seed=seed)

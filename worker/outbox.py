@@ -1,0 +1,686 @@
+"""The outbox: events fanned out into deliveries, and deliveries sent when due, in order.
+
+The poll pipeline writes `OutboxEvent` rows in the transaction that saw the change. After it
+commits, `fan_out_and_deliver` turns the new events into one `Delivery` per endpoint and email
+recipient that wants them and sends them at once; a periodic sweep calling it with no ids is the
+safety net. Everything about a delivery's future lives in PostgreSQL, so a worker may die at
+any moment:
+
+- A delivery is claimed by pushing its `next_attempt_at` a lease ahead, in a transaction that
+  commits before anything is sent. If the worker dies mid-send, the claim simply comes due
+  again when the lease runs out, and another worker sends it: at least once, never lost.
+- No transaction is open while a webhook or an email is on its way.
+- Per shipment and destination, only the pending delivery with the lowest sequence is ever
+  claimed, so a receiver sees a shipment's events in order even across retries. Different
+  destinations never wait for each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, exists, insert, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Session, aliased, sessionmaker
+
+from worker.config import Settings
+from worker.mail import EventEmail, MailError, event_email, event_message, send_message
+from worker.mail import send_ops_alert as send_alert_mail
+from worker.models import (
+    Account,
+    Delivery,
+    DeliveryAttempt,
+    EmailRecipient,
+    OutboxEvent,
+    Shipment,
+    TrackingEvent,
+    WebhookEndpoint,
+)
+from worker.webhooks import (
+    DISABLE_AFTER,
+    AttemptResult,
+    Resolver,
+    WebhookSender,
+    event_body,
+    retry_delay,
+    set_endpoint_enabled,
+    signing_secrets,
+    system_resolver,
+)
+
+__all__ = [
+    "DEFAULT_CONCURRENCY",
+    "DEFAULT_LEASE",
+    "DEFAULT_LIMIT",
+    "Clock",
+    "ReplayOutcome",
+    "deliver_due",
+    "deliver_due_async",
+    "fan_out",
+    "fan_out_and_deliver",
+    "replay",
+]
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+SessionFactory = sessionmaker[Session]
+
+# Longer than the slowest attempt (15 s for a webhook or an email) plus recording it, so a live
+# worker's claim never runs out under it.
+DEFAULT_LEASE = timedelta(seconds=60)
+# Attempts one call makes at most; the sweep picks up the rest.
+DEFAULT_LIMIT = 1000
+# Attempts in flight at once.
+DEFAULT_CONCURRENCY = 32
+# Rows per INSERT when one fan-out makes many deliveries.
+INSERT_CHUNK = 1000
+SCANS_IN_EMAIL = 5
+
+
+def _wall_clock() -> datetime:
+    return datetime.now(UTC)
+
+
+def _clock(now: datetime | None) -> Clock:
+    # A fixed `now` serves tests and simulations; real runs read the wall clock at every step.
+    return _wall_clock if now is None else (lambda: now)
+
+
+# --- Fan-out ---------------------------------------------------------------------------------
+
+
+def _wants(event_types: Sequence[str] | None, event_type: str) -> bool:
+    return event_types is None or event_type in event_types
+
+
+def fan_out(session: Session, event_ids: Sequence[int] | None = None, *, now: datetime) -> int:
+    """Create the deliveries of events not yet fanned out; returns how many were created.
+
+    `event_ids` are `OutboxEvent.id`s; None means every event not yet fanned out. Running it
+    twice, or concurrently, creates nothing twice.
+    """
+    query = select(OutboxEvent).where(OutboxEvent.fanned_out_at.is_(None))
+    if event_ids is not None:
+        query = query.where(OutboxEvent.id.in_(event_ids))
+    # Another worker fanning out the same events will do it; there is nothing to wait for.
+    events = session.scalars(query.order_by(OutboxEvent.id).with_for_update(skip_locked=True)).all()
+    if not events:
+        return 0
+    accounts = {e.account_id for e in events}
+    endpoints = session.execute(
+        select(WebhookEndpoint.id, WebhookEndpoint.account_id, WebhookEndpoint.event_types).where(
+            WebhookEndpoint.account_id.in_(accounts), WebhookEndpoint.enabled
+        )
+    ).all()
+    recipients = session.execute(
+        select(EmailRecipient.id, EmailRecipient.account_id, EmailRecipient.event_types).where(
+            EmailRecipient.account_id.in_(accounts), EmailRecipient.enabled
+        )
+    ).all()
+    rows: list[dict[str, Any]] = []
+    for event in events:
+        common = {
+            "event_id": event.id,
+            "shipment_id": event.shipment_id,
+            "sequence": event.sequence,
+            "next_attempt_at": now,
+        }
+        rows += [
+            {**common, "endpoint_id": e.id}
+            for e in endpoints
+            if e.account_id == event.account_id and _wants(e.event_types, event.type)
+        ]
+        rows += [
+            {**common, "recipient_id": r.id}
+            for r in recipients
+            if r.account_id == event.account_id and _wants(r.event_types, event.type)
+        ]
+    created = 0
+    for start in range(0, len(rows), INSERT_CHUNK):
+        chunk = rows[start : start + INSERT_CHUNK]
+        # Either destination column is absent from half the rows; give every row both keys.
+        chunk = [{"endpoint_id": None, "recipient_id": None, **row} for row in chunk]
+        result = session.execute(pg_insert(Delivery).values(chunk).on_conflict_do_nothing())
+        created += result.rowcount  # type: ignore[attr-defined]
+    session.execute(
+        update(OutboxEvent)
+        .where(OutboxEvent.id.in_([e.id for e in events]))
+        .values(fanned_out_at=now)
+    )
+    return created
+
+
+# --- Claiming --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Webhook:
+    endpoint_id: int
+    url: str
+    secrets: list[str]
+
+
+@dataclass(frozen=True)
+class _Email:
+    address: str
+    content: EventEmail
+    message_id: str
+
+
+@dataclass(frozen=True)
+class _Claim:
+    """A delivery this worker holds until its lease runs out, with all it needs to send it."""
+
+    delivery_id: int
+    # The delivery's attempt count after this claim: the claim's token, see `_record`.
+    attempts: int
+    event_id: str
+    body: bytes
+    destination: _Webhook | _Email
+
+
+def _is_head() -> Any:
+    """True for a delivery that is next in line for its shipment and destination."""
+    earlier = aliased(Delivery)
+    earlier_pending = exists().where(
+        earlier.shipment_id == Delivery.shipment_id,
+        earlier.sequence < Delivery.sequence,
+        earlier.state == "pending",
+        earlier.endpoint_id.is_not_distinct_from(Delivery.endpoint_id),
+        earlier.recipient_id.is_not_distinct_from(Delivery.recipient_id),
+    )
+    # An earlier event whose fan-out has not happened yet has no delivery row to wait for.
+    earlier_unfanned = exists().where(
+        OutboxEvent.shipment_id == Delivery.shipment_id,
+        OutboxEvent.sequence < Delivery.sequence,
+        OutboxEvent.fanned_out_at.is_(None),
+    )
+    destination_enabled = or_(
+        exists().where(WebhookEndpoint.id == Delivery.endpoint_id, WebhookEndpoint.enabled),
+        exists().where(EmailRecipient.id == Delivery.recipient_id, EmailRecipient.enabled),
+    )
+    return and_(~earlier_pending, ~earlier_unfanned, destination_enabled)
+
+
+def _claim(
+    session_factory: SessionFactory,
+    settings: Settings,
+    secret_key: str,
+    count: int,
+    now: datetime,
+    lease: timedelta,
+) -> list[_Claim]:
+    with session_factory.begin() as session:
+        # SKIP LOCKED: deliveries another worker is claiming right now are its own; wait for none.
+        due = (
+            select(Delivery.id)
+            .where(Delivery.state == "pending", Delivery.next_attempt_at <= now, _is_head())
+            .order_by(Delivery.next_attempt_at)
+            .limit(count)
+            .with_for_update(skip_locked=True, of=Delivery)
+        )
+        deliveries = session.scalars(
+            update(Delivery)
+            .where(Delivery.id.in_(due.scalar_subquery()))
+            .values(next_attempt_at=now + lease, attempts=Delivery.attempts + 1)
+            .returning(Delivery),
+            execution_options={"synchronize_session": False},
+        ).all()
+        if not deliveries:
+            return []
+        events = {
+            e.id: e
+            for e in session.scalars(
+                select(OutboxEvent).where(OutboxEvent.id.in_({d.event_id for d in deliveries}))
+            )
+        }
+        claims = [
+            _webhook_claim(d, events[d.event_id], session, secret_key, now)
+            for d in deliveries
+            if d.endpoint_id is not None
+        ]
+        emails = [d for d in deliveries if d.recipient_id is not None]
+        if emails and settings.smtp_url is None:
+            # Email is off: these deliveries will never be sent, and must not pile up.
+            session.execute(
+                update(Delivery)
+                .where(Delivery.id.in_([d.id for d in emails]))
+                .values(state="skipped", completed_at=now)
+            )
+        else:
+            claims += [_email_claim(d, events[d.event_id], session, settings) for d in emails]
+        return claims
+
+
+def _webhook_claim(
+    delivery: Delivery, event: OutboxEvent, session: Session, secret_key: str, now: datetime
+) -> _Claim:
+    endpoint = session.get_one(WebhookEndpoint, delivery.endpoint_id)
+    return _Claim(
+        delivery_id=delivery.id,
+        attempts=delivery.attempts,
+        event_id=event.event_id,
+        body=event_body(event.event_id, event.type, event.created_at, event.data),
+        destination=_Webhook(endpoint.id, endpoint.url, signing_secrets(endpoint, secret_key, now)),
+    )
+
+
+def _email_claim(
+    delivery: Delivery, event: OutboxEvent, session: Session, settings: Settings
+) -> _Claim:
+    recipient = session.get_one(EmailRecipient, delivery.recipient_id)
+    shipment = session.get_one(Shipment, event.shipment_id)
+    scans = session.scalars(
+        select(TrackingEvent)
+        .where(TrackingEvent.shipment_id == shipment.id)
+        .order_by(TrackingEvent.occurred_at.desc().nulls_last(), TrackingEvent.id.desc())
+        .limit(SCANS_IN_EMAIL)
+    ).all()
+    domain = settings.email_from.rpartition("@")[2] or "localhost"
+    return _Claim(
+        delivery_id=delivery.id,
+        attempts=delivery.attempts,
+        event_id=event.event_id,
+        body=b"",
+        destination=_Email(
+            recipient.address,
+            event_email(event, shipment, scans),
+            # The same Message-ID on every attempt lets mail clients drop a duplicate.
+            message_id=f"<{event.event_id}.{recipient.id}@{domain}>",
+        ),
+    )
+
+
+# --- Sending ---------------------------------------------------------------------------------
+
+
+def _send_email(settings: Settings, email: _Email) -> AttemptResult:
+    """Render and send one event email (blocking); every failure becomes a result."""
+    start = datetime.now(UTC)
+
+    def elapsed() -> int:
+        return round((datetime.now(UTC) - start).total_seconds() * 1000)
+
+    try:
+        message = event_message(settings, email.address, email.content, message_id=email.message_id)
+        send_message(settings, message)
+    except MailError as error:
+        return AttemptResult(False, elapsed(), status_code=error.code, error=str(error))
+    except Exception as error:  # a deployment's template may fail in any way Jinja2 can
+        log.exception("cannot render the email of event %s", email.content.event_id)
+        return AttemptResult(False, elapsed(), error=f"template error: {error}")
+    # smtplib raises unless the server accepted the message with 250.
+    return AttemptResult(True, elapsed(), status_code=250)
+
+
+async def _send(claim: _Claim, settings: Settings, sender: WebhookSender) -> AttemptResult:
+    destination = claim.destination
+    if isinstance(destination, _Webhook):
+        return await sender.send(destination.url, destination.secrets, claim.event_id, claim.body)
+    return await asyncio.to_thread(_send_email, settings, destination)
+
+
+# --- Recording -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Alert:
+    to: str
+    subject: str
+    body: str
+
+
+def _attempt_row(delivery_id: int, at: datetime, result: AttemptResult) -> dict[str, Any]:
+    return {
+        "delivery_id": delivery_id,
+        "attempted_at": at,
+        "status_code": result.status_code,
+        "duration_ms": result.duration_ms,
+        "error": result.error,
+        "response_excerpt": result.response_excerpt,
+    }
+
+
+def _record(
+    session_factory: SessionFactory,
+    claim: _Claim,
+    result: AttemptResult,
+    attempted_at: datetime,
+    now: datetime,
+    rng: random.Random | None,
+) -> _Alert | None:
+    """Store an attempt and decide the delivery's future; returns an alert to send, if any."""
+    with session_factory.begin() as session:
+        session.execute(
+            insert(DeliveryAttempt).values(_attempt_row(claim.delivery_id, attempted_at, result))
+        )
+        delivery = session.get(Delivery, claim.delivery_id, with_for_update=True)
+        if delivery is None or delivery.state != "pending" or delivery.attempts != claim.attempts:
+            # Our lease ran out and another worker claimed it again: its record decides.
+            return None
+        delivery.last_attempt_at = attempted_at
+        if result.succeeded:
+            delivery.state = "succeeded"
+            delivery.completed_at = now
+        else:
+            delay = retry_delay(delivery.attempts, result.retry_after, rng)
+            if delay is None:
+                delivery.state = "dead"
+                delivery.completed_at = now
+                log.warning("delivery %s of event %s is dead", delivery.id, claim.event_id)
+            else:
+                delivery.next_attempt_at = now + delay
+        if not isinstance(claim.destination, _Webhook):
+            return None
+        return _endpoint_health(session, claim.destination.endpoint_id, result, now)
+
+
+def _endpoint_health(
+    session: Session, endpoint_id: int, result: AttemptResult, now: datetime
+) -> _Alert | None:
+    """Track how long an endpoint has been failing; disable it on 410 or after DISABLE_AFTER."""
+    endpoint = session.get_one(WebhookEndpoint, endpoint_id, with_for_update=True)
+    if result.succeeded:
+        if endpoint.failing_since is not None:
+            endpoint.failing_since = None
+        return None
+    if endpoint.failing_since is None:
+        endpoint.failing_since = now
+    if not endpoint.enabled:
+        return None
+    if result.gone:
+        reason = "the endpoint answered 410 Gone"
+    elif now - endpoint.failing_since >= DISABLE_AFTER:
+        reason = f"every attempt failed since {endpoint.failing_since:%Y-%m-%d %H:%M} UTC"
+    else:
+        return None
+    set_endpoint_enabled(session, endpoint, False, now=now, reason=reason)
+    log.warning("webhook endpoint %s disabled: %s", endpoint.id, reason)
+    account = session.get_one(Account, endpoint.account_id)
+    if account.ops_email is None:
+        return None
+    return _Alert(
+        to=account.ops_email,
+        subject=f"shipmon: webhook endpoint {endpoint.id} of {account.name} disabled",
+        body=(
+            f"shipmon stopped sending webhooks to {endpoint.url} (endpoint {endpoint.id} of "
+            f"account {account.name}): {reason}.\n\n"
+            "Its undelivered events are kept. Once the receiver works again, run\n\n"
+            f"    shipmon endpoint enable {endpoint.id}\n\n"
+            "and they will be delivered, oldest first.\n"
+        ),
+    )
+
+
+def _send_alert(settings: Settings, alert: _Alert) -> None:
+    try:
+        send_alert_mail(settings, alert.to, alert.subject, alert.body)
+    except MailError as error:
+        log.error("cannot email %s about a disabled endpoint: %s", alert.to, error)
+
+
+# --- The delivery loop -----------------------------------------------------------------------
+
+
+async def _attempt(
+    claim: _Claim,
+    session_factory: SessionFactory,
+    settings: Settings,
+    sender: WebhookSender,
+    clock: Clock,
+    rng: random.Random | None,
+) -> None:
+    attempted_at = clock()
+    result = await _send(claim, settings, sender)
+    alert = await asyncio.to_thread(
+        _record, session_factory, claim, result, attempted_at, clock(), rng
+    )
+    if alert is not None:
+        await asyncio.to_thread(_send_alert, settings, alert)
+
+
+async def deliver_due_async(
+    session_factory: SessionFactory,
+    settings: Settings,
+    sender: WebhookSender,
+    *,
+    secret_key: str,
+    now: datetime | None = None,
+    limit: int = DEFAULT_LIMIT,
+    lease: timedelta = DEFAULT_LEASE,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    rng: random.Random | None = None,
+) -> int:
+    """Send due deliveries until none is due or `limit` were attempted; returns the attempts.
+
+    A delivery that finishes may put the next event of its shipment in line, so claiming goes
+    on while attempts complete; a slow receiver holds one slot, never the others.
+    """
+    clock = _clock(now)
+    attempted = 0
+    running: set[asyncio.Task[None]] = set()
+    drained = False
+    try:
+        while True:
+            free = min(concurrency - len(running), limit - attempted)
+            if not drained and free > 0:
+                claims = await asyncio.to_thread(
+                    _claim, session_factory, settings, secret_key, free, clock(), lease
+                )
+                attempted += len(claims)
+                running |= {
+                    asyncio.create_task(_attempt(c, session_factory, settings, sender, clock, rng))
+                    for c in claims
+                }
+                drained = not claims
+            if not running:
+                return attempted
+            done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+            drained = False
+    finally:
+        # Claims cut short here stay leased and come due again: delayed, never lost.
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+
+
+def deliver_due(
+    session_factory: SessionFactory,
+    settings: Settings,
+    *,
+    secret_key: str,
+    now: datetime | None = None,
+    limit: int = DEFAULT_LIMIT,
+    lease: timedelta = DEFAULT_LEASE,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    resolver: Resolver = system_resolver,
+    rng: random.Random | None = None,
+) -> int:
+    """`deliver_due_async` in an event loop of its own, with its own HTTP client."""
+
+    async def run() -> int:
+        async with WebhookSender(
+            allow_private=settings.webhook_allow_private, resolver=resolver
+        ) as sender:
+            return await deliver_due_async(
+                session_factory,
+                settings,
+                sender,
+                secret_key=secret_key,
+                now=now,
+                limit=limit,
+                lease=lease,
+                concurrency=concurrency,
+                rng=rng,
+            )
+
+    return asyncio.run(run())
+
+
+def fan_out_and_deliver(
+    session_factory: SessionFactory,
+    settings: Settings,
+    event_ids: Sequence[int] | None = None,
+    *,
+    secret_key: str,
+    now: datetime | None = None,
+    limit: int = DEFAULT_LIMIT,
+    resolver: Resolver = system_resolver,
+) -> int:
+    """Fan out events (None: every event not yet fanned out), then deliver what is due.
+
+    Call it after the transaction that wrote the events commits, and periodically as the
+    safety net. Returns the attempts made.
+    """
+    clock = _clock(now)
+    with session_factory.begin() as session:
+        fan_out(session, event_ids, now=clock())
+    return deliver_due(
+        session_factory,
+        settings,
+        secret_key=secret_key,
+        now=now,
+        limit=limit,
+        resolver=resolver,
+    )
+
+
+# --- Replays ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReplayOutcome:
+    """One resend of an event to one endpoint."""
+
+    delivery_id: int
+    event_id: str
+    endpoint_id: int
+    url: str
+    result: AttemptResult
+
+
+def _replay_claims(
+    session: Session,
+    secret_key: str,
+    now: datetime,
+    event_id: str | None,
+    failed_since: datetime | None,
+    endpoint_id: int | None,
+) -> list[tuple[_Claim, int]]:
+    query = (
+        select(Delivery)
+        .join(WebhookEndpoint, WebhookEndpoint.id == Delivery.endpoint_id)
+        .where(WebhookEndpoint.enabled)
+    )
+    if event_id is not None:
+        query = query.join(OutboxEvent, OutboxEvent.id == Delivery.event_id).where(
+            OutboxEvent.event_id == event_id
+        )
+    if failed_since is not None:
+        failed = exists().where(
+            DeliveryAttempt.delivery_id == Delivery.id,
+            DeliveryAttempt.attempted_at >= failed_since,
+            or_(
+                DeliveryAttempt.status_code.is_(None),
+                DeliveryAttempt.status_code < 200,
+                DeliveryAttempt.status_code >= 300,
+            ),
+        )
+        query = query.where(Delivery.state != "succeeded", failed)
+    if endpoint_id is not None:
+        query = query.where(Delivery.endpoint_id == endpoint_id)
+    deliveries = session.scalars(query.order_by(Delivery.shipment_id, Delivery.sequence)).all()
+    events = {
+        e.id: e
+        for e in session.scalars(
+            select(OutboxEvent).where(OutboxEvent.id.in_({d.event_id for d in deliveries}))
+        )
+    }
+    return [
+        (_webhook_claim(d, events[d.event_id], session, secret_key, now), d.shipment_id)
+        for d in deliveries
+    ]
+
+
+def _record_replay(
+    session_factory: SessionFactory, claim: _Claim, result: AttemptResult, at: datetime
+) -> None:
+    with session_factory.begin() as session:
+        session.execute(insert(DeliveryAttempt).values(_attempt_row(claim.delivery_id, at, result)))
+        if result.succeeded:
+            # A replay that gets through completes the delivery; one that fails changes
+            # nothing about its schedule.
+            session.execute(
+                update(Delivery)
+                .where(Delivery.id == claim.delivery_id, Delivery.state != "succeeded")
+                .values(state="succeeded", completed_at=at, last_attempt_at=at)
+            )
+
+
+def replay(
+    session_factory: SessionFactory,
+    settings: Settings,
+    *,
+    secret_key: str,
+    event_id: str | None = None,
+    failed_since: datetime | None = None,
+    endpoint_id: int | None = None,
+    now: datetime | None = None,
+    resolver: Resolver = system_resolver,
+) -> list[ReplayOutcome]:
+    """Send webhooks once more, with their original webhook-id, one attempt each.
+
+    Chooses the deliveries of one event (`event_id`, the public id), or those that failed at or
+    after `failed_since` and have not succeeded since, optionally of one endpoint. Disabled
+    endpoints are left out. Every resend is recorded as an attempt.
+    """
+    if event_id is None and failed_since is None:
+        raise ValueError("replay needs an event id or a time to replay failures since")
+    clock = _clock(now)
+    with session_factory.begin() as session:
+        claims = _replay_claims(session, secret_key, clock(), event_id, failed_since, endpoint_id)
+
+    # Per shipment and endpoint, resends go one after the other, oldest event first.
+    lines: dict[tuple[int, int], list[tuple[_Claim, _Webhook]]] = {}
+    for claim, shipment_id in claims:
+        assert isinstance(claim.destination, _Webhook)  # replays are webhooks only
+        key = (claim.destination.endpoint_id, shipment_id)
+        lines.setdefault(key, []).append((claim, claim.destination))
+
+    async def run() -> list[ReplayOutcome]:
+        gate = asyncio.Semaphore(DEFAULT_CONCURRENCY)
+        async with WebhookSender(
+            allow_private=settings.webhook_allow_private, resolver=resolver
+        ) as sender:
+
+            async def resend(line: list[tuple[_Claim, _Webhook]]) -> list[ReplayOutcome]:
+                outcomes = []
+                async with gate:
+                    for claim, webhook in line:
+                        at = clock()
+                        result = await _send(claim, settings, sender)
+                        await asyncio.to_thread(_record_replay, session_factory, claim, result, at)
+                        outcomes.append(
+                            ReplayOutcome(
+                                claim.delivery_id,
+                                claim.event_id,
+                                webhook.endpoint_id,
+                                webhook.url,
+                                result,
+                            )
+                        )
+                return outcomes
+
+            done = await asyncio.gather(*(resend(line) for line in lines.values()))
+            return [outcome for line in done for outcome in line]
+
+    return asyncio.run(run())

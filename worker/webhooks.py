@@ -1,0 +1,490 @@
+"""Webhooks as the Standard Webhooks specification describes them: signing, sending, the
+retry schedule, the guard against requests to private networks, and endpoint management.
+
+A webhook's body is serialized once per event (the same bytes for every attempt and replay)
+and signed per attempt with a fresh `webhook-timestamp`. Which deliveries are due, and what an
+attempt's outcome does to them, is `worker.outbox`'s business; this module only knows how to
+make one attempt and what its answer means.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ipaddress
+import json
+import random
+import secrets
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
+from importlib import metadata
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import urlsplit
+
+import aiohttp
+import httpx
+from aiohttp.abc import AbstractResolver, ResolveResult
+from httpx_aiohttp import AiohttpTransport, HttpxAiohttpClient
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+from standardwebhooks import Webhook
+
+from worker.crypto import decrypt, encrypt
+from worker.models import Account, Delivery, WebhookEndpoint
+
+__all__ = [
+    "ATTEMPT_TIMEOUT",
+    "CONNECT_TIMEOUT",
+    "DISABLE_AFTER",
+    "EXCERPT_LIMIT",
+    "RETRY_DELAYS",
+    "ROTATION_OVERLAP",
+    "USER_AGENT",
+    "AttemptResult",
+    "IPAddress",
+    "Resolver",
+    "UnknownEndpoint",
+    "UnsafeDestination",
+    "WebhookSender",
+    "add_endpoint",
+    "check_address",
+    "check_url",
+    "event_body",
+    "get_endpoint",
+    "new_secret",
+    "retry_delay",
+    "rotate_secret",
+    "set_endpoint_enabled",
+    "sign",
+    "signing_secrets",
+    "system_resolver",
+    "webhook_headers",
+]
+
+SECRET_PREFIX = "whsec_"  # noqa: S105 - the prefix of every secret, not a secret
+CONNECT_TIMEOUT = 5.0
+# The whole attempt: connecting, sending, and reading the answer.
+ATTEMPT_TIMEOUT = 15.0
+# Enough of a response body to see what went wrong, without storing a page of HTML per try.
+EXCERPT_LIMIT = 20 * 1024
+# Waits before the 2nd, 3rd, ... 8th attempt, each counted from the previous attempt.
+RETRY_DELAYS: tuple[timedelta, ...] = (
+    timedelta(seconds=5),
+    timedelta(minutes=5),
+    timedelta(minutes=30),
+    timedelta(hours=2),
+    timedelta(hours=5),
+    timedelta(hours=10),
+    timedelta(hours=10),
+)
+JITTER = 0.2
+# A server's Retry-After is honoured up to the schedule's longest wait.
+MAX_RETRY_AFTER = max(RETRY_DELAYS)
+# An endpoint that has failed without a single success for this long is disabled.
+DISABLE_AFTER = timedelta(days=5)
+# After a rotation, the previous secret keeps signing so receivers can switch over.
+ROTATION_OVERLAP = timedelta(hours=24)
+
+try:
+    _VERSION = metadata.version("shipmon")
+except metadata.PackageNotFoundError:  # running from a source tree that is not installed
+    _VERSION = "0"
+USER_AGENT = f"shipmon-webhooks/{_VERSION}"
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# Host name to every address it resolves to. Injectable so tests never need real DNS.
+Resolver = Callable[[str], Sequence[IPAddress]]
+
+
+# --- Signing ---------------------------------------------------------------------------------
+
+
+def new_secret() -> str:
+    """A fresh endpoint secret in the Standard Webhooks form, `whsec_` + base64 of 24 bytes."""
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(24)).decode()
+
+
+def event_body(event_id: str, event_type: str, occurred_at: datetime, data: Any) -> bytes:
+    """The webhook body of an event: the same bytes every time, so every attempt signs them."""
+    timestamp = occurred_at.astimezone(UTC).isoformat(timespec="microseconds")
+    document = {
+        "id": event_id,
+        "type": event_type,
+        "timestamp": timestamp.replace("+00:00", "Z"),
+        "data": data,
+    }
+    return json.dumps(
+        document, ensure_ascii=False, sort_keys=True, separators=(",", ":"), default=str
+    ).encode()
+
+
+def sign(secrets_: Sequence[str], event_id: str, timestamp: datetime, body: bytes) -> str:
+    """The `webhook-signature` value: one `v1,` signature per secret, space-separated."""
+    text = body.decode()
+    return " ".join(Webhook(s).sign(event_id, timestamp, text) for s in secrets_)
+
+
+def webhook_headers(
+    secrets_: Sequence[str], event_id: str, body: bytes, timestamp: datetime
+) -> dict[str, str]:
+    """The headers of one attempt, signed at `timestamp` (whole seconds, as the spec says)."""
+    moment = datetime.fromtimestamp(int(timestamp.timestamp()), UTC)
+    return {
+        "webhook-id": event_id,
+        "webhook-timestamp": str(int(moment.timestamp())),
+        "webhook-signature": sign(secrets_, event_id, moment, body),
+        "content-type": "application/json",
+        "user-agent": USER_AGENT,
+    }
+
+
+def signing_secrets(endpoint: WebhookEndpoint, secret_key: str, now: datetime) -> list[str]:
+    """The secrets that sign for `endpoint` now: its own, and a rotated-out one still in overlap."""
+    found = [decrypt(endpoint.secret_encrypted, secret_key)]
+    expires = endpoint.previous_secret_expires_at
+    if endpoint.previous_secret_encrypted is not None and expires is not None and expires > now:
+        found.append(decrypt(endpoint.previous_secret_encrypted, secret_key))
+    return found
+
+
+def retry_delay(
+    attempts: int, retry_after: timedelta | None = None, rng: random.Random | None = None
+) -> timedelta | None:
+    """How long to wait after the `attempts`-th failed attempt; None when it was the last.
+
+    The schedule's wait is jittered by ±20% so that a receiver coming back is not hit by every
+    delivery at once; a server's Retry-After lengthens it, never shortens it.
+    """
+    if attempts < 1 or attempts > len(RETRY_DELAYS):
+        return None
+    factor = 1 + (rng or random).uniform(-JITTER, JITTER)
+    delay = RETRY_DELAYS[attempts - 1] * factor
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, MAX_RETRY_AFTER))
+    return delay
+
+
+# --- The guard against private destinations --------------------------------------------------
+
+
+class UnsafeDestination(Exception):
+    """A webhook URL that shipmon refuses to call: not http(s), or not a public address."""
+
+
+def system_resolver(host: str) -> list[IPAddress]:
+    """Every address `host` resolves to, from the system's resolver."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as error:
+        raise UnsafeDestination(f"{host} does not resolve ({error}); check the host name") from None
+    # An IPv6 address may carry a zone (fe80::1%eth0); the zone is not part of the address.
+    return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+
+
+def check_address(address: IPAddress, *, allow_private: bool) -> None:
+    """Refuse an address that is not on the public internet, unless private ones are allowed."""
+    if allow_private:
+        return
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if not address.is_global or address.is_multicast:
+        raise UnsafeDestination(
+            f"{address} is a private, loopback, link-local or reserved address; webhooks go "
+            "only to public addresses (set SHIPMON_WEBHOOK_ALLOW_PRIVATE=true for a test setup)"
+        )
+
+
+def _literal_address(host: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def _host(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UnsafeDestination(f"{url!r} is not an http:// or https:// URL")
+    try:
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        raise UnsafeDestination(f"{url!r} has an invalid port") from None
+    return parts.hostname
+
+
+def check_url(url: str, *, allow_private: bool, resolver: Resolver = system_resolver) -> None:
+    """Refuse a webhook URL whose host is, or resolves to, a non-public address."""
+    host = _host(url)
+    if allow_private:
+        return
+    literal = _literal_address(host)
+    addresses = [literal] if literal is not None else list(resolver(host))
+    if not addresses:
+        raise UnsafeDestination(f"{host} resolves to no address; check the host name")
+    for address in addresses:
+        check_address(address, allow_private=False)
+
+
+class _GuardedResolver(AbstractResolver):
+    """Resolves for aiohttp and checks every address, so the connection goes to a checked one.
+
+    Checking a name and then letting the HTTP client resolve it again would let a DNS answer
+    that changes in between (rebinding) reach an internal address.
+    """
+
+    def __init__(self, resolver: Resolver, allow_private: bool) -> None:
+        self._resolver = resolver
+        self._allow_private = allow_private
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        addresses = await asyncio.to_thread(self._resolver, host)
+        if not addresses:
+            raise UnsafeDestination(f"{host} resolves to no address")
+        for address in addresses:
+            check_address(address, allow_private=self._allow_private)
+        return [
+            ResolveResult(
+                hostname=host,
+                host=str(address),
+                port=port,
+                family=socket.AF_INET6 if address.version == 6 else socket.AF_INET,
+                proto=0,
+                flags=socket.AI_NUMERICHOST,
+            )
+            for address in addresses
+        ]
+
+    async def close(self) -> None:
+        return None
+
+
+# --- Sending ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    """What one try at a delivery gave: an HTTP status or SMTP reply code, or an error."""
+
+    succeeded: bool
+    duration_ms: int
+    status_code: int | None = None
+    error: str | None = None
+    response_excerpt: str | None = None
+    # When the receiver asked to be left alone for a while (429 or 503 with Retry-After).
+    retry_after: timedelta | None = None
+
+    @property
+    def gone(self) -> bool:
+        """The receiver answered 410 Gone: it wants no more webhooks at this URL."""
+        return self.status_code == 410
+
+
+def _retry_after(value: str | None, now: datetime) -> timedelta | None:
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return timedelta(seconds=int(value))
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return max(moment - now, timedelta(0))
+
+
+class WebhookSender:
+    """Makes webhook attempts over one pooled HTTP client; use one per event loop."""
+
+    def __init__(
+        self,
+        *,
+        allow_private: bool,
+        resolver: Resolver = system_resolver,
+        max_connections: int = 100,
+        attempt_timeout: float = ATTEMPT_TIMEOUT,
+    ) -> None:
+        self._allow_private = allow_private
+        self._resolver = resolver
+        self._max_connections = max_connections
+        self._attempt_timeout = attempt_timeout
+        self._http: httpx.AsyncClient | None = None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the pooled connections."""
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    def _session(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            limit=self._max_connections,
+            # One slow receiver must not take every connection from the others.
+            limit_per_host=max(1, self._max_connections // 4),
+            resolver=_GuardedResolver(self._resolver, self._allow_private),
+            ssl=httpx.create_ssl_context(),
+        )
+        # No proxy from the environment: the guard must see the address actually connected to.
+        session = aiohttp.ClientSession(connector=connector, trust_env=False)
+        # aiohttp would silently send a POST again when a kept-alive connection drops; a
+        # second attempt is this module's caller's decision (and gets its own record).
+        session._retry_connection = False
+        return session
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            self._http = HttpxAiohttpClient(
+                transport=AiohttpTransport(client=self._session),
+                timeout=httpx.Timeout(self._attempt_timeout, connect=CONNECT_TIMEOUT),
+                follow_redirects=False,
+                trust_env=False,
+            )
+        return self._http
+
+    async def send(
+        self, url: str, secrets_: Sequence[str], event_id: str, body: bytes
+    ) -> AttemptResult:
+        """POST `body` to `url`, signed now; every failure becomes an unsuccessful result."""
+        started = time.perf_counter()
+
+        def elapsed() -> int:
+            return round((time.perf_counter() - started) * 1000)
+
+        try:
+            host = _host(url)
+            literal = _literal_address(host)
+            if literal is not None:
+                # aiohttp connects to an address literal without asking the resolver.
+                check_address(literal, allow_private=self._allow_private)
+            headers = webhook_headers(secrets_, event_id, body, datetime.now(UTC))
+            async with (
+                asyncio.timeout(self._attempt_timeout),
+                self._client().stream("POST", url, content=body, headers=headers) as response,
+            ):
+                excerpt = await _read_excerpt(response)
+        except UnsafeDestination as error:
+            return AttemptResult(False, elapsed(), error=f"refused: {error}")
+        except TimeoutError:
+            return AttemptResult(
+                False, elapsed(), error=f"no answer within {self._attempt_timeout:g} s"
+            )
+        except (httpx.HTTPError, aiohttp.ClientError, OSError) as error:
+            return AttemptResult(False, elapsed(), error=_describe(error))
+        retry_after = None
+        if response.status_code in (429, 503):
+            retry_after = _retry_after(response.headers.get("retry-after"), datetime.now(UTC))
+        return AttemptResult(
+            succeeded=response.is_success,
+            duration_ms=elapsed(),
+            status_code=response.status_code,
+            response_excerpt=excerpt,
+            retry_after=retry_after,
+        )
+
+
+async def _read_excerpt(response: httpx.Response) -> str:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= EXCERPT_LIMIT:
+            break
+    return b"".join(chunks)[:EXCERPT_LIMIT].decode(errors="replace")
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error).strip()
+    name = type(error).__name__
+    return f"{name}: {text}" if text else name
+
+
+# --- Endpoint management ---------------------------------------------------------------------
+
+
+class UnknownEndpoint(LookupError):
+    """No webhook endpoint has this id."""
+
+
+def add_endpoint(
+    session: Session,
+    account: Account,
+    url: str,
+    event_types: Sequence[str] | None,
+    *,
+    secret_key: str,
+    allow_private: bool,
+    resolver: Resolver = system_resolver,
+) -> tuple[WebhookEndpoint, str]:
+    """Register an endpoint after the SSRF check; returns it with its plaintext secret."""
+    check_url(url, allow_private=allow_private, resolver=resolver)
+    secret = new_secret()
+    endpoint = WebhookEndpoint(
+        account_id=account.id,
+        url=url,
+        secret_encrypted=encrypt(secret, secret_key),
+        event_types=list(event_types) if event_types is not None else None,
+    )
+    session.add(endpoint)
+    session.flush()
+    return endpoint, secret
+
+
+def get_endpoint(session: Session, endpoint_id: int) -> WebhookEndpoint:
+    """The endpoint with this id, locked for update; raises UnknownEndpoint."""
+    endpoint = session.scalar(
+        select(WebhookEndpoint).where(WebhookEndpoint.id == endpoint_id).with_for_update()
+    )
+    if endpoint is None:
+        raise UnknownEndpoint(
+            f"no webhook endpoint has id {endpoint_id}; see: shipmon endpoint list"
+        )
+    return endpoint
+
+
+def set_endpoint_enabled(
+    session: Session,
+    endpoint: WebhookEndpoint,
+    enabled: bool,
+    *,
+    now: datetime,
+    reason: str | None = None,
+) -> None:
+    """Enable an endpoint, its held deliveries due at once, or disable it saying why."""
+    endpoint.enabled = enabled
+    endpoint.disabled_reason = None if enabled else reason
+    if enabled:
+        endpoint.failing_since = None
+        session.execute(
+            update(Delivery)
+            .where(Delivery.endpoint_id == endpoint.id, Delivery.state == "pending")
+            .values(next_attempt_at=now)
+        )
+
+
+def rotate_secret(endpoint: WebhookEndpoint, *, secret_key: str, now: datetime) -> str:
+    """Give the endpoint a new secret; the old one keeps signing for ROTATION_OVERLAP."""
+    secret = new_secret()
+    endpoint.previous_secret_encrypted = endpoint.secret_encrypted
+    endpoint.previous_secret_expires_at = now + ROTATION_OVERLAP
+    endpoint.secret_encrypted = encrypt(secret, secret_key)
+    return secret

@@ -67,6 +67,11 @@ class Account(Base):
     daily_quota: Mapped[int | None] = mapped_column(
         Integer, CheckConstraint("daily_quota > 0", name="positive_daily_quota")
     )
+    # Lowered when the carrier says APIKEY_LIMIT before the plan is spent (someone else uses the
+    # key too): what had been spent then, less a margin. The plan never exceeds it.
+    learned_daily_quota: Mapped[int | None] = mapped_column(
+        Integer, CheckConstraint("learned_daily_quota > 0", name="positive_learned_daily_quota")
+    )
     paused_until: Mapped[datetime | None]
     pause_reason: Mapped[str | None] = mapped_column(Text)
     ops_email: Mapped[str | None] = mapped_column(String(320))

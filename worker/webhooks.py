@@ -35,6 +35,7 @@ from sqlalchemy.orm import Session
 from standardwebhooks import Webhook
 
 from worker.crypto import decrypt, encrypt
+from worker.domain import EventType, Status
 from worker.models import Account, Delivery, WebhookEndpoint
 
 __all__ = [
@@ -63,6 +64,7 @@ __all__ = [
     "sign",
     "signing_secrets",
     "system_resolver",
+    "test_event",
     "webhook_headers",
 ]
 
@@ -419,6 +421,25 @@ def _describe(error: BaseException) -> str:
 
 
 # --- Endpoint management ---------------------------------------------------------------------
+
+
+def test_event(now: datetime) -> tuple[str, bytes]:
+    """The id and body of a sample status change, marked `"test": true`, to try an endpoint."""
+    event_id = f"evt_test_{secrets.token_hex(13)}"
+    data = {
+        "test": True,
+        "order_code": "TEST0000001",
+        "previous_status": _status(Status.IN_TRANSIT),
+        "new_status": _status(Status.DELIVERING),
+        "event_time": now.isoformat(),
+        "seen_at": now.isoformat(),
+        "sequence": 1,
+    }
+    return event_id, event_body(event_id, EventType.STATUS_CHANGED, now, data)
+
+
+def _status(status: Status) -> dict[str, Any]:
+    return {"name": status.value, "carrier_id": status.carrier_id, "code": status.code}
 
 
 class UnknownEndpoint(LookupError):

@@ -6,6 +6,7 @@ import typer
 
 from worker.cli.accounts import account_app, db_app
 from worker.cli.intake import track
+from worker.cli.notifications import email_app, endpoint_app, webhooks_app
 
 app = typer.Typer(
     name="shipmon",
@@ -16,6 +17,9 @@ app = typer.Typer(
 app.add_typer(db_app, name="db")
 app.add_typer(account_app, name="account")
 app.command()(track)
+app.add_typer(endpoint_app, name="endpoint")
+app.add_typer(email_app, name="email")
+app.add_typer(webhooks_app, name="webhooks")
 
 
 def main() -> None:

@@ -20,9 +20,12 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import aiohttp
+
+from worker.workload import Carrier, default_workload, generate_orders
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACKING_PATH = "/api/Order/v1/Tracking"
@@ -143,6 +146,29 @@ async def hammer(
     return sum(outcomes.values()) / elapsed, outcomes
 
 
+def engine_costs(count: int) -> None:
+    """CPU cost of the in-process engine: drawing lifecycles, then first and cached bodies."""
+    world = Carrier(default_workload(), seed=1)
+    world.add_account("bench", APIKEY)
+    start = datetime(2026, 3, 2, tzinfo=world.workload.zone)
+    arrivals = list(generate_orders(world.workload, start, orders_per_day=count, days=1))
+    later = start + timedelta(days=4)
+    began = time.process_time()
+    for at, _, code in arrivals:
+        world.add_order(APIKEY, code, at)
+    created = time.process_time()
+    for _, _, code in arrivals:
+        world.tracking_body(code, later)
+    built = time.process_time()
+    for _, _, code in arrivals:
+        world.tracking_body(code, later)
+    cached = time.process_time()
+    per = 1e6 / len(arrivals)
+    print(f"engine, {len(arrivals)} orders (CPU µs per order): draw lifecycle "
+          f"{(created - began) * per:.0f}, first body {(built - created) * per:.0f}, "
+          f"cached body {(cached - built) * per:.1f}")  # fmt: skip
+
+
 async def main(orders: int, seconds: float, inflight: int) -> None:
     cores = sorted(os.sched_getaffinity(0))
     server_core = cores[0] if len(cores) > 1 else None
@@ -151,6 +177,7 @@ async def main(orders: int, seconds: float, inflight: int) -> None:
     print(f"servers pinned to core {server_core}; client: aiohttp {aiohttp.__version__}, "
           f"{inflight} in flight, {seconds:g} s per run")  # fmt: skip
 
+    engine_costs(orders * 4)
     with server(SANDBOX, server_core) as process:
         base_url = server_url(process)
         started = time.monotonic()

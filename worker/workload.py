@@ -738,9 +738,6 @@ class Carrier:
         self._draw_rest(order)
         return target
 
-    def has_order(self, order_code: str) -> bool:
-        return order_code in self._orders
-
     @property
     def order_count(self) -> int:
         return len(self._orders)
@@ -833,10 +830,6 @@ class Carrier:
         if day != self._day:
             return Usage(day=day, total=0, per_key={})
         return Usage(day=day, total=self._day_total, per_key=dict(self._day_per_key))
-
-    def local_day(self, at: datetime) -> date:
-        """The carrier day (in the workload's time zone) that `at` falls in."""
-        return datetime.fromtimestamp(_epoch(at), self._zone).date()
 
     # -- drawing lifecycles --
 

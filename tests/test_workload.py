@@ -472,3 +472,12 @@ def test_generated_orders_start_at_the_start_time(workload: Workload) -> None:
     assert arrivals
     assert all(noon <= at < noon + timedelta(hours=12) for at, _, _ in arrivals)
     assert len(arrivals) < 1000
+
+
+def test_a_refused_advance_leaves_the_order_as_it_was(workload: Workload) -> None:
+    carrier = make_carrier(workload)
+    carrier.add_order(KEY, "KEEP00001", T0, status=Status.IN_TRANSIT)
+    before = carrier.transitions("KEEP00001")
+    with pytest.raises(ValueError, match="unknown status"):
+        carrier.advance("KEEP00001", T0 + timedelta(minutes=1), to="SHIPPED")
+    assert carrier.transitions("KEEP00001") == before

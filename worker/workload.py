@@ -723,17 +723,18 @@ class Carrier:
         """
         order = self._order(order_code)
         ts = _epoch(at)
-        self._truncate(order, ts)
         target = _status(to) if to is not None else None
+        seen = bisect.bisect_right(order.entry_times, ts)
         if target is None:
-            if not order.entries:
+            if not seen:
                 target = self.workload.initial
             else:
-                current = order.entries[-1].status
+                current = order.entries[seen - 1].status
                 rule = self.workload.statuses.get(current)
                 if rule is None:
                     raise ConflictError(f"order {order_code} is {current}: it cannot move on")
                 target = _pick(order.rng, rule.next)
+        self._truncate(order, ts)
         self._enter(order, ts, target, delay_code, given_delay=delay_code is not None)
         self._draw_rest(order)
         return target

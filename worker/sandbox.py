@@ -156,7 +156,8 @@ def create_app(
     `faults` defaults to the world's workload faults; `seed` fixes which requests they hit.
     """
     app = web.Application()
-    injector = FaultInjector(faults or world.workload.faults, random.Random(f"faults:{seed}"))
+    chosen = faults if faults is not None else world.workload.faults
+    injector = FaultInjector(chosen, random.Random(f"faults:{seed}"))
     app[_STATE] = _State(world=world, clock=clock, faults=injector)
     app.router.add_get(TRACKING_PATH, _track)
     app.router.add_post("/_sandbox/accounts", _add_account)
@@ -255,7 +256,7 @@ def _error(status: int, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status)
 
 
-async def _body(request: web.Request, model: type[_M], empty_ok: bool = False) -> _M:
+async def _parse_body(request: web.Request, model: type[_M], empty_ok: bool = False) -> _M:
     """The request's JSON body as `model`, or a 422 answer raised as an exception."""
     raw = await request.read()
     if not raw.strip() and empty_ok:
@@ -303,7 +304,7 @@ def _truth_json(truth: OrderTruth) -> dict[str, Any]:
 
 async def _add_account(request: web.Request) -> web.Response:
     state = request.app[_STATE]
-    data = await _body(request, _AccountIn)
+    data = await _parse_body(request, _AccountIn)
     try:
         account = state.world.add_account(data.name, data.apikey, data.daily_quota)
     except ConflictError as exc:
@@ -316,7 +317,7 @@ async def _add_account(request: web.Request) -> web.Response:
 
 async def _add_order(request: web.Request) -> web.Response:
     state = request.app[_STATE]
-    data = await _body(request, _OrderIn)
+    data = await _parse_body(request, _OrderIn)
     now = state.clock.now()
     try:
         state.world.add_order(
@@ -335,7 +336,7 @@ async def _add_order(request: web.Request) -> web.Response:
 async def _advance(request: web.Request) -> web.Response:
     state = request.app[_STATE]
     code = request.match_info["code"]
-    data = await _body(request, _AdvanceIn, empty_ok=True)
+    data = await _parse_body(request, _AdvanceIn, empty_ok=True)
     now = state.clock.now()
     try:
         state.world.advance(code, now, to=_status_arg(data.to), delay_code=data.delay_code)
@@ -379,7 +380,7 @@ async def _stats(request: web.Request) -> web.Response:
 
 async def _set_faults(request: web.Request) -> web.Response:
     state = request.app[_STATE]
-    state.faults.faults = await _body(request, Faults)
+    state.faults.faults = await _parse_body(request, Faults)
     return web.json_response(state.faults.faults.model_dump(mode="json"))
 
 

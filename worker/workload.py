@@ -618,8 +618,9 @@ def _utc(ts: float) -> datetime:
 
 
 def _whole_microseconds(ts: float) -> float:
-    """`ts` rounded as a datetime holds it, so times handed out and back compare exactly."""
-    return datetime.fromtimestamp(ts, UTC).timestamp()
+    """`ts` rounded to the microsecond a datetime holds, so times handed out and back compare
+    exactly (datetime.fromtimestamp(result).timestamp() == result)."""
+    return round(ts * 1_000_000) / 1_000_000
 
 
 class Carrier:

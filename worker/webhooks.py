@@ -60,11 +60,11 @@ __all__ = [
     "new_secret",
     "retry_delay",
     "rotate_secret",
+    "sample_event",
     "set_endpoint_enabled",
     "sign",
     "signing_secrets",
     "system_resolver",
-    "test_event",
     "webhook_headers",
 ]
 
@@ -423,7 +423,7 @@ def _describe(error: BaseException) -> str:
 # --- Endpoint management ---------------------------------------------------------------------
 
 
-def test_event(now: datetime) -> tuple[str, bytes]:
+def sample_event(now: datetime) -> tuple[str, bytes]:
     """The id and body of a sample status change, marked `"test": true`, to try an endpoint."""
     event_id = f"evt_test_{secrets.token_hex(13)}"
     data = {

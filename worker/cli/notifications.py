@@ -32,9 +32,9 @@ from worker.webhooks import (
     add_endpoint,
     get_endpoint,
     rotate_secret,
+    sample_event,
     set_endpoint_enabled,
     signing_secrets,
-    test_event,
 )
 
 endpoint_app = typer.Typer(help="Manage webhook endpoints.", no_args_is_help=True)
@@ -197,7 +197,7 @@ def endpoint_test(
     with session() as s:
         endpoint = _endpoint(s, endpoint_id)
         url, secrets = endpoint.url, signing_secrets(endpoint, secret_key, now)
-    event_id, body = test_event(now)
+    event_id, body = sample_event(now)
 
     async def send() -> Any:
         async with WebhookSender(allow_private=allow_private) as sender:

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from worker.config import Settings
 from worker.crypto import encrypt
-from worker.db import upgrade
+from worker.db import dispose_engines, upgrade
 from worker.embedded import EmbeddedServers
 from worker.models import Account
 
@@ -105,9 +105,7 @@ def servers() -> Iterator[RunServers]:
     try:
         yield RunServers(test_db, test_redis, TEST_SECRET_KEY)
     finally:
-        from worker.db import get_engine
-
-        get_engine.cache_clear()
+        dispose_engines()
         claim.flushdb()
         claim.close()
         with psycopg.connect(admin_url, autocommit=True) as conn:

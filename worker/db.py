@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
 from pathlib import Path
 
 from alembic import command
@@ -15,16 +14,26 @@ from sqlalchemy.orm import Session, sessionmaker
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
 
-@lru_cache(maxsize=8)
+_engines: dict[str, Engine] = {}
+
+
 def get_engine(url: str) -> Engine:
     """One pooled engine per database URL and process."""
-    return create_engine(
-        url,
-        pool_pre_ping=True,  # a restarted PostgreSQL must not fail the next task
-        pool_size=5,
-        max_overflow=10,
-        connect_args={"connect_timeout": 10},
-    )
+    if url not in _engines:
+        _engines[url] = create_engine(
+            url,
+            pool_pre_ping=True,  # a restarted PostgreSQL must not fail the next task
+            pool_size=5,
+            max_overflow=10,
+            connect_args={"connect_timeout": 10},
+        )
+    return _engines[url]
+
+
+def dispose_engines() -> None:
+    """Close every pooled connection of this process."""
+    while _engines:
+        _engines.popitem()[1].dispose()
 
 
 def session_factory(url: str) -> sessionmaker[Session]:

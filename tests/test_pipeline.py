@@ -1,0 +1,369 @@
+"""The polling pipeline in-process: dispatch, poll the sandbox carrier, apply, outbox events."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from tests.conftest import RunServers
+from worker.apply import PollContext, apply_outcome
+from worker.carrier import CarrierClient, parse_tracking
+from worker.crypto import encrypt
+from worker.db import session_factory
+from worker.dispatch import Claim, dispatch
+from worker.domain import EventType, Status
+from worker.learning import PlanCache
+from worker.models import Account, OutboxEvent, Shipment, StatusEvent
+from worker.poller import BatchReport, poll_claim
+from worker.sandbox import ManualClock, SandboxHandle, running_sandbox
+from worker.scheduler import LearnedModel
+from worker.workload import Faults
+
+START = datetime(2026, 11, 23, 2, 0, tzinfo=UTC)  # 09:00 in Ho Chi Minh City
+
+
+@pytest.fixture
+def sessions(servers: RunServers) -> sessionmaker[Session]:
+    return session_factory(servers.database_url)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(START)
+
+
+@pytest.fixture
+def sandbox(clock: ManualClock) -> Iterator[SandboxHandle]:
+    with running_sandbox(clock=clock, faults=Faults(), seed=7) as handle:
+        yield handle
+
+
+@pytest.fixture
+def account(sessions: sessionmaker[Session], sandbox: SandboxHandle) -> Iterator[Account]:
+    """A committed account known to the sandbox carrier; deleted with its shipments after."""
+    api_key = f"KEY-{secrets.token_hex(6)}"
+    sandbox.add_account(f"carrier-{api_key}", api_key)
+    with sessions.begin() as s:
+        acc = Account(
+            name=f"pipe-{secrets.token_hex(4)}",
+            api_key_encrypted=encrypt(api_key, "test-secret-key-0123456789-abcdefghijklmnop"),
+            api_key_hint=api_key[-4:],
+        )
+        s.add(acc)
+    acc.api_key = api_key  # type: ignore[attr-defined]
+    yield acc
+    with sessions.begin() as s:
+        s.execute(delete(Account).where(Account.id == acc.id))
+
+
+class Pipeline:
+    """Dispatch and poll one account's due shipments, on the sandbox's clock."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        sandbox: SandboxHandle,
+        clock: ManualClock,
+        account: Account,
+        servers: RunServers,
+    ) -> None:
+        self.sessions, self.sandbox, self.clock = sessions, sandbox, clock
+        self.account, self.secret = account, servers.secret_key
+        self.plans = PlanCache("Asia/Ho_Chi_Minh")
+        self.paused: list[str] = []
+
+    def register(self, *codes: str) -> None:
+        with self.sessions.begin() as s:
+            for code in codes:
+                s.add(
+                    Shipment(
+                        account_id=self.account.id,
+                        order_code=code,
+                        registered_at=self.clock.now(),
+                        next_poll_at=self.clock.now(),
+                    )
+                )
+
+    def claims(self) -> list[Claim]:
+        with self.sessions.begin() as s:
+            found = dispatch(
+                s,
+                self.clock.now(),
+                daily_quota=lambda a: 10**6,
+                grant=lambda s, a, wanted, q: wanted,
+                refund=lambda s, a, n: None,
+            )
+        return [c for c in found if c.account_id == self.account.id]
+
+    def poll(self, claim: Claim) -> BatchReport:
+        async def run() -> BatchReport:
+            async with CarrierClient(self.sandbox.base_url, timeout=5) as client:
+                return await poll_claim(
+                    self.sessions,
+                    client,
+                    claim,
+                    secret_key=self.secret,
+                    plans=self.plans,
+                    max_interval=timedelta(hours=24),
+                    concurrency=8,
+                    pause_for_limit=lambda s, a, now: self.paused.append(a.name),
+                    clock=self.clock.now,
+                )
+
+        return asyncio.run(run())
+
+    def poll_due(self) -> list[BatchReport]:
+        return [self.poll(c) for c in self.claims()]
+
+    def shipment(self, code: str) -> Shipment:
+        with self.sessions.begin() as s:
+            found = s.scalar(
+                select(Shipment).where(
+                    Shipment.account_id == self.account.id, Shipment.order_code == code
+                )
+            )
+            assert found is not None
+            return found
+
+    def events(self, code: str) -> list[OutboxEvent]:
+        shipment = self.shipment(code)
+        with self.sessions.begin() as s:
+            return list(
+                s.scalars(
+                    select(OutboxEvent)
+                    .where(OutboxEvent.shipment_id == shipment.id)
+                    .order_by(OutboxEvent.sequence)
+                )
+            )
+
+    def wait_until_due(self, code: str) -> None:
+        self.clock.set(max(self.clock.now(), self.shipment(code).next_poll_at))
+
+
+@pytest.fixture
+def pipe(
+    sessions: sessionmaker[Session],
+    sandbox: SandboxHandle,
+    clock: ManualClock,
+    account: Account,
+    servers: RunServers,
+) -> Pipeline:
+    return Pipeline(sessions, sandbox, clock, account, servers)
+
+
+def _status_changes(events: list[OutboxEvent]) -> list[tuple[str | None, str]]:
+    return [
+        ((e.data["previous_status"] or {}).get("name"), e.data["status"]["name"])
+        for e in events
+        if e.type == EventType.STATUS_CHANGED
+    ]
+
+
+def test_a_new_order_is_polled_at_once_and_its_status_announced(pipe: Pipeline) -> None:
+    pipe.sandbox.add_order(pipe.account.api_key, "SHOP00001", status="ACCEPTED")  # type: ignore[attr-defined]
+    pipe.register("SHOP00001")
+    reports = pipe.poll_due()
+    assert [r.polled for r in reports] == [1]
+    shipment = pipe.shipment("SHOP00001")
+    assert (shipment.status, shipment.status_id, shipment.status_code) == (
+        "ACCEPTED",
+        21,
+        "DATIEPNHAN",
+    )
+    assert shipment.next_poll_at > pipe.clock.now()
+    events = pipe.events("SHOP00001")
+    assert _status_changes(events) == [(None, "ACCEPTED")]
+    data = events[0].data
+    assert data["order_code"] == "SHOP00001"
+    assert data["account"] == pipe.account.name
+    assert data["sequence"] == 1
+    assert data["status"]["id"] == 21
+    assert data["event_time"] is not None
+    assert data["seen_at"] == START.isoformat()
+
+
+def test_several_transitions_caught_by_one_poll_each_get_one_event(pipe: Pipeline) -> None:
+    key = pipe.account.api_key  # type: ignore[attr-defined]
+    pipe.sandbox.add_order(key, "SHOP00002", status="ACCEPTED")
+    pipe.register("SHOP00002")
+    pipe.poll_due()
+    for target in ("PICKED_UP", "IN_TRANSIT", "DELIVERING"):
+        pipe.clock.advance(timedelta(minutes=5))
+        pipe.sandbox.advance("SHOP00002", to=target)
+    pipe.wait_until_due("SHOP00002")
+    pipe.poll_due()
+    events = pipe.events("SHOP00002")
+    assert _status_changes(events) == [
+        (None, "ACCEPTED"),
+        ("ACCEPTED", "PICKED_UP"),
+        ("PICKED_UP", "IN_TRANSIT"),
+        ("IN_TRANSIT", "DELIVERING"),
+    ]
+    assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+    # Polling again re-sees the same history: no transition is announced a second time.
+    pipe.wait_until_due("SHOP00002")
+    pipe.poll_due()
+    truth = [t["status"] for t in pipe.sandbox.order("SHOP00002")["history"]]
+    assert _status_changes(pipe.events("SHOP00002")) == list(
+        zip([None, *truth], truth, strict=False)
+    )
+    with pipe.sessions.begin() as s:
+        history = s.scalars(
+            select(StatusEvent.status)
+            .join(Shipment)
+            .where(Shipment.order_code == "SHOP00002")
+            .order_by(StatusEvent.occurred_at)
+        ).all()
+    assert list(history) == truth
+
+
+def test_a_terminal_status_gets_one_settle_poll_then_polling_stops(pipe: Pipeline) -> None:
+    key = pipe.account.api_key  # type: ignore[attr-defined]
+    pipe.sandbox.add_order(key, "SHOP00003", status="DELIVERING")
+    pipe.register("SHOP00003")
+    pipe.poll_due()
+    pipe.clock.advance(timedelta(minutes=30))
+    pipe.sandbox.advance("SHOP00003", to="DELIVERED")
+    pipe.wait_until_due("SHOP00003")
+    pipe.poll_due()
+    shipment = pipe.shipment("SHOP00003")
+    assert shipment.status == Status.DELIVERED
+    assert shipment.terminal_at is not None
+    assert shipment.active  # the settle poll is still to come
+    pipe.wait_until_due("SHOP00003")
+    pipe.poll_due()
+    shipment = pipe.shipment("SHOP00003")
+    assert not shipment.active
+    assert shipment.polls_made == 3
+    pipe.clock.advance(timedelta(days=2))
+    assert pipe.claims() == []
+
+
+def test_an_order_unknown_to_the_carrier_is_retried_then_given_up(pipe: Pipeline) -> None:
+    pipe.register("NEVERSEEN1")
+    pipe.poll_due()
+    shipment = pipe.shipment("NEVERSEEN1")
+    assert shipment.active
+    assert shipment.last_error_code == "ORDERCODE_NOT_FOUND"
+    assert shipment.next_poll_at > pipe.clock.now()
+    pipe.clock.advance(timedelta(days=3, minutes=1))
+    pipe.poll_due()
+    shipment = pipe.shipment("NEVERSEEN1")
+    assert not shipment.active
+    assert [e.type for e in pipe.events("NEVERSEEN1")] == [EventType.NOT_FOUND]
+
+
+def test_an_order_of_another_account_stops_polling(pipe: Pipeline) -> None:
+    pipe.sandbox.add_account("someone-else", "OTHER-KEY-1")
+    pipe.sandbox.add_order("OTHER-KEY-1", "THEIRS0001", status="ACCEPTED")
+    pipe.register("THEIRS0001")
+    pipe.poll_due()
+    shipment = pipe.shipment("THEIRS0001")
+    assert not shipment.active
+    events = pipe.events("THEIRS0001")
+    assert [e.type for e in events] == [EventType.POLLING_STOPPED]
+    assert events[0].data["reason"] == "ORDERCODE_DOES_NOT_BELONG_TO_YOUR_ACCOUNT"
+
+
+def test_a_key_the_carrier_does_not_know_pauses_the_account(
+    pipe: Pipeline, sessions: sessionmaker[Session]
+) -> None:
+    with sessions.begin() as s:
+        acc = s.get(Account, pipe.account.id)
+        assert acc is not None
+        acc.api_key_encrypted = encrypt("NO-SUCH-KEY", pipe.secret)
+    pipe.register("SHOP00004")
+    reports = pipe.poll_due()
+    assert reports[0].paused == "ApiKeyNotFound"
+    with sessions.begin() as s:
+        acc = s.get(Account, pipe.account.id)
+        assert acc is not None
+        assert acc.paused_until is not None
+        assert "refused the API key" in (acc.pause_reason or "")
+    assert pipe.shipment("SHOP00004").active
+    assert pipe.claims() == []  # paused accounts are not dispatched
+
+
+def test_carrier_faults_back_off_without_losing_the_shipment(pipe: Pipeline) -> None:
+    pipe.sandbox.add_order(pipe.account.api_key, "SHOP00005", status="ACCEPTED")  # type: ignore[attr-defined]
+    pipe.register("SHOP00005")
+    pipe.sandbox.set_faults({"http_500": 1.0})
+    pipe.poll_due()
+    first = pipe.shipment("SHOP00005")
+    assert first.consecutive_errors == 1
+    assert first.status is None
+    backoff_1 = first.next_poll_at - pipe.clock.now()
+    pipe.wait_until_due("SHOP00005")
+    pipe.poll_due()
+    second = pipe.shipment("SHOP00005")
+    assert second.consecutive_errors == 2
+    assert second.next_poll_at - pipe.clock.now() > backoff_1
+    pipe.sandbox.set_faults({})
+    pipe.wait_until_due("SHOP00005")
+    pipe.poll_due()
+    healed = pipe.shipment("SHOP00005")
+    assert (healed.status, healed.consecutive_errors) == ("ACCEPTED", 0)
+
+
+def test_a_delay_code_is_announced_with_its_reason(pipe: Pipeline) -> None:
+    key = pipe.account.api_key  # type: ignore[attr-defined]
+    pipe.sandbox.add_order(key, "SHOP00006", status="DELIVERING")
+    pipe.register("SHOP00006")
+    pipe.poll_due()
+    pipe.clock.advance(timedelta(hours=1))
+    pipe.sandbox.advance("SHOP00006", to="PENDING_FOR_PROCEED", delay_code=12)
+    pipe.wait_until_due("SHOP00006")
+    pipe.poll_due()
+    delayed = [e for e in pipe.events("SHOP00006") if e.type == EventType.DELAYED]
+    assert len(delayed) == 1
+    assert delayed[0].data["delay"]["code"] == 12
+    assert "does not answer the phone" in delayed[0].data["delay"]["reason"]
+
+
+def test_claims_are_leased_so_a_second_dispatcher_or_a_redelivery_polls_nothing(
+    pipe: Pipeline,
+) -> None:
+    pipe.sandbox.add_order(pipe.account.api_key, "SHOP00007", status="ACCEPTED")  # type: ignore[attr-defined]
+    pipe.register("SHOP00007")
+    first = pipe.claims()
+    assert pipe.claims() == []  # a duplicate beat finds the shipment leased
+    assert pipe.poll(first[0]).polled == 1
+    again = pipe.poll(first[0])  # the same task delivered twice
+    assert (again.polled, again.skipped) == (0, 1)
+    assert _status_changes(pipe.events("SHOP00007")) == [(None, "ACCEPTED")]
+
+
+def test_a_stale_answer_never_moves_a_shipment_back(
+    pipe: Pipeline, sessions: sessionmaker[Session]
+) -> None:
+    key = pipe.account.api_key  # type: ignore[attr-defined]
+    pipe.sandbox.add_order(key, "SHOP00008", status="IN_TRANSIT")
+    old_body = pipe.sandbox.world.tracking_body("SHOP00008", pipe.clock.now())
+    pipe.register("SHOP00008")
+    pipe.clock.advance(timedelta(minutes=10))
+    pipe.sandbox.advance("SHOP00008", to="DELIVERING")
+    pipe.poll_due()
+    assert pipe.shipment("SHOP00008").status == "DELIVERING"
+    import json
+
+    stale = parse_tracking(json.dumps(old_body).encode(), "SHOP00008")
+    with sessions.begin() as s:
+        shipment = s.scalar(
+            select(Shipment).where(
+                Shipment.order_code == "SHOP00008", Shipment.account_id == pipe.account.id
+            )
+        )
+        acc = s.get(Account, pipe.account.id)
+        assert shipment is not None and acc is not None
+        ctx = PollContext(
+            pipe.clock.now(), LearnedModel("Asia/Ho_Chi_Minh"), 1800.0, timedelta(hours=24)
+        )
+        applied = apply_outcome(s, shipment, acc, stale, ctx)
+        assert applied.events == []
+        assert shipment.status == "DELIVERING"

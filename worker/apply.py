@@ -1,0 +1,475 @@
+"""Applying a poll's outcome to a shipment: state, history, transitions, outbox events.
+
+Everything here runs inside the caller's transaction, so a shipment's new state, its new
+history rows and the outbox events describing the change commit together or not at all.
+Re-applying the same answer changes nothing; an answer older than what is already recorded
+never moves a shipment backwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from worker.carrier import (
+    ApiKeyLimit,
+    ApiKeyNotFound,
+    CarrierError,
+    CarrierErrorCode,
+    MissingApiKey,
+    OrderCodeNotFound,
+    StatusEntry,
+    TrackingEntry,
+    TrackingResult,
+)
+from worker.domain import EventType, Status, delay_reason, parse_status
+from worker.models import Account, OutboxEvent, Shipment, StatusEvent, TrackingEvent
+from worker.scheduler import LearnedModel, ShipmentState, next_poll_at
+
+log = logging.getLogger(__name__)
+
+# How long a new order may stay unknown to the carrier before polling stops.
+NOT_FOUND_GRACE = timedelta(days=3)
+# After a terminal status, one more poll picks up a late delivery photo or final fees.
+SETTLE_DELAY = timedelta(hours=2)
+# Backoff for failures that say nothing about the shipment (carrier errors, timeouts, 5xx).
+ERROR_BACKOFF_BASE = timedelta(seconds=30)
+ERROR_BACKOFF_CAP = timedelta(hours=1)
+# An account whose key the carrier does not know stays paused until someone fixes it.
+PAUSED_UNTIL_FIXED = datetime(9999, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class PollContext:
+    """What applying a result needs besides the result: the clock and the scheduler's view."""
+
+    now: datetime
+    model: LearnedModel
+    price: float
+    max_interval: timedelta
+
+
+@dataclass
+class Applied:
+    """What one applied poll produced."""
+
+    events: list[OutboxEvent]
+    pause: type[CarrierErrorCode] | None = None
+
+
+def new_event_id() -> str:
+    """A sortable unique id: 48 bits of milliseconds, then 80 random bits."""
+    return f"evt_{int(time.time() * 1000):012x}{os.urandom(10).hex()}"
+
+
+def _status_view(status: str | None, status_id: int | None, code: str | None) -> dict[str, Any]:
+    return {"name": status, "id": status_id, "code": code}
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.astimezone(UTC).isoformat() if moment is not None else None
+
+
+class _Recorder:
+    """Writes the outbox events of one shipment, numbering them in sequence."""
+
+    def __init__(self, session: Session, shipment: Shipment, account: Account, now: datetime):
+        self.session = session
+        self.shipment = shipment
+        self.account = account
+        self.now = now
+        self.events: list[OutboxEvent] = []
+
+    def emit(self, type_: EventType, event_time: datetime | None, **data: Any) -> None:
+        s = self.shipment
+        s.last_sequence += 1
+        delay = (
+            {"code": s.delay_code, "reason": s.delay_reason, "note": s.delay_note}
+            if s.delay_code is not None
+            else None
+        )
+        payload = {
+            "order_code": s.order_code,
+            "account": self.account.name,
+            "sequence": s.last_sequence,
+            "previous_status": None,
+            "status": _status_view(s.status, s.status_id, s.status_code)
+            | {"tracking_name": s.tracking_name},
+            "event_time": _iso(event_time),
+            "seen_at": _iso(self.now),
+            "delay": delay,
+        } | data
+        event = OutboxEvent(
+            event_id=new_event_id(),
+            account_id=s.account_id,
+            shipment_id=s.id,
+            type=type_.value,
+            sequence=s.last_sequence,
+            data=payload,
+            created_at=self.now,
+        )
+        self.session.add(event)
+        self.events.append(event)
+
+
+def apply_outcome(
+    session: Session,
+    shipment: Shipment,
+    account: Account,
+    outcome: TrackingResult | CarrierError,
+    ctx: PollContext,
+) -> Applied:
+    """Apply one poll's answer (or failure) to a locked shipment row."""
+    shipment.polls_made += 1
+    shipment.last_polled_at = ctx.now
+    recorder = _Recorder(session, shipment, account, ctx.now)
+    if isinstance(outcome, TrackingResult):
+        _apply_result(session, shipment, outcome, recorder, ctx)
+        return Applied(recorder.events)
+    return _apply_failure(shipment, outcome, recorder, ctx)
+
+
+# -- a tracking result -----------------------------------------------------------------------
+
+
+def _apply_result(
+    session: Session,
+    shipment: Shipment,
+    result: TrackingResult,
+    recorder: _Recorder,
+    ctx: PollContext,
+) -> None:
+    shipment.consecutive_errors = 0
+    shipment.last_error_code = None
+    if shipment.found_at is None:
+        shipment.found_at = ctx.now
+
+    new_statuses = _record_statuses(session, shipment, result.statuses)
+    new_scans = _record_scans(session, shipment, result.trackings)
+
+    # Where the carrier's event times say the shipment is now. An answer whose newest status is
+    # older than the one recorded is stale (a lagging replica, a reordered response): its
+    # history is kept, but it does not move the shipment back.
+    recorded_at = shipment.status_changed_at
+    latest = _latest_status(result)
+    stale = (
+        latest is not None
+        and latest.time is not None
+        and recorded_at is not None
+        and latest.time < recorded_at
+    )
+    previous = _status_view(shipment.status, shipment.status_id, shipment.status_code)
+    previous_delay = (shipment.delay_code, shipment.delay_note)
+    if not stale:
+        _copy_fields(shipment, result)
+
+    # One status_changed event per transition, in the carrier's order. History from before
+    # the recorded status is kept but announces nothing: it happened before what was told.
+    for entry in new_statuses:
+        if recorded_at is not None and entry.time is not None and entry.time <= recorded_at:
+            continue
+        current = _status_view(*_status_triplet(entry.status, entry.status_raw, entry.status_name))
+        if current["name"] != previous["name"]:
+            _emit_transition(
+                recorder, previous, current | {"tracking_name": entry.tracking_name}, entry.time
+            )
+            previous = current
+    if not stale and shipment.status is not None and shipment.status != previous["name"]:
+        # The top-level status moved without a history row to show it.
+        current = _status_view(shipment.status, shipment.status_id, shipment.status_code)
+        _emit_transition(
+            recorder, previous, current | {"tracking_name": shipment.tracking_name},
+            shipment.status_changed_at,
+        )  # fmt: skip
+
+    delay = (shipment.delay_code, shipment.delay_note)
+    if not stale and shipment.delay_code is not None and delay != previous_delay:
+        recorder.emit(EventType.DELAYED, shipment.status_changed_at)
+
+    for scan in new_scans:
+        recorder.emit(EventType.TRACKING_EVENT, scan.occurred_at, scan=_scan_view(scan))
+
+    if shipment.status is not None and parse_status(shipment.status) is None:
+        log.warning(
+            "unknown carrier status %r for order %s; recorded as-is",
+            shipment.status,
+            shipment.order_code,
+        )
+    _schedule_after_result(shipment, ctx)
+
+
+def _emit_transition(
+    recorder: _Recorder,
+    previous: dict[str, Any],
+    current: dict[str, Any],
+    at: datetime | None,
+) -> None:
+    recorder.emit(
+        EventType.STATUS_CHANGED,
+        at,
+        previous_status=previous if previous["name"] is not None else None,
+        status=current,
+    )
+
+
+def _scan_view(scan: TrackingEvent) -> dict[str, Any]:
+    return {
+        "status_id": scan.status_id,
+        "status_name": scan.status_name,
+        "post_office_id": scan.post_office_id,
+        "post_office_name": scan.post_office_name,
+        "province_id": scan.province_id,
+        "province_name": scan.province_name,
+        "time": _iso(scan.occurred_at),
+        "notes": scan.notes,
+    }
+
+
+def _status_triplet(
+    status: Status | None, raw: str | None, code: str | None
+) -> tuple[str | None, int | None, str | None]:
+    """(name, carrier ID, code) for a status; unknown ones keep the carrier's raw words."""
+    if status is not None:
+        return status.value, status.carrier_id, status.code
+    return (raw or code), _int_or_none(raw), code
+
+
+def _latest_status(result: TrackingResult) -> StatusEntry | None:
+    dated = [e for e in result.statuses if e.time is not None]
+    return max(dated, key=lambda e: e.time or datetime.min.replace(tzinfo=UTC), default=None)
+
+
+def _copy_fields(shipment: Shipment, result: TrackingResult) -> None:
+    name, status_id, code = _status_triplet(result.status, result.status_raw, result.status_name)
+    latest = _latest_status(result)
+    if name is not None and name != shipment.status:
+        shipment.status_changed_at = (
+            latest.time if latest is not None and latest.time is not None else None
+        ) or shipment.last_polled_at
+    shipment.status, shipment.status_id, shipment.status_code = name, status_id, code
+    shipment.tracking_name = result.tracking_name
+    shipment.delay_code = result.delay_code
+    shipment.delay_reason = delay_reason(result.delay_code)
+    shipment.delay_note = result.delay_note
+    shipment.delivery_notes = result.delivery_notes
+    shipment.delivery_date = result.delivery_date
+    shipment.receiver_name = result.receiver_name
+    shipment.mailer_type = result.mailer_type
+    for name_ in ("length", "width", "height", "real_weight", "cal_weight", "weight"):
+        value = getattr(result, name_)
+        setattr(shipment, name_, Decimal(str(value)) if value is not None else None)
+    shipment.quantity = result.quantity
+    for name_ in (
+        "price",
+        "price_fr",
+        "far_region_fee_amount",
+        "fuel_fee_amount",
+        "vat_amount",
+        "total_service_cost",
+    ):
+        setattr(shipment, name_, getattr(result, name_))
+    shipment.price_info = [
+        {"service_name": p.service_name, "service_id": p.service_id, "cost": str(p.cost)}
+        for p in result.price_info
+    ]
+    shipment.estimate_routes = _jsonable(result.estimate_routes)
+    shipment.confirm_images = list(result.confirm_images)
+    shipment.accept_date = result.accept_date
+    shipment.external_code = result.external_code
+    raw = _jsonable(dict(result.raw))
+    shipment.last_payload = raw
+    shipment.payload_hash = hashlib.sha256(
+        json.dumps(raw, sort_keys=True, ensure_ascii=False).encode()
+    ).hexdigest()
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str)) if value is not None else None
+
+
+def _record_statuses(
+    session: Session, shipment: Shipment, entries: Sequence[StatusEntry]
+) -> list[StatusEntry]:
+    """Insert the history rows not seen before; return those entries, oldest first."""
+    rows = []
+    for entry in entries:
+        if entry.time is None:
+            continue
+        name, status_id, code = _status_triplet(entry.status, entry.status_raw, entry.status_name)
+        if name is None:
+            continue
+        rows.append(
+            {
+                "shipment_id": shipment.id,
+                "status": name,
+                "status_id": status_id,
+                "status_code": code,
+                "tracking_name": entry.tracking_name,
+                "occurred_at": entry.time,
+            }
+        )
+    if not rows:
+        return []
+    inserted = {
+        (row.occurred_at, row.status)
+        for row in session.execute(
+            insert(StatusEvent)
+            .values(rows)
+            .on_conflict_do_nothing(index_elements=["shipment_id", "occurred_at", "status"])
+            .returning(StatusEvent.occurred_at, StatusEvent.status)
+        )
+    }
+    fresh = [
+        e
+        for e in entries
+        if e.time is not None
+        and (e.time, _status_triplet(e.status, e.status_raw, e.status_name)[0]) in inserted
+    ]
+    return sorted(fresh, key=lambda e: e.time or datetime.min.replace(tzinfo=UTC))
+
+
+def _int_or_none(value: str | None) -> int | None:
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def scan_fingerprint(scan: TrackingEntry) -> str:
+    """A scan's natural key: a digest of every field the carrier sends for it."""
+    parts = [
+        scan.status_id,
+        scan.status_name,
+        scan.post_office_id,
+        scan.post_office_name,
+        scan.province_id,
+        scan.province_name,
+        _iso(scan.date_change),
+        scan.notes,
+    ]
+    return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()
+
+
+def _record_scans(
+    session: Session, shipment: Shipment, scans: Sequence[TrackingEntry]
+) -> list[TrackingEvent]:
+    if not scans:
+        return []
+    rows = {}
+    for scan in scans:
+        fingerprint = scan_fingerprint(scan)
+        rows[fingerprint] = {
+            "shipment_id": shipment.id,
+            "fingerprint": fingerprint,
+            "status_id": _int_or_none(scan.status_id),
+            "status_name": scan.status_name,
+            "post_office_id": scan.post_office_id,
+            "post_office_name": scan.post_office_name,
+            "province_id": scan.province_id,
+            "province_name": scan.province_name,
+            "occurred_at": scan.date_change,
+            "notes": scan.notes,
+        }
+    inserted = list(
+        session.scalars(
+            insert(TrackingEvent)
+            .values(list(rows.values()))
+            .on_conflict_do_nothing(index_elements=["shipment_id", "fingerprint"])
+            .returning(TrackingEvent)
+        )
+    )
+    times = [s.date_change for s in scans if s.date_change is not None]
+    if times:
+        shipment.last_scan_at = max(times)
+    return sorted(inserted, key=lambda t: t.occurred_at or datetime.min.replace(tzinfo=UTC))
+
+
+def _schedule_after_result(shipment: Shipment, ctx: PollContext) -> None:
+    status = parse_status(shipment.status)
+    if status is not None and status.terminal:
+        if shipment.terminal_at is None:
+            shipment.terminal_at = shipment.status_changed_at or ctx.now
+            shipment.next_poll_at = ctx.now + SETTLE_DELAY
+        else:
+            shipment.active = False
+            shipment.stopped_reason = status.value
+        return
+    state = ShipmentState(
+        registered_at=shipment.registered_at,
+        status=status,
+        status_entered_at=shipment.status_changed_at,
+        last_polled_at=ctx.now,
+    )
+    planned = next_poll_at(state, ctx.model, ctx.price, ctx.max_interval)
+    shipment.next_poll_at = planned if planned is not None else ctx.now + ctx.max_interval
+
+
+# -- a failure -------------------------------------------------------------------------------
+
+
+def _apply_failure(
+    shipment: Shipment, error: CarrierError, recorder: _Recorder, ctx: PollContext
+) -> Applied:
+    code = error.code if isinstance(error, CarrierErrorCode) else None
+    shipment.last_error_code = code.value if code is not None else type(error).__name__
+    if isinstance(error, (ApiKeyLimit, ApiKeyNotFound, MissingApiKey)):
+        # The key's fault, not the shipment's: due again as soon as the account may poll.
+        shipment.next_poll_at = ctx.now
+        return Applied(recorder.events, pause=type(error))
+    if isinstance(error, OrderCodeNotFound) and shipment.found_at is None:
+        # New orders reach the carrier late; keep asking, less often, for a grace period.
+        if ctx.now - shipment.registered_at >= NOT_FOUND_GRACE:
+            _stop(shipment, recorder, EventType.NOT_FOUND, shipment.last_error_code)
+        else:
+            state = ShipmentState(registered_at=shipment.registered_at, last_polled_at=ctx.now)
+            planned = next_poll_at(state, ctx.model, ctx.price, ctx.max_interval)
+            shipment.next_poll_at = planned or ctx.now + ctx.max_interval
+        return Applied(recorder.events)
+    if error.retryable or isinstance(error, OrderCodeNotFound):
+        # Says nothing about the shipment (or a known order briefly unknown): back off.
+        shipment.consecutive_errors += 1
+        shipment.next_poll_at = ctx.now + error_backoff(shipment.consecutive_errors)
+        return Applied(recorder.events)
+    # Not in this account, lookup period over, or a code the carrier can never accept.
+    _stop(shipment, recorder, EventType.POLLING_STOPPED, shipment.last_error_code)
+    return Applied(recorder.events)
+
+
+def error_backoff(consecutive_errors: int) -> timedelta:
+    """Capped exponential backoff with ±20% jitter."""
+    base: timedelta = ERROR_BACKOFF_BASE * 2 ** min(consecutive_errors - 1, 16)
+    return min(base, ERROR_BACKOFF_CAP) * random.uniform(0.8, 1.2)
+
+
+def _stop(shipment: Shipment, recorder: _Recorder, event: EventType, reason: str | None) -> None:
+    shipment.active = False
+    shipment.stopped_reason = reason
+    recorder.emit(event, None, reason=reason)
+
+
+def pause_account(account: Account, error: type[CarrierErrorCode], now: datetime) -> None:
+    """Pause an account whose key the carrier refuses; ops must fix the key to resume it."""
+    account.paused_until = PAUSED_UNTIL_FIXED
+    account.pause_reason = (
+        f"{error.__name__}: the carrier refused the API key; fix it with "
+        f"`shipmon account set-key {account.name} --api-key KEY`"
+    )
+
+
+def lock_shipments(session: Session, ids: Sequence[int]) -> list[Shipment]:
+    """The shipments, locked for this transaction, in id order (a stable lock order)."""
+    return list(
+        session.scalars(
+            select(Shipment).where(Shipment.id.in_(ids)).order_by(Shipment.id).with_for_update()
+        )
+    )

@@ -1,0 +1,103 @@
+"""Dispatching: claiming the shipments that are due, as many per key as the quota allows now."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
+
+from worker.learning import pollable_accounts
+from worker.models import Account, Shipment
+
+# A claimed shipment's next_poll_at is pushed this far ahead: if the worker polling it dies,
+# the shipment comes due again by itself. Longer than a poll task's hard time limit.
+LEASE = timedelta(minutes=5)
+# Shipments per poll task: large enough to batch database writes, small enough to spread
+# a tick's work over several worker processes.
+BATCH_SIZE = 50
+# The most polls one key may be granted per dispatch tick.
+MAX_PER_TICK = 1000
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A batch of one account's shipments leased for one poll task until `leased_until`."""
+
+    account_id: int
+    shipment_ids: list[int]
+    leased_until: datetime
+
+    def as_task_args(self) -> tuple[int, list[int], str]:
+        return self.account_id, self.shipment_ids, self.leased_until.isoformat()
+
+
+def count_due(session: Session, account_id: int, now: datetime, limit: int) -> int:
+    """How many of the account's active shipments are due (counting at most `limit`)."""
+    due = (
+        select(Shipment.id)
+        .where(Shipment.active, Shipment.account_id == account_id, Shipment.next_poll_at <= now)
+        .limit(limit)
+        .subquery()
+    )
+    return session.scalar(select(func.count()).select_from(due)) or 0
+
+
+def claim_due(session: Session, account_id: int, limit: int, now: datetime) -> Claim:
+    """Lease up to `limit` due shipments of an account, most overdue first."""
+    leased_until = now + LEASE
+    # SKIP LOCKED: a second dispatcher (a duplicate beat) claims other rows instead of
+    # waiting for these, and never the same ones.
+    ids = session.scalars(
+        text(
+            """
+            UPDATE shipments SET next_poll_at = :leased_until
+            WHERE id IN (
+                SELECT id FROM shipments
+                WHERE active AND account_id = :account_id AND next_poll_at <= :now
+                ORDER BY next_poll_at
+                LIMIT :limit
+                FOR UPDATE SKIP LOCKED
+            )
+            RETURNING id
+            """
+        ),
+        {"leased_until": leased_until, "account_id": account_id, "now": now, "limit": limit},
+    ).all()
+    return Claim(account_id, sorted(ids), leased_until)
+
+
+def batches(claim: Claim, size: int = BATCH_SIZE) -> Iterator[Claim]:
+    for start in range(0, len(claim.shipment_ids), size):
+        yield Claim(claim.account_id, claim.shipment_ids[start : start + size], claim.leased_until)
+
+
+Grant = Callable[[Session, int, int, int], int]
+"""(session, account id, wanted, daily quota) -> polls granted now; counts them as spent."""
+Refund = Callable[[Session, int, int], None]
+"""(session, account id, polls) -> gives back grants that were not used."""
+
+
+def dispatch(
+    session: Session,
+    now: datetime,
+    daily_quota: Callable[[Account], int],
+    grant: Grant,
+    refund: Refund,
+) -> list[Claim]:
+    """Claim what every unpaused account may poll now, in batches for poll tasks."""
+    claims: list[Claim] = []
+    for account in pollable_accounts(session, now):
+        due = count_due(session, account.id, now, MAX_PER_TICK)
+        if not due:
+            continue
+        granted = grant(session, account.id, due, daily_quota(account))
+        if not granted:
+            continue
+        claim = claim_due(session, account.id, granted, now)
+        if len(claim.shipment_ids) < granted:
+            refund(session, account.id, granted - len(claim.shipment_ids))
+        claims.extend(batches(claim))
+    return claims

@@ -1,0 +1,176 @@
+"""What the scheduler learns from recorded history, kept in PostgreSQL and shared by workers.
+
+`relearn` fits the scheduler's model from the stays that the recorded status history shows;
+`update_prices` adapts each key's lookup price so that the polls planned fit its daily quota.
+`PlanCache` gives every worker process the current model and prices without a query per poll.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select, text
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from worker.domain import parse_status
+from worker.models import Account, SchedulerState, Shipment
+from worker.scheduler import (
+    INITIAL_PRICE,
+    LearnedModel,
+    PriceController,
+    Stay,
+    fit_model,
+)
+
+MODEL_STATE = "model"
+# Stays that began within this window are fitted, ended or not (censored): an unbiased sample.
+LEARNING_WINDOW = timedelta(days=4)
+# How long a worker process trusts its copy of the model and prices.
+CACHE_SECONDS = 60.0
+
+
+def _price_state(account_id: int) -> str:
+    return f"price:{account_id}"
+
+
+def _save(session: Session, name: str, data: dict[str, Any], now: datetime) -> None:
+    session.execute(
+        insert(SchedulerState)
+        .values(name=name, data=data, updated_at=now)
+        .on_conflict_do_update(index_elements=["name"], set_={"data": data, "updated_at": now})
+    )
+
+
+def _load(session: Session, name: str) -> dict[str, Any] | None:
+    return session.scalar(select(SchedulerState.data).where(SchedulerState.name == name))
+
+
+def recorded_stays(session: Session, since: datetime) -> list[Stay]:
+    """Every stay in a status that began after `since`, from the recorded status history.
+
+    A stay ends when the next recorded status begins; the current one is censored at the
+    shipment's last poll. The wait before the carrier first knew an order is a stay too
+    (status None), ended at the first poll that found it.
+    """
+    rows = session.execute(
+        text(
+            """
+            SELECT e.status,
+                   e.occurred_at,
+                   lead(e.occurred_at) OVER w AS exited_at,
+                   s.last_polled_at
+            FROM status_events e JOIN shipments s ON s.id = e.shipment_id
+            WHERE e.occurred_at >= :since
+            WINDOW w AS (PARTITION BY e.shipment_id ORDER BY e.occurred_at)
+            """
+        ),
+        {"since": since},
+    )
+    stays = []
+    for status_name, entered, exited, polled in rows:
+        status = parse_status(status_name)
+        if status is None or status.terminal:
+            continue
+        stays.append(Stay(status, entered, exited, None if exited else polled))
+    unknown = session.execute(
+        text(
+            """
+            SELECT registered_at, found_at, last_polled_at FROM shipments
+            WHERE registered_at >= :since AND (found_at IS NOT NULL OR active)
+            """
+        ),
+        {"since": since},
+    )
+    for registered, found, polled in unknown:
+        stays.append(Stay(None, registered, found, None if found else polled or registered))
+    return stays
+
+
+def relearn(session: Session, timezone: str, now: datetime) -> LearnedModel:
+    """Fit the model from recent history and store it for every worker."""
+    stored = _load(session, MODEL_STATE)
+    previous = LearnedModel.from_json(stored) if stored else None
+    model = fit_model(recorded_stays(session, now - LEARNING_WINDOW), timezone, previous)
+    _save(session, MODEL_STATE, model.to_json(), now)
+    return model
+
+
+def update_prices(session: Session, quotas: dict[int, int], now: datetime) -> dict[int, float]:
+    """Steer each account's price so the polls its shipments ask for fit its daily quota."""
+    planned: dict[int, float] = {
+        row[0]: float(row[1])
+        for row in session.execute(
+            text(
+                """
+                SELECT account_id,
+                       sum(86400.0 / greatest(extract(epoch FROM next_poll_at - last_polled_at), 1))
+                FROM shipments
+                WHERE active AND last_polled_at IS NOT NULL
+                GROUP BY account_id
+                """
+            )
+        )
+    }
+    prices = {}
+    for account_id, quota in quotas.items():
+        stored = _load(session, _price_state(account_id))
+        controller = (
+            PriceController.from_json(stored) if stored else PriceController(daily_quota=quota)
+        )
+        controller.daily_quota = quota
+        since = (
+            datetime.fromtimestamp(controller.observed_at, now.tzinfo)
+            if controller.observed_at is not None
+            else now
+        )
+        registered = session.scalar(
+            select(func.count()).where(
+                Shipment.account_id == account_id, Shipment.registered_at > since
+            )
+        )
+        prices[account_id] = controller.observe(
+            now, float(planned.get(account_id, 0.0)), int(registered or 0)
+        )
+        _save(session, _price_state(account_id), controller.to_json(), now)
+    return prices
+
+
+@dataclass
+class PlanCache:
+    """A process's copy of the model and prices, refreshed at most once a minute."""
+
+    timezone: str
+    model: LearnedModel | None = None
+    prices: dict[int, float] = field(default_factory=dict)
+    loaded_at: float = float("-inf")
+
+    def current(self, session: Session) -> tuple[LearnedModel, dict[int, float]]:
+        if self.model is None or time.monotonic() - self.loaded_at > CACHE_SECONDS:
+            stored = _load(session, MODEL_STATE)
+            self.model = LearnedModel.from_json(stored) if stored else LearnedModel(self.timezone)
+            rows = session.execute(
+                select(SchedulerState.name, SchedulerState.data).where(
+                    SchedulerState.name.like("price:%")
+                )
+            )
+            self.prices = {int(name.split(":")[1]): float(data["price"]) for name, data in rows}
+            self.loaded_at = time.monotonic()
+        return self.model, self.prices
+
+    def price(self, account_id: int) -> float:
+        return self.prices.get(account_id, INITIAL_PRICE)
+
+
+def pollable_accounts(session: Session, now: datetime) -> list[Account]:
+    """Accounts not paused at `now`."""
+    return list(
+        session.scalars(
+            select(Account)
+            .where((Account.paused_until.is_(None)) | (Account.paused_until <= now))
+            .order_by(Account.id)
+        )
+    )

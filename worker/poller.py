@@ -1,0 +1,123 @@
+"""Polling a claimed batch: ask the carrier about every shipment at once, apply the answers.
+
+The carrier is asked with bounded concurrency and no database transaction open; the answers
+are then applied in one transaction, so a batch costs two short round trips to PostgreSQL
+however many shipments it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from worker.apply import PollContext, apply_outcome, lock_shipments, pause_account
+from worker.carrier import ApiKeyLimit, CarrierClient, CarrierError, TrackingResult
+from worker.crypto import decrypt
+from worker.dispatch import Claim
+from worker.learning import PlanCache
+from worker.models import Account, Shipment
+
+log = logging.getLogger(__name__)
+
+Outcome = TrackingResult | CarrierError
+PauseForLimit = Callable[[Session, Account, datetime], None]
+
+
+@dataclass
+class BatchReport:
+    """What a poll batch did."""
+
+    polled: int = 0
+    skipped: int = 0
+    event_ids: list[int] = field(default_factory=list)
+    paused: str | None = None
+
+
+async def track_all(
+    client: CarrierClient, api_key: str, order_codes: list[str], concurrency: int
+) -> list[Outcome]:
+    """The carrier's answer (or the failure) for every order code, in order."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(code: str) -> Outcome:
+        async with gate:
+            try:
+                return await client.track(code, api_key)
+            except CarrierError as error:
+                return error
+
+    return await asyncio.gather(*(one(code) for code in order_codes))
+
+
+async def poll_claim(
+    sessions: sessionmaker[Session],
+    client: CarrierClient,
+    claim: Claim,
+    *,
+    secret_key: str,
+    plans: PlanCache,
+    max_interval: timedelta,
+    concurrency: int,
+    pause_for_limit: PauseForLimit,
+    clock: Callable[[], datetime],
+) -> BatchReport:
+    """Poll a claimed batch and apply every answer; returns the outbox events written."""
+    report = BatchReport()
+    with sessions.begin() as session:
+        account = session.get(Account, claim.account_id)
+        if account is None:
+            return report
+        api_key = decrypt(account.api_key_encrypted, secret_key)
+        # Only shipments still under this claim: a redelivered task finds the ones it already
+        # applied moved on, and polls them no second time.
+        rows = session.execute(
+            select(Shipment.id, Shipment.order_code).where(
+                Shipment.id.in_(claim.shipment_ids),
+                Shipment.next_poll_at == claim.leased_until,
+                Shipment.active,
+            )
+        ).all()
+    report.skipped = len(claim.shipment_ids) - len(rows)
+    if not rows:
+        return report
+    outcomes = dict(
+        zip(
+            (r.id for r in rows),
+            await track_all(client, api_key, [r.order_code for r in rows], concurrency),
+            strict=True,
+        )
+    )
+
+    with sessions.begin() as session:
+        now = clock()
+        model, _ = plans.current(session)
+        ctx = PollContext(now, model, plans.price(claim.account_id), max_interval)
+        account = session.get(Account, claim.account_id, with_for_update=True)
+        assert account is not None
+        events = []
+        for shipment in lock_shipments(session, list(outcomes)):
+            if shipment.next_poll_at != claim.leased_until:
+                report.skipped += 1
+                continue
+            applied = apply_outcome(session, shipment, account, outcomes[shipment.id], ctx)
+            report.polled += 1
+            events.extend(applied.events)
+            if applied.pause is not None and report.paused is None:
+                report.paused = applied.pause.__name__
+                if applied.pause is ApiKeyLimit:
+                    pause_for_limit(session, account, now)
+                else:
+                    pause_account(account, applied.pause, now)
+                log.warning(
+                    "account %s paused: %s", account.name, account.pause_reason,
+                    extra={"account": account.name, "reason": report.paused},
+                )  # fmt: skip
+        session.flush()
+        report.event_ids = [e.id for e in events]
+    return report

@@ -525,7 +525,7 @@ def parsed_or_carrier_error(raw: bytes) -> TrackingResult | CarrierError:
         return error
 
 
-@settings(max_examples=150, deadline=None, database=None)
+@settings(max_examples=100, deadline=None, database=None)
 @given(answers)
 def test_any_json_answer_parses_or_raises_a_carrier_error(answer: dict[str, Any]) -> None:
     outcome = parsed_or_carrier_error(body(answer))
@@ -852,58 +852,51 @@ class Recorder(logging.Handler):
         self.lines.append(self.format(record))
 
 
-KEYS_WITH_ODD_CHARACTERS = ["1111-2222-3333-SECRET", "s3cr3t+key/with=odd&chars"]
-
-
-@pytest.mark.parametrize("api_key", KEYS_WITH_ODD_CHARACTERS)
 @run_async
-async def test_the_api_key_appears_in_no_log_line_message_or_traceback(api_key: str) -> None:
+async def test_the_api_key_appears_in_no_log_line_message_or_traceback() -> None:
+    # Characters a URL must escape: the key shows both as written and percent-encoded.
+    api_key = "s3cr3t+key/with=odd&chars"
     recorder = Recorder()
     root = logging.getLogger()
     previous_level = root.level
     root.addHandler(recorder)
     root.setLevel(logging.DEBUG)
     errors: list[CarrierError] = []
+
+    async def attempt(client: CarrierClient) -> None:
+        try:
+            await client.track(ORDER, api_key)
+        except CarrierError as error:
+            errors.append(error)
+
     try:
-        for handler in (
-            answer_json,
-            answer_500,
-            answer_html,
-            answer_cut_off,
-            hang_up,
-            answer_never,
-        ):
+        for handler in (answer_json, answer_500, answer_html, answer_cut_off, hang_up):
             async with (
                 fake_carrier(handler) as carrier,
-                CarrierClient(carrier.base_url, timeout=0.2, max_connections=1) as client,
+                CarrierClient(carrier.base_url, timeout=0.2) as client,
             ):
-                with contextlib.suppress(CarrierError):
-                    await client.track(ORDER, api_key)
-                # A second call waits for the only connection, held by the first: aiohttp
-                # names the full URL in that timeout's message.
-                if handler is answer_never:
-                    results = await asyncio.gather(
-                        client.track(ORDER, api_key),
-                        client.track(ORDER, api_key),
-                        return_exceptions=True,
-                    )
-                    errors += [r for r in results if isinstance(r, CarrierError)]
-                    assert any("connecting" in str(r) for r in results)
-                    logging.getLogger("shipmon.test").error("poll failed", exc_info=errors[-1])
-                with contextlib.suppress(CarrierError):
-                    await client.track(ORDER, api_key)
+                await attempt(client)
+                await attempt(client)
                 assert api_key not in repr(client)
+        async with (
+            fake_carrier(answer_never) as carrier,
+            CarrierClient(carrier.base_url, timeout=0.2, max_connections=1) as client,
+        ):
+            # The second call waits for the only connection, held by the first: aiohttp names
+            # the full URL in the message of that timeout.
+            await asyncio.gather(attempt(client), attempt(client))
+            assert any("connecting" in str(error) for error in errors)
         held, port = refusing_port()
         with held:
             async with CarrierClient(f"http://127.0.0.1:{port}") as client:
-                try:
-                    await client.track(ORDER, api_key)
-                except CarrierError as error:
-                    errors.append(error)
+                await attempt(client)
+        for error in errors:
+            logging.getLogger("shipmon.test").error("poll failed", exc_info=error)
     finally:
         root.removeHandler(recorder)
         root.setLevel(previous_level)
 
+    assert len(errors) == 11  # every call but the two answered ones failed
     logged = "\n".join(recorder.lines)
     assert "HTTP Request: GET" in logged and "apikey=[redacted]" in logged  # logging was on
     shown = [logged] + [

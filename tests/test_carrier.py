@@ -680,6 +680,7 @@ async def test_a_tracking_call_sends_the_code_and_key_and_parses_the_answer() ->
     async with fake_carrier(answer_json) as carrier, CarrierClient(carrier.base_url) as client:
         result = await client.track(ORDER, API_KEY)
 
+    assert client.transport_name == "AiohttpTransport"
     assert result.status is Status.DELIVERING
     assert result.order_code == ORDER
     assert carrier.queries == [{"ordercode": ORDER, "apikey": API_KEY}]
@@ -953,3 +954,4 @@ async def test_httpx_failures_map_to_carrier_errors(
     assert type(caught.value) is error_type
     assert caught.value.retryable
     assert route.call_count == 1
+    assert client.transport_name == "MockTransport"

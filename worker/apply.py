@@ -83,7 +83,7 @@ def _iso(moment: datetime | None) -> str | None:
     return moment.astimezone(UTC).isoformat() if moment is not None else None
 
 
-class _Recorder:
+class EventRecorder:
     """Writes the outbox events of one shipment, numbering them in sequence."""
 
     def __init__(self, session: Session, shipment: Shipment, account: Account, now: datetime):
@@ -135,7 +135,7 @@ def apply_outcome(
     """Apply one poll's answer (or failure) to a locked shipment row."""
     shipment.polls_made += 1
     shipment.last_polled_at = ctx.now
-    recorder = _Recorder(session, shipment, account, ctx.now)
+    recorder = EventRecorder(session, shipment, account, ctx.now)
     if isinstance(outcome, TrackingResult):
         _apply_result(session, shipment, outcome, recorder, ctx)
         return Applied(recorder.events)
@@ -149,7 +149,7 @@ def _apply_result(
     session: Session,
     shipment: Shipment,
     result: TrackingResult,
-    recorder: _Recorder,
+    recorder: EventRecorder,
     ctx: PollContext,
 ) -> None:
     shipment.consecutive_errors = 0
@@ -212,7 +212,7 @@ def _apply_result(
 
 
 def _emit_transition(
-    recorder: _Recorder,
+    recorder: EventRecorder,
     previous: dict[str, Any],
     current: dict[str, Any],
     at: datetime | None,
@@ -418,7 +418,7 @@ def _schedule_after_result(shipment: Shipment, ctx: PollContext) -> None:
 
 
 def _apply_failure(
-    shipment: Shipment, error: CarrierError, recorder: _Recorder, ctx: PollContext
+    shipment: Shipment, error: CarrierError, recorder: EventRecorder, ctx: PollContext
 ) -> Applied:
     code = error.code if isinstance(error, CarrierErrorCode) else None
     shipment.last_error_code = code.value if code is not None else type(error).__name__
@@ -451,7 +451,9 @@ def error_backoff(consecutive_errors: int) -> timedelta:
     return min(base, ERROR_BACKOFF_CAP) * random.uniform(0.8, 1.2)
 
 
-def _stop(shipment: Shipment, recorder: _Recorder, event: EventType, reason: str | None) -> None:
+def _stop(
+    shipment: Shipment, recorder: EventRecorder, event: EventType, reason: str | None
+) -> None:
     shipment.active = False
     shipment.stopped_reason = reason
     recorder.emit(event, None, reason=reason)

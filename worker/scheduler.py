@@ -32,12 +32,18 @@ NOT_FOUND = "NOT_FOUND"
 # The longest a shipment may wait for its next lookup (no shipment starves), and the shortest.
 DEFAULT_MAX_INTERVAL = timedelta(hours=24)
 MIN_INTERVAL = timedelta(minutes=2)
+# While the carrier does not know an order, wait at least this share of the order's age: the
+# longer it has been unknown, the likelier it is never to be known at all.
+NOT_FOUND_BACKOFF_SHARE = 0.25
 # A lookup meant for a window's reopening is placed this long after it, so that it sees the
 # transitions stamped at the reopening itself.
 REOPENING_LAG_SECONDS = 60.0
 # Move a lookup back to a reopening when that early it would already reveal this share of what
 # it would reveal at its threshold time: the rest is not worth the wait.
 REOPENING_SHARE = 0.7
+# Integration steps of the expected delay, in seconds.
+MIN_STEP_SECONDS = 600.0
+MAX_STEP_SECONDS = 7200.0
 
 # Cold start: a vague dwell (median 6 h, spread of a factor e) worth a few observations, so the
 # first days poll sensibly and data soon dominates.
@@ -45,11 +51,19 @@ PRIOR_MEDIAN_SECONDS = 6 * 3600.0
 PRIOR_SIGMA = 1.0
 PRIOR_WEIGHT = 5.0
 # Local-hour bins for learning quiet hours, and how sure a bin must be before it is called quiet.
-HOUR_BIN_SECONDS = 300
-MIN_EXITS_FOR_QUIET_HOURS = 200
+# Bins are as fine as the data allows: about this many exits per bin, in 5 to 60 minutes.
+EXITS_PER_HOUR_BIN = 10
+HOUR_BIN_CHOICES = (300, 600, 900, 1200, 1800, 3600)
+MIN_EXITS_FOR_QUIET_HOURS = 100
+# Quiet hours: a run of bins with under this share of the exits expected from the shipments at
+# risk then, long enough, and with enough exits expected for the absence to mean something.
 QUIET_RATE_SHARE = 0.03
-QUIET_MIN_EXPECTED_EXITS = 5.0
+QUIET_MIN_EXPECTED_EXITS = 20.0
 MIN_QUIET_SECONDS = 1800
+# An exit this soon after a reopening may have been due at any moment of the quiet hours before.
+REOPENING_EXIT_SECONDS = 300
+# Quiet hours are learned from at most this many stays per status.
+MAX_STAYS_FOR_QUIET_HOURS = 20_000
 # Fitting cost is bounded by using at most this many stays per status.
 MAX_STAYS_PER_FIT = 1500
 EM_ITERATIONS = 40
@@ -194,6 +208,9 @@ def next_poll_at(
         price=price,
         horizon=max_interval.total_seconds(),
     )
+    if state.status is None:
+        backoff = (polled - state.registered_at).total_seconds() * NOT_FOUND_BACKOFF_SHARE
+        wait = min(max(wait, backoff), max_interval.total_seconds())
     return polled + timedelta(seconds=wait)
 
 
@@ -220,22 +237,24 @@ def _wait_seconds(
         return 1.0 - dwell.survival(dwell.last_active(x) - entered) / alive
 
     end = polled + horizon
-    breaks = _window_edges(dwell, polled, end)
+    reopenings = _window_reopenings(dwell, polled, end)
     accrued = 0.0
     u, at_u = polled, 0.0
     while u < end:
-        step = min(max(300.0, (u - polled) / 6.0), 3600.0)
-        v = min(u + step, end)
-        if breaks and breaks[0] <= v:
-            v = breaks.pop(0)
-        # Just before v: at a reopening the chance jumps, and the jump is caught only after it.
-        before_v = caught(v - 1e-3)
+        # Steps grow with the wait: the chance changes slowly against the time already waited.
+        v = min(u + min(max(MIN_STEP_SECONDS, (u - polled) / 4.0), MAX_STEP_SECONDS), end)
+        reopening = bool(reopenings) and reopenings[0] <= v
+        if reopening:
+            v = reopenings.pop(0)
+        at_v = caught(v)
+        # At a reopening the chance jumps, and a lookup catches the jump only after it.
+        before_v = caught(v - 1e-3) if reopening else at_v
         gain = (v - u) * (at_u + before_v) / 2.0
         if accrued + gain >= price:
             t = u + _solve_segment(price - accrued, at_u, before_v, v - u)
             return _place(dwell, polled, t, caught) - polled
         accrued += gain
-        u, at_u = v, caught(v)
+        u, at_u = v, at_v
     return _snap_to_close(dwell, polled, horizon)
 
 
@@ -270,24 +289,16 @@ def _snap_to_close(dwell: DwellModel, polled: float, horizon: float) -> float:
     return max(dwell.last_active(end), polled + MIN_INTERVAL.total_seconds()) - polled
 
 
-def _window_edges(dwell: DwellModel, start: float, end: float) -> list[float]:
-    """The closes and reopenings of a status's window in (start, end], in order."""
+def _window_reopenings(dwell: DwellModel, start: float, end: float) -> list[float]:
+    """The moments in (start, end] when the status's window reopens, in order."""
     if dwell.quiet is None:
         return []
-    edges = []
-    for edge in dwell.quiet:
-        first = start + ((edge - start) % DAY_SECONDS or DAY_SECONDS)
-        edges.extend(_arange(first, end, DAY_SECONDS))
-    return sorted(edges)
-
-
-def _arange(first: float, end: float, step: float) -> list[float]:
-    values = []
-    x = first
+    reopenings = []
+    x = start + ((dwell.quiet[1] - start) % DAY_SECONDS or DAY_SECONDS)
     while x <= end:
-        values.append(x)
-        x += step
-    return values
+        reopenings.append(x)
+        x += DAY_SECONDS
+    return reopenings
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,30 +313,43 @@ def fit_model(
     Pass stays that entered their status within a recent window (a few days), whether or not they
     have ended: that choice keeps the fit unbiased. `previous` only speeds convergence up.
     """
-    zone = ZoneInfo(timezone)
+    clock = _LocalClock(ZoneInfo(timezone))
     groups: dict[str, list[Stay]] = {}
     for stay in stays:
         groups.setdefault(_key(stay.status), []).append(stay)
     dwell = {}
     for key, group in groups.items():
         start = previous.dwell.get(key, PRIOR) if previous is not None else PRIOR
-        dwell[key] = _fit_status(group, zone, start)
+        dwell[key] = _fit_status(group, clock, start)
     return LearnedModel(timezone=timezone, dwell=dwell)
 
 
-def _local_seconds(moment: datetime, zone: ZoneInfo) -> float:
-    return moment.timestamp() + _utc_offset_seconds(moment, zone)
+class _LocalClock:
+    """Local seconds (UTC seconds plus the zone's offset then), with offsets cached by hour."""
+
+    def __init__(self, zone: ZoneInfo) -> None:
+        self.zone = zone
+        self.offsets: dict[int, float] = {}
+
+    def seconds(self, moment: datetime) -> float:
+        ts = moment.timestamp()
+        hour = int(ts // 3600)
+        offset = self.offsets.get(hour)
+        if offset is None:
+            offset = self.offsets[hour] = _utc_offset_seconds(moment, self.zone)
+        return ts + offset
 
 
-def _fit_status(stays: list[Stay], zone: ZoneInfo, start: DwellModel) -> DwellModel:
+def _fit_status(stays: list[Stay], clock: _LocalClock, start: DwellModel) -> DwellModel:
     spans: list[tuple[float, float, bool]] = []  # (entered, ended or last seen, ended?)
     for stay in stays:
-        entered = _local_seconds(stay.entered_at, zone)
+        entered = clock.seconds(stay.entered_at)
         if stay.exited_at is not None:
-            spans.append((entered, _local_seconds(stay.exited_at, zone), True))
+            spans.append((entered, clock.seconds(stay.exited_at), True))
         elif stay.observed_until is not None:
-            spans.append((entered, _local_seconds(stay.observed_until, zone), False))
-    quiet = _learn_quiet(spans) if len(spans) >= MIN_EXITS_FOR_QUIET_HOURS else None
+            spans.append((entered, clock.seconds(stay.observed_until), False))
+    stride = max(1, math.ceil(len(spans) / MAX_STAYS_FOR_QUIET_HOURS))
+    quiet = _learn_quiet(spans[::stride])
     windowed = DwellModel(start.log_mu, start.log_sigma, quiet)
     stride = max(1, math.ceil(len(spans) / MAX_STAYS_PER_FIT))
     exact: list[float] = []
@@ -336,7 +360,7 @@ def _fit_status(stays: list[Stay], zone: ZoneInfo, start: DwellModel) -> DwellMo
             low = windowed.last_active(ended) - entered
             if low > 0.0:
                 bounded.append((math.log(low), math.inf))
-        elif quiet is not None and (ended - quiet[1]) % DAY_SECONDS < HOUR_BIN_SECONDS:
+        elif quiet is not None and (ended - quiet[1]) % DAY_SECONDS < REOPENING_EXIT_SECONDS:
             # Left at a reopening: it may have been due at any moment of the quiet hours before.
             closed = ended - (ended - quiet[0]) % DAY_SECONDS
             low = closed - entered
@@ -350,37 +374,36 @@ def _fit_status(stays: list[Stay], zone: ZoneInfo, start: DwellModel) -> DwellMo
 
 def _learn_quiet(spans: list[tuple[float, float, bool]]) -> tuple[int, int] | None:
     """The longest run of local hours when shipments at risk (nearly) never left the status."""
-    bins = DAY_SECONDS // HOUR_BIN_SECONDS
+    total_exits = sum(1 for _, _, exited in spans if exited)
+    if total_exits < MIN_EXITS_FOR_QUIET_HOURS:
+        return None
+    width = next(
+        (w for w in HOUR_BIN_CHOICES if total_exits * w / DAY_SECONDS >= EXITS_PER_HOUR_BIN),
+        HOUR_BIN_CHOICES[-1],
+    )
+    bins = DAY_SECONDS // width
     exits = [0] * bins
     # Exposure by local-hour bin, as a difference array over two days to unroll the wrap.
     change = [0.0] * (2 * bins + 1)
     full_days = 0
     for entered, ended, exited in spans:
         if exited:
-            exits[int(ended % DAY_SECONDS) // HOUR_BIN_SECONDS] += 1
+            exits[int(ended % DAY_SECONDS) // width] += 1
         length = ended - entered
         if length <= 0.0:
             continue
         days, rest = divmod(length, DAY_SECONDS)
         full_days += int(days)
-        first = int(entered % DAY_SECONDS) // HOUR_BIN_SECONDS
-        last = int((entered % DAY_SECONDS + rest) // HOUR_BIN_SECONDS)
-        change[first] += 1.0
-        change[last] -= 1.0
+        change[int(entered % DAY_SECONDS) // width] += 1.0
+        change[int((entered % DAY_SECONDS + rest) // width)] -= 1.0
     exposure = [float(full_days)] * bins
     running = 0.0
     for i in range(2 * bins):
         running += change[i]
         exposure[i % bins] += running
-    total_exposure = sum(exposure)
-    if total_exposure <= 0.0:
-        return None
-    rate = sum(exits) / total_exposure
-    quiet = [
-        exposure[i] * rate >= QUIET_MIN_EXPECTED_EXITS
-        and exits[i] < QUIET_RATE_SHARE * exposure[i] * rate
-        for i in range(bins)
-    ]
+    rate = total_exits / max(sum(exposure), 1e-9)
+    expected = [e * rate for e in exposure]
+    quiet = [expected[i] > 0.0 and exits[i] <= QUIET_RATE_SHARE * expected[i] for i in range(bins)]
     if all(quiet) or not any(quiet):
         return None
     # The longest circular run, walked from an active bin so no run is split by the wrap.
@@ -396,10 +419,15 @@ def _learn_quiet(spans: list[tuple[float, float, bool]]) -> tuple[int, int] | No
                 best_start, best_length = run_start, run_length
         else:
             run_length = 0
-    if best_length * HOUR_BIN_SECONDS < MIN_QUIET_SECONDS:
+    run = [(best_start + k) % bins for k in range(best_length)]
+    if (
+        best_length * width < MIN_QUIET_SECONDS
+        or sum(expected[i] for i in run) < QUIET_MIN_EXPECTED_EXITS
+        or sum(exits[i] for i in run) > QUIET_RATE_SHARE * sum(expected[i] for i in run)
+    ):
         return None
-    close = best_start * HOUR_BIN_SECONDS
-    return close, (close + best_length * HOUR_BIN_SECONDS) % DAY_SECONDS
+    close = best_start * width
+    return close, (close + best_length * width) % DAY_SECONDS
 
 
 def _fit_lognormal(
@@ -458,51 +486,62 @@ MIN_PRICE = 1.0
 MAX_PRICE = 30.0 * DAY_SECONDS
 # Plan for a little less than the quota: the pace line absorbs the rest of the noise.
 TARGET_UTILISATION = 0.97
-# How fast the price follows demand: a day's excess is worked off in a few hours.
-PRICE_TIME_CONSTANT = 3 * 3600.0
+# How fast the price follows demand (a day of history smooths the daily cycle out): up fast, as
+# asking for more than the quota holds lookups back, and down slowly, as a growing population
+# (a new merchant, or a fresh start) asks for little at first.
+RAISE_TIME_CONSTANT = 3 * 3600.0
+LOWER_TIME_CONSTANT = 12 * 3600.0
 MAX_STEP_FACTOR = 1.25
+
+
+def planned_rate(last_polled_at: datetime, next_poll: datetime) -> float:
+    """Lookups per day a shipment asks for while it waits from one lookup to the next."""
+    return DAY_SECONDS / max((next_poll - last_polled_at).total_seconds(), 1.0)
 
 
 @dataclass
 class PriceController:
     """Adapts one key's lookup price so that the lookups the policy asks for fit the daily quota.
 
-    Call `observe` every minute or so with the lookups made since the previous call and the
-    number of shipments due and still waiting. Demand over the last day, re-priced at the current
-    price (intervals grow as the square root of the price), is steered to the quota.
+    Call `observe` every minute or so with the key's planned rate (the sum of `planned_rate`
+    over its active shipments, each for its latest plan) and the shipments registered since the
+    previous call. The planned rate counts what the policy asks for even when the limiter holds
+    lookups back. Its average over the last day, re-priced at the current price (intervals grow
+    as the square root of the price), is steered to the quota.
     """
 
     daily_quota: int
     price: float = INITIAL_PRICE
-    # [hour start (epoch seconds), shipments that fell due in it, price when they were planned]
+    # [hour start (epoch s), planned lookups, first lookups, price when they were planned]
     hours: list[list[float]] = field(default_factory=list)
     started_at: float | None = None
     observed_at: float | None = None
-    waiting: int = 0
 
-    def observe(self, now: datetime, polls: int, waiting: int) -> float:
-        """Account for the lookups made and still waiting, and return the updated price."""
+    def observe(self, now: datetime, planned_per_day: float, registered: int) -> float:
+        """Account for the demand since the previous call, and return the updated price."""
         t = now.timestamp()
-        demand = polls + waiting - self.waiting
-        self.waiting = waiting
-        hour = t - t % 3600
-        if not self.hours or self.hours[-1][0] != hour:
-            self.hours.append([hour, 0.0, self.price])
-        self.hours[-1][1] += demand
-        while self.hours[0][0] <= t - DAY_SECONDS:
-            self.hours.pop(0)
         if self.started_at is None:
             self.started_at = t
-        if self.observed_at is not None:
-            covered = min(DAY_SECONDS, max(3600.0, t - self.started_at))
-            repriced = sum(d * math.sqrt(p / self.price) for _, d, p in self.hours)
-            daily = repriced * DAY_SECONDS / covered
-            if daily > 0.0:
-                target = self.daily_quota * TARGET_UTILISATION
-                exponent = 2.0 * (t - self.observed_at) / PRICE_TIME_CONSTANT
-                factor = (daily / target) ** exponent
-                factor = min(MAX_STEP_FACTOR, max(1.0 / MAX_STEP_FACTOR, factor))
-                self.price = min(MAX_PRICE, max(MIN_PRICE, self.price * factor))
+        elapsed = 0.0 if self.observed_at is None else t - self.observed_at
+        hour = t - t % 3600
+        if not self.hours or self.hours[-1][0] != hour:
+            self.hours.append([hour, 0.0, 0.0, self.price])
+        self.hours[-1][1] += planned_per_day * elapsed / DAY_SECONDS
+        self.hours[-1][2] += registered
+        while self.hours[0][0] <= t - DAY_SECONDS:
+            self.hours.pop(0)
+        covered = min(DAY_SECONDS, max(3600.0, t - self.started_at))
+        demand = sum(
+            planned * math.sqrt(price / self.price) + first
+            for _, planned, first, price in self.hours
+        )
+        daily = demand * DAY_SECONDS / covered
+        if daily > 0.0 and elapsed > 0.0:
+            target = self.daily_quota * TARGET_UTILISATION
+            constant = RAISE_TIME_CONSTANT if daily > target else LOWER_TIME_CONSTANT
+            factor = (daily / target) ** (2.0 * elapsed / constant)
+            factor = min(MAX_STEP_FACTOR, max(1.0 / MAX_STEP_FACTOR, factor))
+            self.price = min(MAX_PRICE, max(MIN_PRICE, self.price * factor))
         self.observed_at = t
         return self.price
 
@@ -514,7 +553,6 @@ class PriceController:
             "hours": self.hours,
             "started_at": self.started_at,
             "observed_at": self.observed_at,
-            "waiting": self.waiting,
         }
 
     @classmethod
@@ -526,5 +564,4 @@ class PriceController:
             hours=[[float(x) for x in h] for h in data["hours"]],
             started_at=data["started_at"],
             observed_at=data["observed_at"],
-            waiting=int(data["waiting"]),
         )

@@ -1,0 +1,415 @@
+"""How soon shipmon sees each transition, against round-robin polling on the same quota.
+
+Runs the carrier's lifecycle engine (worker.workload) in-process, in simulated time, twice with
+the same seed: once polled by the project's scheduler (worker.scheduler), once by uniform
+round-robin over the active shipments at a flat rate of quota per day. Both go through the same
+limiter: the pace line (worker.pacing.allowed_by over the carrier day) and the per-second
+ceiling, applied per tick. Orders arrive from the engine's generator into an empty system; the
+first --warmup-days are not measured. A transition's detection delay runs from its carrier time
+to the first lookup that shows it. The scheduler sees only the carrier's answers.
+
+    uv run python benchmarks/freshness.py --workload ../shared/workloads/vn-ecommerce.json \
+        --keys 1 --key-quota 40000 --orders-per-day 6000 --days 7
+
+The last line printed is one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import heapq
+import json
+import math
+import statistics
+import sys
+import time
+from collections import defaultdict, deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from worker.domain import ErrorCode, Status, parse_status
+from worker.pacing import allowed_by, elapsed_share, per_second_ceiling
+from worker.scheduler import (
+    DEFAULT_MAX_INTERVAL,
+    LearnedModel,
+    PriceController,
+    ShipmentState,
+    Stay,
+    fit_model,
+    next_poll_at,
+    planned_rate,
+)
+from worker.workload import Carrier, Workload, generate_orders, load_workload
+
+TICK_SECONDS = 60
+# The worker refits its model from recent history this often, from stays entered this recently.
+REFIT_EVERY = timedelta(hours=3)
+HISTORY = timedelta(days=3)
+# Simulated time after the measured days, so late transitions of the last day get seen.
+TAIL = timedelta(days=1)
+START = datetime(2026, 3, 2)  # a Monday, local midnight in the workload's time zone
+NOT_FOUND = "NOT_FOUND"
+
+
+class CarrierView:
+    """The carrier's answers, as far as polling reads them: the statuses[] rows at a time.
+
+    The engine builds a whole tracking body per lookup (scans, prices, images), which would
+    dominate the run time; the statuses[] rows of that body are exactly the order's transitions up
+    to the lookup time, so the view answers from those, and checks itself against
+    `tracking_body` on every CHECK_EVERY-th lookup. Both pollers share one view, so they see the
+    very same orders.
+    """
+
+    CHECK_EVERY = 97
+
+    def __init__(self, carrier: Carrier) -> None:
+        self.carrier = carrier
+        self.times: dict[str, list[float]] = {}
+        self.rows: dict[str, list[tuple[datetime, Status]]] = {}
+        self.lookups = 0
+
+    def add(self, code: str, apikey: str, at: datetime) -> None:
+        self.carrier.add_order(apikey, code, at)
+        truth = self.carrier.transitions(code)
+        self.rows[code] = truth
+        self.times[code] = [moment.timestamp() for moment, _ in truth]
+
+    def statuses(self, code: str, at: datetime) -> list[tuple[datetime, Status]] | None:
+        """The statuses[] rows a lookup at `at` shows, or None for ORDERCODE_NOT_FOUND."""
+        seen = bisect.bisect_right(self.times[code], at.timestamp())
+        rows = self.rows[code][:seen] if seen else None
+        self.lookups += 1
+        if self.lookups % self.CHECK_EVERY == 0 and rows != self._from_body(code, at):
+            raise RuntimeError(f"the view disagrees with the carrier's answer for {code}")
+        return rows
+
+    def _from_body(self, code: str, at: datetime) -> list[tuple[datetime, Status]] | None:
+        body = self.carrier.tracking_body(code, at)
+        if body["errorCode"] == ErrorCode.ORDERCODE_NOT_FOUND:
+            return None
+        if body["errorCode"] is not None:
+            raise RuntimeError(f"unexpected carrier error {body['errorCode']}")
+        rows = []
+        for row in body["statuses"]:
+            status = parse_status(row["status"])
+            if status is None:
+                raise RuntimeError(f"unknown status {row['status']!r}")
+            # The carrier shows 7 fractional digits; microseconds are what a datetime keeps.
+            rows.append((datetime.fromisoformat(row["time"]).astimezone(UTC), status))
+        return rows
+
+
+@dataclass
+class Shipment:
+    """One order as a poller knows it, from the carrier's answers only."""
+
+    code: str
+    key: int
+    registered_at: datetime
+    status: Status | None = None
+    entered_at: datetime | None = None
+    last_polled_at: datetime | None = None
+    # When each statuses[] row was first seen, in the carrier's order.
+    seen_at: list[float] = field(default_factory=list)
+    # Lookups per day the latest plan asks for (the scheduler's demand signal).
+    planned: float = 0.0
+
+    def state(self) -> ShipmentState:
+        return ShipmentState(
+            registered_at=self.registered_at,
+            status=self.status,
+            status_entered_at=self.entered_at,
+            last_polled_at=self.last_polled_at,
+        )
+
+
+@dataclass
+class KeyLoad:
+    """One API key's lookups: what was spent today and per carrier day."""
+
+    quota: int
+    used_today: int = 0
+    per_day: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+
+class Poller:
+    """The shared half of both pollers: the shipments, the limiter, and what lookups reveal."""
+
+    def __init__(self, view: CarrierView, keys: int, quota: int) -> None:
+        self.view = view
+        self.zone = view.carrier.workload.zone
+        self.keys = [KeyLoad(quota) for _ in range(keys)]
+        self.shipments: dict[str, Shipment] = {}
+        self.active: dict[str, Shipment] = {}
+        # Ended stays, in the order they were seen, for the model.
+        self.ended: deque[Stay] = deque()
+        self.day = ""
+
+    def add(self, code: str, key: int, at: datetime) -> Shipment:
+        shipment = Shipment(code, key, at)
+        self.shipments[code] = shipment
+        self.active[code] = shipment
+        return shipment
+
+    def allowance(self, key: int, tick_end: datetime) -> int:
+        """Lookups the limiter grants this key for the tick ending at `tick_end`."""
+        load = self.keys[key]
+        line = allowed_by(load.quota, elapsed_share(tick_end, self.zone)) - load.used_today
+        return max(0, min(line, per_second_ceiling(load.quota) * TICK_SECONDS))
+
+    def new_day(self, day: str) -> None:
+        for load in self.keys:
+            load.used_today = 0
+        self.day = day
+
+    def poll(self, shipment: Shipment, at: datetime) -> None:
+        """Look the shipment up at `at` and take in what the answer shows."""
+        load = self.keys[shipment.key]
+        load.used_today += 1
+        load.per_day[self.day] += 1
+        shipment.last_polled_at = at
+        rows = self.view.statuses(shipment.code, at)
+        if rows is None:
+            return
+        seen_ts = at.timestamp()
+        for entered, status in rows[len(shipment.seen_at) :]:
+            self.ended.append(
+                Stay(shipment.status, shipment.entered_at or shipment.registered_at, entered)
+            )
+            shipment.status, shipment.entered_at = status, entered
+            shipment.seen_at.append(seen_ts)
+        if shipment.status is not None and shipment.status.terminal:
+            del self.active[shipment.code]
+
+    def stays(self, now: datetime) -> list[Stay]:
+        """Stays entered within HISTORY of `now`, ended or still open, for fitting."""
+        cutoff = now - HISTORY
+        while self.ended and self.ended[0].entered_at < cutoff - HISTORY:
+            self.ended.popleft()
+        chosen = [s for s in self.ended if s.entered_at >= cutoff]
+        for shipment in self.active.values():
+            entered = shipment.entered_at or shipment.registered_at
+            if entered >= cutoff and shipment.last_polled_at is not None:
+                chosen.append(Stay(shipment.status, entered, None, shipment.last_polled_at))
+        return chosen
+
+
+class ProjectPoller(Poller):
+    """Polls as the worker does: due shipments by next_poll_at, most overdue first."""
+
+    def __init__(self, view: CarrierView, keys: int, quota: int, max_interval: timedelta) -> None:
+        super().__init__(view, keys, quota)
+        self.max_interval = max_interval
+        self.model = LearnedModel(timezone=view.carrier.workload.timezone)
+        self.controllers = [PriceController(quota) for _ in range(keys)]
+        self.planned = [0.0] * keys
+        self.registered = [0] * keys
+        self.due: list[list[tuple[float, int, str]]] = [[] for _ in range(keys)]
+        # Shipments already due, oldest first: entries leave the heap in time order.
+        self.ready: list[deque[tuple[float, int, str]]] = [deque() for _ in range(keys)]
+        self.serial = 0
+        self.refitted_at: datetime | None = None
+
+    def register(self, code: str, key: int, at: datetime) -> None:
+        shipment = self.add(code, key, at)
+        self.registered[key] += 1
+        self.schedule(shipment, next_poll_at(shipment.state(), self.model, 0.0))
+
+    def schedule(self, shipment: Shipment, due: datetime | None) -> None:
+        key = shipment.key
+        self.planned[key] -= shipment.planned
+        shipment.planned = 0.0
+        if due is None:
+            return
+        if shipment.last_polled_at is not None:
+            shipment.planned = planned_rate(shipment.last_polled_at, due)
+            self.planned[key] += shipment.planned
+        self.serial += 1
+        heapq.heappush(self.due[key], (due.timestamp(), self.serial, shipment.code))
+
+    def tick(self, start: datetime, end: datetime) -> None:
+        if self.refitted_at is None or end - self.refitted_at >= REFIT_EVERY:
+            self.model = fit_model(self.stays(end), self.model.timezone, self.model)
+            self.refitted_at = end
+        end_ts, start_ts = end.timestamp(), start.timestamp()
+        for key, heap in enumerate(self.due):
+            ready = self.ready[key]
+            while heap and heap[0][0] <= end_ts:
+                ready.append(heapq.heappop(heap))
+            price = self.controllers[key].price
+            for _ in range(min(self.allowance(key, end), len(ready))):
+                due_ts, _, code = ready.popleft()
+                shipment = self.shipments[code]
+                self.poll(shipment, datetime.fromtimestamp(max(due_ts, start_ts), UTC))
+                due = next_poll_at(shipment.state(), self.model, price, self.max_interval)
+                self.schedule(shipment, due)
+            self.controllers[key].observe(end, self.planned[key], self.registered[key])
+            self.registered[key] = 0
+
+
+class UniformPoller(Poller):
+    """Round-robin over the active shipments at a flat rate of the quota per day."""
+
+    def __init__(self, view: CarrierView, keys: int, quota: int) -> None:
+        super().__init__(view, keys, quota)
+        self.rings: list[deque[str]] = [deque() for _ in range(keys)]
+        self.credit = [0.0] * keys
+
+    def register(self, code: str, key: int, at: datetime) -> None:
+        self.add(code, key, at)
+        self.rings[key].append(code)
+
+    def tick(self, start: datetime, end: datetime) -> None:
+        for key, ring in enumerate(self.rings):
+            self.credit[key] += self.keys[key].quota * TICK_SECONDS / 86_400
+            polls = min(int(self.credit[key]), self.allowance(key, end), len(ring))
+            self.credit[key] -= polls
+            for i in range(polls):
+                code = ring.popleft()
+                at = start + timedelta(seconds=TICK_SECONDS * i / polls)
+                self.poll(self.shipments[code], at)
+                if code in self.active:
+                    ring.append(code)
+
+
+def simulate(
+    view: CarrierView, pollers: list[Poller], keys: int, workload: Workload, args: Any
+) -> float:
+    """Run the pollers side by side from an empty system to the end of the tail."""
+    zone = workload.zone
+    start = START.replace(tzinfo=zone).astimezone(UTC)
+    total_days = args.warmup_days + args.days + TAIL.days
+    end = start + timedelta(days=total_days)
+    arrivals: Iterator[tuple[datetime, str, str]] = generate_orders(
+        workload, start, orders_per_day=args.orders_per_day, days=total_days, seed=args.seed
+    )
+    upcoming = next(arrivals, None)
+    now = start
+    day = ""
+    step = timedelta(seconds=TICK_SECONDS)
+    serial = 0
+    while now < end:
+        tick_end = now + step
+        today = now.astimezone(zone).date().isoformat()
+        if today != day:
+            day = today
+            for poller in pollers:
+                poller.new_day(day)
+        while upcoming is not None and upcoming[0] < tick_end:
+            at, _, code = upcoming
+            key = serial % keys
+            serial += 1
+            view.add(code, f"key-{key}", at)
+            for poller in pollers:
+                poller.register(code, key, at)
+            upcoming = next(arrivals, None)
+        for poller in pollers:
+            poller.tick(now, tick_end)
+        now = tick_end
+    return end.timestamp()
+
+
+def measure(poller: Poller, window: tuple[float, float], end: float) -> dict[str, Any]:
+    """Detection delays of the transitions inside the measured window."""
+    delays: list[float] = []
+    by_exited: dict[str, list[float]] = defaultdict(list)
+    unseen = 0
+    for shipment in poller.shipments.values():
+        truth = poller.view.rows[shipment.code]
+        for k, (at, _) in enumerate(truth):
+            ts = at.timestamp()
+            if not window[0] <= ts < window[1]:
+                continue
+            if k < len(shipment.seen_at):
+                delay = shipment.seen_at[k] - ts
+            else:
+                unseen += 1
+                delay = end - ts
+            delays.append(delay)
+            by_exited[NOT_FOUND if k == 0 else truth[k - 1][1].value].append(delay)
+    delays.sort()
+    per_day = [n for load in poller.keys for n in load.per_day.values()]
+    return {
+        "transitions": len(delays),
+        "mean_detection_delay_s": round(statistics.fmean(delays), 1),
+        "p50_detection_delay_s": round(_quantile(delays, 0.50), 1),
+        "p95_detection_delay_s": round(_quantile(delays, 0.95), 1),
+        "polls": sum(per_day),
+        "max_polls_per_key_day": max(per_day),
+        "over_quota_key_days": sum(n > poller.keys[0].quota for n in per_day),
+        "unseen_at_end": unseen,
+        "mean_delay_by_exited_status_s": {
+            status: round(statistics.fmean(values), 1)
+            for status, values in sorted(by_exited.items())
+        },
+    }
+
+
+def _quantile(values: list[float], q: float) -> float:
+    return values[min(len(values) - 1, math.floor(q * len(values)))]
+
+
+def run(workload: Workload, args: Any) -> dict[str, Any]:
+    """Both pollers on one carrier; their figures by name."""
+    carrier = Carrier(workload, seed=args.seed, key_daily_quota=args.key_quota)
+    for key in range(args.keys):
+        carrier.add_account(f"account-{key}", f"key-{key}", args.key_quota)
+    view = CarrierView(carrier)
+    max_interval = timedelta(hours=args.max_interval_hours)
+    project = ProjectPoller(view, args.keys, args.key_quota, max_interval)
+    uniform = UniformPoller(view, args.keys, args.key_quota)
+    end = simulate(view, [project, uniform], args.keys, workload, args)
+    start = START.replace(tzinfo=workload.zone).timestamp()
+    window = (start + args.warmup_days * 86_400, start + (args.warmup_days + args.days) * 86_400)
+    results = {"project": measure(project, window, end), "uniform": measure(uniform, window, end)}
+    results["project"]["final_prices_s"] = [round(c.price, 1) for c in project.controllers]
+    print(json.dumps({"learned_model": project.model.to_json()}), file=sys.stderr)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workload", type=Path, required=True)
+    parser.add_argument("--keys", type=int, default=1)
+    parser.add_argument("--key-quota", type=int, default=200_000)
+    parser.add_argument("--orders-per-day", type=int, default=6000)
+    parser.add_argument("--days", type=int, default=7)
+    parser.add_argument("--warmup-days", type=int, default=6)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--max-interval-hours",
+        type=float,
+        default=DEFAULT_MAX_INTERVAL.total_seconds() / 3600,
+        help="the scheduler's ceiling on the interval between two lookups of a shipment",
+    )
+    args = parser.parse_args()
+    workload = load_workload(args.workload)
+    began = time.perf_counter()
+    results = run(workload, args)
+    summary: dict[str, Any] = {
+        "workload": workload.name,
+        "keys": args.keys,
+        "key_quota": args.key_quota,
+        "orders_per_day": args.orders_per_day,
+        "days": args.days,
+        "warmup_days": args.warmup_days,
+        "seed": args.seed,
+        "transitions": next(iter(results.values()))["transitions"],
+        **results,
+        "over_quota_key_days": sum(r["over_quota_key_days"] for r in results.values()),
+        "seconds": round(time.perf_counter() - began, 1),
+    }
+    summary["ratio_mean"] = round(
+        results["project"]["mean_detection_delay_s"] / results["uniform"]["mean_detection_delay_s"],
+        3,
+    )
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

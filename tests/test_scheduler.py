@@ -1,0 +1,336 @@
+"""The poll scheduler: its policy, what it learns from history, and the price that fits a quota.
+
+Every function takes its clock as an argument, so these tests drive simulated time directly.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from worker.domain import Status
+from worker.pacing import allowed_by, elapsed_share
+from worker.scheduler import (
+    DEFAULT_MAX_INTERVAL,
+    DwellModel,
+    LearnedModel,
+    PriceController,
+    ShipmentState,
+    Stay,
+    fit_model,
+    next_poll_at,
+    planned_rate,
+)
+
+ZONE_NAME = "Asia/Ho_Chi_Minh"
+ZONE = ZoneInfo(ZONE_NAME)
+HOUR = 3600.0
+
+
+def local(day: int, hour: float) -> datetime:
+    """A UTC time at `hour` local time on March `day`, 2026."""
+    return (datetime(2026, 3, day, tzinfo=ZONE) + timedelta(hours=hour)).astimezone(UTC)
+
+
+def local_hour(moment: datetime) -> float:
+    t = moment.astimezone(ZONE)
+    return t.hour + t.minute / 60 + t.second / 3600
+
+
+def deferred(moment: datetime, window: tuple[int, int]) -> datetime:
+    """`moment` if it falls in the local window, else the window's next opening."""
+    t = moment.astimezone(ZONE)
+    if window[0] <= t.hour < window[1]:
+        return moment
+    opening = t.replace(hour=window[0], minute=0, second=0, microsecond=0)
+    if t.hour >= window[1]:
+        opening += timedelta(days=1)
+    return opening.astimezone(UTC)
+
+
+def synthetic_stays(
+    rng: random.Random,
+    status: Status | None,
+    median_hours: float,
+    sigma: float,
+    window: tuple[int, int],
+    now: datetime,
+    count: int = 4000,
+    entry_hours: tuple[int, int] = (0, 24),
+) -> list[Stay]:
+    """Stays entered over the three days before `now`, censored at `now` if not yet ended."""
+    stays = []
+    while len(stays) < count:
+        entered = now - timedelta(seconds=rng.uniform(0, 3 * 86_400))
+        if not entry_hours[0] <= entered.astimezone(ZONE).hour < entry_hours[1]:
+            continue
+        dwell = median_hours * HOUR * math.exp(sigma * rng.gauss(0, 1))
+        exited = deferred(entered + timedelta(seconds=dwell), window)
+        if exited <= now:
+            stays.append(Stay(status, entered, exited))
+        else:
+            stays.append(Stay(status, entered, None, now))
+    return stays
+
+
+@pytest.fixture(scope="module")
+def delivering_model() -> LearnedModel:
+    """Learned from deliveries that take about 4 hours and happen from 08:00 to 20:00."""
+    stays = synthetic_stays(random.Random(5), Status.DELIVERING, 4, 0.5, (8, 20), local(20, 0))
+    return fit_model(stays, ZONE_NAME)
+
+
+def polls_of(state: ShipmentState, model: LearnedModel, price: float, count: int) -> list[datetime]:
+    """The next `count` lookups of a shipment whose status does not change."""
+    polls = []
+    for _ in range(count):
+        due = next_poll_at(state, model, price)
+        assert due is not None
+        polls.append(due)
+        state = ShipmentState(
+            registered_at=state.registered_at,
+            status=state.status,
+            status_entered_at=state.status_entered_at,
+            last_polled_at=due,
+        )
+    return polls
+
+
+def test_a_new_shipment_is_due_when_registered() -> None:
+    registered = local(2, 10)
+    state = ShipmentState(registered_at=registered)
+    assert next_poll_at(state, LearnedModel(ZONE_NAME), price=1e6) == registered
+
+
+def test_a_terminal_shipment_is_never_polled_again(delivering_model: LearnedModel) -> None:
+    state = ShipmentState(
+        registered_at=local(2, 8),
+        status=Status.DELIVERED,
+        status_entered_at=local(3, 9),
+        last_polled_at=local(3, 9.5),
+    )
+    assert next_poll_at(state, delivering_model, price=600) is None
+
+
+def test_an_unknown_order_is_polled_again_soon_then_less_and_less() -> None:
+    registered = local(2, 10)
+    stays = synthetic_stays(random.Random(1), None, 0.5, 1.0, (0, 24), local(5, 0))
+    model = fit_model(stays, ZONE_NAME)
+    state = ShipmentState(registered_at=registered, last_polled_at=registered)
+    polls = polls_of(state, model, price=300, count=30)
+    assert polls[0] - registered < timedelta(hours=1)
+    gaps = [b - a for a, b in zip([registered, *polls], polls, strict=False)]
+    # Once the usual registration delay has passed, the chance fades and the gaps widen.
+    assert gaps[2:] == sorted(gaps[2:])
+    assert polls[-1] - registered > timedelta(days=3)
+    assert gaps[-1] > timedelta(hours=12)
+
+
+@pytest.mark.parametrize("ceiling", [timedelta(hours=2), DEFAULT_MAX_INTERVAL])
+def test_no_interval_exceeds_the_ceiling(
+    delivering_model: LearnedModel, ceiling: timedelta
+) -> None:
+    polled = local(3, 9)
+    state = ShipmentState(
+        registered_at=local(2, 8),
+        status=Status.DELIVERING,
+        status_entered_at=local(3, 8.5),
+        last_polled_at=polled,
+    )
+    # A price no lookup could ever justify: only the ceiling brings the next one.
+    due = next_poll_at(state, delivering_model, price=1e9, max_interval=ceiling)
+    assert due is not None
+    assert polled < due <= polled + ceiling
+
+
+def test_the_ceiling_holds_even_for_a_status_never_seen() -> None:
+    polled = local(3, 9)
+    state = ShipmentState(
+        registered_at=local(2, 8),
+        status=Status.PENDING_FOR_RETURN,
+        status_entered_at=local(3, 8),
+        last_polled_at=polled,
+    )
+    due = next_poll_at(state, LearnedModel(ZONE_NAME), price=1e9)
+    assert due is not None
+    assert polled < due <= polled + DEFAULT_MAX_INTERVAL
+
+
+def test_it_learns_the_dwell_and_the_quiet_hours(delivering_model: LearnedModel) -> None:
+    dwell = delivering_model.for_status(Status.DELIVERING)
+    assert dwell.quiet == (20 * 3600, 8 * 3600)
+    assert math.exp(dwell.log_mu) / HOUR == pytest.approx(4, rel=0.1)
+    assert dwell.log_sigma == pytest.approx(0.5, rel=0.15)
+
+
+def test_censored_stays_keep_a_slow_status_slow() -> None:
+    now = local(20, 0)
+    stays = synthetic_stays(random.Random(2), Status.IN_TRANSIT, 30, 0.6, (0, 24), now)
+    assert sum(s.exited_at is None for s in stays) > len(stays) / 3
+    dwell = fit_model(stays, ZONE_NAME).for_status(Status.IN_TRANSIT)
+    assert math.exp(dwell.log_mu) / HOUR == pytest.approx(30, rel=0.1)
+    assert dwell.quiet is None
+
+
+def test_hours_with_no_shipment_at_risk_are_not_taken_for_quiet_ones() -> None:
+    # Orders reach the carrier only in the day, and are known within the hour: nothing exits at
+    # night because nothing waits then, not because the carrier sleeps.
+    stays = synthetic_stays(
+        random.Random(3), None, 0.3, 0.5, (0, 24), local(20, 0), entry_hours=(8, 22)
+    )
+    assert fit_model(stays, ZONE_NAME).for_status(None).quiet is None
+
+
+def test_no_lookup_falls_in_quiet_hours(delivering_model: LearnedModel) -> None:
+    for entered_hour in (8.5, 11, 14, 16.5, 19, 21, 2):
+        entered = local(3, entered_hour)
+        state = ShipmentState(
+            registered_at=local(2, 8),
+            status=Status.DELIVERING,
+            status_entered_at=entered,
+            last_polled_at=entered + timedelta(minutes=5),
+        )
+        for price in (300, 1800, 7200):
+            for due in polls_of(state, delivering_model, price, count=6):
+                hour = local_hour(due)
+                assert 8 <= hour <= 20, (entered_hour, price, due)
+
+
+def test_a_lookup_lands_at_the_close_and_just_after_the_reopening(
+    delivering_model: LearnedModel,
+) -> None:
+    entered = local(3, 15)
+    state = ShipmentState(
+        registered_at=local(2, 8),
+        status=Status.DELIVERING,
+        status_entered_at=entered,
+        last_polled_at=entered + timedelta(minutes=5),
+    )
+    polls = polls_of(state, delivering_model, price=1800, count=4)
+    assert local(3, 20) in polls
+    assert any(local(4, 8) < due <= local(4, 8.1) for due in polls)
+
+
+def test_a_shipment_out_for_delivery_overnight_waits_for_the_morning(
+    delivering_model: LearnedModel,
+) -> None:
+    entered = local(3, 19.5)
+    state = ShipmentState(
+        registered_at=local(2, 8),
+        status=Status.DELIVERING,
+        status_entered_at=entered,
+        last_polled_at=entered + timedelta(minutes=5),
+    )
+    due = next_poll_at(state, delivering_model, price=600)
+    assert due is not None
+    assert local(4, 8) < due <= local(4, 8.1)
+
+
+def test_a_shipment_young_in_a_slow_status_is_left_alone() -> None:
+    now = local(20, 0)
+    stays = synthetic_stays(random.Random(4), Status.IN_TRANSIT, 22, 0.6, (0, 24), now)
+    model = fit_model(stays, ZONE_NAME)
+    entered = local(21, 10)
+    state = ShipmentState(
+        registered_at=local(20, 8),
+        status=Status.IN_TRANSIT,
+        status_entered_at=entered,
+        last_polled_at=entered,
+    )
+    due = next_poll_at(state, model, price=1800)
+    assert due is not None
+    assert due - entered > timedelta(hours=8)
+    # Later in the same status, with transitions now likely, lookups come much closer together.
+    late = ShipmentState(
+        registered_at=local(20, 8),
+        status=Status.IN_TRANSIT,
+        status_entered_at=entered,
+        last_polled_at=entered + timedelta(hours=22),
+    )
+    later = next_poll_at(late, model, price=1800)
+    assert later is not None
+    assert later - (entered + timedelta(hours=22)) < (due - entered) / 2
+
+
+def test_a_higher_price_means_fewer_lookups(delivering_model: LearnedModel) -> None:
+    entered = local(3, 8.5)
+    state = ShipmentState(
+        registered_at=local(2, 8),
+        status=Status.DELIVERING,
+        status_entered_at=entered,
+        last_polled_at=entered,
+    )
+    cheap = polls_of(state, delivering_model, price=300, count=10)
+    dear = polls_of(state, delivering_model, price=3000, count=10)
+    assert cheap[-1] < dear[-1]
+
+
+def test_the_model_survives_json(delivering_model: LearnedModel) -> None:
+    again = LearnedModel.from_json(delivering_model.to_json())
+    assert again.timezone == ZONE_NAME
+    original = delivering_model.for_status(Status.DELIVERING)
+    copied = again.for_status(Status.DELIVERING)
+    assert copied.quiet == original.quiet
+    assert copied.log_mu == pytest.approx(original.log_mu)
+    assert copied.log_sigma == pytest.approx(original.log_sigma)
+
+
+def test_the_price_controller_survives_json() -> None:
+    controller = PriceController(daily_quota=1000)
+    controller.observe(local(2, 0), planned_per_day=500, registered=3)
+    controller.observe(local(2, 0.1), planned_per_day=5000, registered=3)
+    again = PriceController.from_json(controller.to_json())
+    assert again == controller
+
+
+def test_the_price_rises_when_demand_exceeds_the_quota_and_falls_when_it_does_not() -> None:
+    rising = PriceController(daily_quota=1000, price=100)
+    falling = PriceController(daily_quota=1000, price=100)
+    for minute in range(0, 6 * 60, 1):
+        at = local(2, minute / 60)
+        rising.observe(at, planned_per_day=4000, registered=0)
+        falling.observe(at, planned_per_day=250, registered=0)
+    assert rising.price > 150
+    assert falling.price < 80
+
+
+def test_a_closed_loop_spends_about_the_quota_and_never_more() -> None:
+    """Shipments polled through the pace line, most overdue first, at the controller's price:
+    no day spends more than the quota, and once the price has settled most of it is used."""
+    rng = random.Random(7)
+    model = LearnedModel(ZONE_NAME, {Status.IN_TRANSIT.value: DwellModel(math.log(10 * HOUR), 0.6)})
+    quota = 1500
+    controller = PriceController(daily_quota=quota)
+    start = local(2, 0)
+    due: list[tuple[float, int, ShipmentState]] = []
+    for n in range(300):
+        entered = start - timedelta(hours=rng.uniform(0, 20))
+        state = ShipmentState(entered, Status.IN_TRANSIT, entered, entered)
+        heapq.heappush(due, (start.timestamp(), n, state))
+    planned: dict[int, float] = {}
+    per_day: dict[str, int] = {}
+    now, tick = start, timedelta(minutes=5)
+    while now < start + timedelta(days=4):
+        end = now + tick
+        day = now.astimezone(ZONE).date().isoformat()
+        allowed = allowed_by(quota, elapsed_share(end, ZONE)) - per_day.get(day, 0)
+        while due and due[0][0] <= end.timestamp() and allowed > 0:
+            due_ts, n, state = heapq.heappop(due)
+            allowed -= 1
+            per_day[day] = per_day.get(day, 0) + 1
+            at = max(now, datetime.fromtimestamp(due_ts, UTC))
+            state = ShipmentState(state.registered_at, state.status, state.status_entered_at, at)
+            following = next_poll_at(state, model, controller.price)
+            assert following is not None
+            planned[n] = planned_rate(at, following)
+            heapq.heappush(due, (following.timestamp(), n, state))
+        controller.observe(end, planned_per_day=sum(planned.values()), registered=0)
+        now = end
+    spent = [per_day[day] for day in sorted(per_day)]
+    assert max(spent) <= quota
+    assert min(spent[1:]) > 0.8 * quota

@@ -116,6 +116,12 @@ class Settings(BaseSettings):
     retention_days: int = Field(
         180, gt=0, description="Days a finished shipment and its events are kept."
     )
+    stalled_floor_hours: float = Field(
+        48,
+        gt=0,
+        description="Shortest time without a new scan or status before an open shipment is "
+        "called stalled; longer where the learned normal stay in its status is longer.",
+    )
 
     @field_validator("quota_timezone")
     @classmethod

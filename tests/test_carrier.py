@@ -539,13 +539,13 @@ def test_any_json_answer_parses_or_raises_a_carrier_error(answer: dict[str, Any]
         assert outcome.order_code == ORDER
 
 
-@settings(max_examples=200, deadline=None, database=None)
+@settings(max_examples=100, deadline=None, database=None)
 @given(json_values)
 def test_any_json_value_parses_or_raises_a_carrier_error(value: object) -> None:
     parsed_or_carrier_error(body(value))
 
 
-@settings(max_examples=200, deadline=None, database=None)
+@settings(max_examples=100, deadline=None, database=None)
 @given(
     st.binary(max_size=64)
     | st.builds(
@@ -568,11 +568,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def run_async(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
-    """Runs an async test in a fresh event loop (debug mode, so misuse of the loop shows)."""
+    """Runs an async test in a fresh event loop."""
 
     @functools.wraps(test)
     def wrapper(*args: Any, **kwargs: Any) -> None:
-        asyncio.run(test(*args, **kwargs), debug=True)
+        asyncio.run(test(*args, **kwargs))
 
     return wrapper
 

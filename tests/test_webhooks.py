@@ -380,6 +380,6 @@ def test_the_sample_event_is_a_signed_status_change_marked_as_a_test() -> None:
     assert document["id"] == event_id
     assert document["type"] == "shipment.status_changed"
     assert document["data"]["test"] is True
-    assert document["data"]["new_status"] == {
-        "name": "DELIVERING", "carrier_id": 25, "code": "DANGDIPHAT",
+    assert document["data"]["status"] == {
+        "name": "DELIVERING", "id": 25, "code": "DANGDIPHAT", "tracking_name": "Đang đi phát",
     }  # fmt: skip

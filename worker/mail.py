@@ -182,7 +182,7 @@ class EventEmail:
 
 
 def _name(value: object) -> str | None:
-    # Statuses travel in an event as {"name", "carrier_id", "code"}, an account as its name.
+    # Statuses travel in an event as {"name", "id", "code", ...}, an account as its name.
     if isinstance(value, Mapping):
         value = value.get("name")
     return None if value is None else str(value)
@@ -196,11 +196,14 @@ def event_email(
     `scans` are the shipment's latest scans, newest first.
     """
     data: Mapping[str, Any] = event.data
-    delay = data.get("delay")
-    if isinstance(delay, Mapping):
+    status = data.get("status")
+    tracking_name = status.get("tracking_name") if isinstance(status, Mapping) else None
+    if "delay" in data:
+        # The event's own word on the delay, "none" included, outranks the shipment's now.
+        delay: Mapping[str, Any] = data["delay"] or {}
         code = delay.get("code")
         delay_code = int(code) if code is not None else None
-        delay_text = delay.get("text") or delay_reason(delay_code)
+        delay_text = delay.get("reason") or delay_reason(delay_code)
         delay_note = delay.get("note")
     else:
         delay_code = shipment.delay_code
@@ -214,8 +217,8 @@ def event_email(
         order_code=str(data.get("order_code") or shipment.order_code),
         account=_name(data.get("account")),
         previous_status=_name(data.get("previous_status")),
-        new_status=_name(data.get("new_status")) or shipment.status,
-        tracking_name=data.get("tracking_name") or shipment.tracking_name,
+        new_status=_name(status) or shipment.status,
+        tracking_name=tracking_name or shipment.tracking_name,
         delay_code=delay_code,
         delay_text=delay_text,
         delay_note=delay_note,

@@ -147,8 +147,10 @@ def fan_out(session: Session, event_ids: Sequence[int] | None = None, *, now: da
         chunk = rows[start : start + INSERT_CHUNK]
         # Either destination column is absent from half the rows; give every row both keys.
         chunk = [{"endpoint_id": None, "recipient_id": None, **row} for row in chunk]
-        result = session.execute(pg_insert(Delivery).values(chunk).on_conflict_do_nothing())
-        created += result.rowcount  # type: ignore[attr-defined]
+        made = session.scalars(
+            pg_insert(Delivery).values(chunk).on_conflict_do_nothing().returning(Delivery.id)
+        ).all()
+        created += len(made)
     session.execute(
         update(OutboxEvent)
         .where(OutboxEvent.id.in_([e.id for e in events]))

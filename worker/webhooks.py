@@ -430,7 +430,7 @@ def sample_event(now: datetime) -> tuple[str, bytes]:
         "test": True,
         "order_code": "TEST0000001",
         "previous_status": _status(Status.IN_TRANSIT),
-        "new_status": _status(Status.DELIVERING),
+        "status": _status(Status.DELIVERING) | {"tracking_name": "Đang đi phát"},
         "event_time": now.isoformat(),
         "seen_at": now.isoformat(),
         "sequence": 1,
@@ -439,7 +439,7 @@ def sample_event(now: datetime) -> tuple[str, bytes]:
 
 
 def _status(status: Status) -> dict[str, Any]:
-    return {"name": status.value, "carrier_id": status.carrier_id, "code": status.code}
+    return {"name": status.value, "id": status.carrier_id, "code": status.code}
 
 
 class UnknownEndpoint(LookupError):

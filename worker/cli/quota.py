@@ -1,0 +1,55 @@
+"""`shipmon quota`: how each API key is spending its carrier day."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import redis
+import typer
+from rich.table import Table
+
+from worker.cli.common import console, fail, print_json, servers, session, settings
+from worker.quota import QuotaLimiter
+
+
+def quota(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+) -> None:
+    """Show per key: used today, allowed by now, the last hour's pace, projected end of day,
+    and whether it is paused and why; then the total of all keys."""
+    client: redis.Redis[bytes] = redis.Redis.from_url(servers().redis_url)
+    try:
+        with session() as s:
+            lines = QuotaLimiter(client, settings()).status(s)
+    except redis.RedisError as exc:
+        fail(f"cannot reach Redis: {exc}")
+    finally:
+        client.close()
+    if as_json:
+        print_json([line.as_dict() for line in lines])
+        return
+    table = Table(
+        "account",
+        "api key",
+        "used today",
+        "allowed by now",
+        "daily quota",
+        "last hour",
+        "projected",
+        "paused until",
+        "why",
+    )
+    for line in lines:
+        row = line.as_dict()
+        table.add_row(
+            row["account"] or "[bold]all keys[/]",
+            row["api_key"] or "",
+            f"{line.used_today:,}",
+            f"{line.allowed_now:,}",
+            f"{line.daily_quota:,}",
+            f"{line.last_hour:,}",
+            f"{line.projected:,}",
+            row["paused_until"] or "",
+            line.pause_reason or "",
+        )
+    console.print(table)

@@ -61,6 +61,15 @@ class PollContext:
     price: float
     max_interval: timedelta
 
+    def due_in(self, delay: timedelta) -> datetime:
+        """`delay` from now, but never beyond the longest interval allowed."""
+        return self.now + min(delay, self.max_interval)
+
+    def plan(self, state: ShipmentState) -> datetime:
+        """When the scheduler wants this shipment polled next, within the ceiling."""
+        planned = next_poll_at(state, self.model, self.price, self.max_interval)
+        return min(planned or self.now + self.max_interval, self.now + self.max_interval)
+
 
 @dataclass
 class Applied:
@@ -399,7 +408,7 @@ def _schedule_after_result(shipment: Shipment, ctx: PollContext) -> None:
     if status is not None and status.terminal:
         if shipment.terminal_at is None:
             shipment.terminal_at = shipment.status_changed_at or ctx.now
-            shipment.next_poll_at = ctx.now + SETTLE_DELAY
+            shipment.next_poll_at = ctx.due_in(SETTLE_DELAY)
         else:
             shipment.active = False
             shipment.stopped_reason = status.value
@@ -410,8 +419,7 @@ def _schedule_after_result(shipment: Shipment, ctx: PollContext) -> None:
         status_entered_at=shipment.status_changed_at,
         last_polled_at=ctx.now,
     )
-    planned = next_poll_at(state, ctx.model, ctx.price, ctx.max_interval)
-    shipment.next_poll_at = planned if planned is not None else ctx.now + ctx.max_interval
+    shipment.next_poll_at = ctx.plan(state)
 
 
 # -- a failure -------------------------------------------------------------------------------
@@ -432,13 +440,12 @@ def _apply_failure(
             _stop(shipment, recorder, EventType.NOT_FOUND, shipment.last_error_code)
         else:
             state = ShipmentState(registered_at=shipment.registered_at, last_polled_at=ctx.now)
-            planned = next_poll_at(state, ctx.model, ctx.price, ctx.max_interval)
-            shipment.next_poll_at = planned or ctx.now + ctx.max_interval
+            shipment.next_poll_at = ctx.plan(state)
         return Applied(recorder.events)
     if error.retryable or isinstance(error, OrderCodeNotFound):
         # Says nothing about the shipment (or a known order briefly unknown): back off.
         shipment.consecutive_errors += 1
-        shipment.next_poll_at = ctx.now + error_backoff(shipment.consecutive_errors)
+        shipment.next_poll_at = ctx.due_in(error_backoff(shipment.consecutive_errors))
         return Applied(recorder.events)
     # Not in this account, lookup period over, or a code the carrier can never accept.
     _stop(shipment, recorder, EventType.POLLING_STOPPED, shipment.last_error_code)

@@ -26,7 +26,7 @@ from worker.models import Account, Shipment
 log = logging.getLogger(__name__)
 
 Outcome = TrackingResult | CarrierError
-PauseForLimit = Callable[[Session, Account, datetime], None]
+PauseForLimit = Callable[[Session, Account, datetime], object]
 
 
 @dataclass

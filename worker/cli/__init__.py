@@ -8,6 +8,7 @@ from worker.cli.accounts import account_app, db_app
 from worker.cli.intake import track
 from worker.cli.notifications import email_app, endpoint_app, webhooks_app
 from worker.cli.quota import quota
+from worker.cli.run import run, sandbox
 
 app = typer.Typer(
     name="shipmon",
@@ -22,6 +23,8 @@ app.command()(quota)
 app.add_typer(endpoint_app, name="endpoint")
 app.add_typer(email_app, name="email")
 app.add_typer(webhooks_app, name="webhooks")
+app.command()(run)
+app.command()(sandbox)
 
 
 def main() -> None:

@@ -1,0 +1,179 @@
+"""End to end: `shipmon run` (real Celery worker and beat processes) against the sandbox.
+
+A few hundred orders live their whole lifecycles on a sandbox clock running thousands of times
+faster than real time. Every shipment's recorded history must equal the carrier's, terminal
+shipments must stop being polled, and every transition must have exactly one outbox event.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from celery import Celery
+from sqlalchemy import create_engine, text
+
+from tests.conftest import RunServers
+from worker.carrier import parse_tracking
+
+pytestmark = pytest.mark.e2e
+
+ORDERS = 200
+SPEED = 20_000.0
+DEADLINE_S = 150.0
+
+# A quick population: lifecycles of a few sandbox hours, moving at any hour, always found.
+WORKLOAD = {
+    "name": "e2e",
+    "timezone": "Asia/Ho_Chi_Minh",
+    "orders_per_day": 1000,
+    "days": 1,
+    "accounts": [{"name": "e2e", "share": 1.0}],
+    "initial": "ACCEPTED",
+    "registration": {"unknown_hours": {"lognormal": {"median": 0.3, "sigma": 0.5}},
+                     "never_found": 0.0},
+    "statuses": {
+        "ACCEPTED": {"dwell_hours": {"lognormal": {"median": 2, "sigma": 0.5}},
+                     "active_hours": [0, 24], "next": {"PICKED_UP": 0.95, "CANCEL": 0.05},
+                     "scans_per_day": 0},
+        "PICKED_UP": {"dwell_hours": {"lognormal": {"median": 2, "sigma": 0.5}},
+                      "active_hours": [0, 24], "next": {"IN_TRANSIT": 1.0}, "scans_per_day": 4},
+        "IN_TRANSIT": {"dwell_hours": {"lognormal": {"median": 4, "sigma": 0.5}},
+                       "active_hours": [0, 24], "next": {"DELIVERING": 0.98, "LOST": 0.02},
+                       "scans_per_day": 6},
+        "DELIVERING": {"dwell_hours": {"lognormal": {"median": 2, "sigma": 0.5}},
+                       "active_hours": [0, 24],
+                       "next": {"DELIVERED": 0.8, "PENDING_FOR_PROCEED": 0.2},
+                       "scans_per_day": 2},
+        "PENDING_FOR_PROCEED": {"dwell_hours": {"lognormal": {"median": 3, "sigma": 0.5}},
+                                "active_hours": [0, 24],
+                                "next": {"DELIVERING": 0.6, "PENDING_FOR_RETURN": 0.4},
+                                "delay_codes": {"2": 0.5, "12": 0.5}, "scans_per_day": 2},
+        "PENDING_FOR_RETURN": {"dwell_hours": {"lognormal": {"median": 3, "sigma": 0.5}},
+                               "active_hours": [0, 24], "next": {"RETURNED": 1.0},
+                               "scans_per_day": 2},
+    },
+    "faults": {"http_500": 0.0, "timeout": 0.0, "malformed": 0.0},
+}  # fmt: skip
+
+
+@dataclass
+class Sandbox:
+    process: subprocess.Popen[str]
+    base_url: str
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
+    workload = tmp_path / "workload.json"
+    workload.write_text(json.dumps(WORKLOAD))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "worker", "sandbox", "--port", "0", "--speed", str(SPEED),
+         "--seed", "11", "--workload", str(workload)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        match = re.search(r"http://127\.0\.0\.1:\d+", line)
+        assert match, f"sandbox did not start: {line!r}"
+        yield Sandbox(process, match.group(0))
+    finally:
+        process.terminate()
+        process.wait(10)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+@pytest.fixture
+def system(servers: RunServers, tmp_path: Path, sandbox: Sandbox) -> Iterator[dict[str, str]]:
+    env = servers.env(
+        SHIPMON_HOME=str(tmp_path / "home"),
+        SHIPMON_CARRIER_BASE_URL=sandbox.base_url,
+        SHIPMON_MAX_POLL_INTERVAL="1",
+        SHIPMON_KEY_DAILY_QUOTA="100000000",
+        SHIPMON_GLOBAL_DAILY_QUOTA="100000000",
+        SHIPMON_LOG_LEVEL="WARNING",
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "worker", "run", "--concurrency", "2"], env=env,
+        stdout=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        yield env
+    finally:
+        process.terminate()  # `shipmon run` stops its worker and beat processes
+        process.wait(60)
+
+
+def test_every_transition_is_recorded_once_and_announced_once(
+    request: pytest.FixtureRequest, servers: RunServers, sandbox: Sandbox, system: dict[str, str]
+) -> None:
+    name = f"e2e-{secrets.token_hex(3)}"
+    api_key = f"E2E-{secrets.token_hex(8)}"
+    admin = httpx.Client(base_url=sandbox.base_url, timeout=10)
+    request.addfinalizer(admin.close)
+    admin.post("/_sandbox/accounts", json={"name": name, "apikey": api_key}).raise_for_status()
+    codes = [f"E2E{secrets.token_hex(3).upper()}{i:04d}" for i in range(ORDERS)]
+    for code in codes:
+        admin.post("/_sandbox/orders", json={"apikey": api_key, "order_code": code})
+
+    added = subprocess.run(
+        [sys.executable, "-m", "worker", "account", "add", name, "--api-key", api_key],
+        env=system, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    # Intake by Celery task name, as a merchant's backend would, with no import of shipmon.
+    client = Celery(broker=system["SHIPMON_REDIS_URL"], backend=system["SHIPMON_REDIS_URL"])
+    answer = client.send_task("shipmon.register_orders", args=[name, codes]).get(timeout=60)
+    assert len(answer["registered"]) == ORDERS
+    client.close()
+
+    engine = create_engine(servers.database_url)
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        with engine.connect() as conn:
+            open_ = conn.scalar(
+                text("SELECT count(*) FROM shipments s JOIN accounts a ON a.id = s.account_id "
+                     "WHERE a.name = :n AND s.active"), {"n": name})  # fmt: skip
+        if open_ == 0:
+            break
+        assert time.monotonic() < deadline, f"{open_} shipments still open"
+        time.sleep(1)
+
+    checked = 0
+    with engine.connect() as conn:
+        for code in codes:
+            truth = admin.get(f"/_sandbox/orders/{code}").json()
+            carrier = parse_tracking(json.dumps(truth["tracking"]).encode(), code)
+            expected = [(e.status.value if e.status else None, e.time) for e in carrier.statuses]
+            recorded = conn.execute(
+                text("SELECT e.status, e.occurred_at FROM status_events e "
+                     "JOIN shipments s ON s.id = e.shipment_id "
+                     "JOIN accounts a ON a.id = s.account_id "
+                     "WHERE a.name = :n AND s.order_code = :c ORDER BY e.occurred_at"),
+                {"n": name, "c": code},
+            ).all()  # fmt: skip
+            assert [tuple(r) for r in recorded] == expected, code
+            announced = conn.execute(
+                text("SELECT o.data FROM outbox_events o JOIN shipments s ON s.id = o.shipment_id "
+                     "JOIN accounts a ON a.id = s.account_id WHERE a.name = :n "
+                     "AND s.order_code = :c AND o.type = 'shipment.status_changed' "
+                     "ORDER BY o.sequence"),
+                {"n": name, "c": code},
+            ).scalars().all()  # fmt: skip
+            names = [d["status"]["name"] for d in announced]
+            assert names == [status for status, _ in expected], code
+            assert expected[-1][0] in ("DELIVERED", "RETURNED", "LOST", "CANCEL", "CONFISCATED")
+            checked += 1
+    engine.dispose()
+    assert checked == ORDERS

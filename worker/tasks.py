@@ -1,0 +1,162 @@
+"""Celery tasks: thin wrappers that give the core functions their sessions, clients and clock.
+
+Each task states its delivery guarantees. Follow-up tasks are sent only after the transaction
+that made them necessary has committed, so a worker never acts on data it cannot see yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import redis
+from celery import Task
+from sqlalchemy.orm import Session, sessionmaker
+
+from worker.carrier import CarrierClient
+from worker.celery import POLL_TIME_LIMIT, TASK_TIME_LIMIT, app
+from worker.config import Settings, get_settings
+from worker.db import session_factory
+from worker.dispatch import Claim, dispatch
+from worker.embedded import Servers, resolve
+from worker.intake import register_orders as register
+from worker.learning import PlanCache, pollable_accounts, relearn, update_prices
+from worker.outbox import fan_out_and_deliver
+from worker.poller import poll_claim
+from worker.quota import QuotaLimiter, effective_daily_quota
+
+log = logging.getLogger(__name__)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class _Process:
+    """What one worker process keeps between tasks: sessions, Redis, an event loop, a client.
+
+    Made on first use after the fork, so prefork children never share a connection.
+    """
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.settings: Settings = get_settings()
+        self.servers: Servers = resolve(self.settings)
+        self.sessions: sessionmaker[Session] = session_factory(self.servers.database_url)
+        self.redis: redis.Redis[bytes] = redis.Redis.from_url(self.servers.redis_url)
+        self.limiter = QuotaLimiter(self.redis, self.settings)
+        self.plans = PlanCache(self.settings.quota_timezone)
+        # One loop per process, kept across tasks, so the carrier client's pool is reused.
+        self.runner = asyncio.Runner()
+        self.carrier = CarrierClient(
+            self.settings.carrier_base_url, max_connections=self.settings.poll_concurrency
+        )
+
+    @property
+    def max_interval(self) -> timedelta:
+        seconds = self.settings.max_poll_interval
+        return timedelta(seconds=seconds) if seconds else timedelta(hours=24)
+
+
+_process: _Process | None = None
+
+
+def process() -> _Process:
+    global _process
+    if _process is None or _process.pid != os.getpid():
+        _process = _Process()
+    return _process
+
+
+class ShipmonTask(Task):  # type: ignore[misc]
+    """Every task: acknowledged late, redelivered if its worker dies, no stored result."""
+
+    acks_late = True
+    reject_on_worker_lost = True
+    ignore_result = True
+
+
+@app.task(name="shipmon.register_orders", base=ShipmonTask, ignore_result=False, time_limit=120)
+def register_orders(account: str, order_codes: list[str]) -> dict[str, Any]:
+    """Register order codes; returns what was registered, already known, and refused."""
+    with process().sessions.begin() as session:
+        return register(session, account, order_codes).as_dict()
+
+
+@app.task(name="shipmon.dispatch", base=ShipmonTask, time_limit=60, expires=10)
+def dispatch_due() -> int:
+    """Claim what may be polled now and hand it to poll tasks; returns the batches sent."""
+    p = process()
+    now = utcnow()
+    with p.sessions.begin() as session:
+        claims = dispatch(
+            session,
+            now,
+            daily_quota=lambda account: effective_daily_quota(account, p.settings),
+            grant=lambda s, account_id, wanted, quota: p.limiter.acquire(
+                s, account_id, quota, wanted
+            ),
+            refund=lambda s, account_id, n: p.limiter.refund(s, account_id, n),
+        )
+    for claim in claims:
+        poll.delay(*claim.as_task_args())
+    return len(claims)
+
+
+@app.task(name="shipmon.poll", base=ShipmonTask, time_limit=POLL_TIME_LIMIT)
+def poll(account_id: int, shipment_ids: list[int], leased_until: str) -> int:
+    """Poll one claimed batch and apply the answers; returns how many were polled."""
+    p = process()
+    claim = Claim(account_id, shipment_ids, datetime.fromisoformat(leased_until))
+    report = p.runner.run(
+        poll_claim(
+            p.sessions,
+            p.carrier,
+            claim,
+            secret_key=p.servers.secret_key,
+            plans=p.plans,
+            max_interval=p.max_interval,
+            concurrency=p.settings.poll_concurrency,
+            pause_for_limit=p.limiter.pause_for_limit,
+            clock=utcnow,
+        )
+    )
+    if report.event_ids:
+        app.send_task("shipmon.deliver", args=[report.event_ids])
+    return report.polled
+
+
+@app.task(name="shipmon.update_prices", base=ShipmonTask, time_limit=60, expires=50)
+def prices() -> None:
+    """Steer each key's lookup price towards its daily quota."""
+    p = process()
+    with p.sessions.begin() as session:
+        quotas = {
+            a.id: effective_daily_quota(a, p.settings) for a in pollable_accounts(session, utcnow())
+        }
+        update_prices(session, quotas, utcnow())
+
+
+@app.task(name="shipmon.relearn", base=ShipmonTask, time_limit=300, expires=600)
+def learn() -> None:
+    """Refit the scheduler's model from recent history."""
+    p = process()
+    with p.sessions.begin() as session:
+        relearn(session, p.settings.quota_timezone, utcnow())
+
+
+@app.task(name="shipmon.deliver", base=ShipmonTask, time_limit=TASK_TIME_LIMIT)
+def deliver(event_ids: list[int]) -> int:
+    """Fan new events out to their endpoints and recipients, and deliver what is due."""
+    p = process()
+    return fan_out_and_deliver(p.sessions, p.settings, event_ids, secret_key=p.servers.secret_key)
+
+
+@app.task(name="shipmon.sweep_deliveries", base=ShipmonTask, time_limit=TASK_TIME_LIMIT, expires=10)
+def sweep_deliveries() -> int:
+    """The safety net: events never fanned out, and retries that have come due."""
+    p = process()
+    return fan_out_and_deliver(p.sessions, p.settings, None, secret_key=p.servers.secret_key)

@@ -201,7 +201,9 @@ class World:
             receiver.secret = secret
             return endpoint.id
 
-    def event(self, shipment_id: int, type_: str = EventType.STATUS_CHANGED) -> tuple[int, str]:
+    def event(
+        self, shipment_id: int, type_: str = EventType.STATUS_CHANGED, **data: Any
+    ) -> tuple[int, str]:
         """An outbox event the way the poll pipeline writes it; returns (id, event_id)."""
         with self.sessions.begin() as s:
             shipment = s.get_one(Shipment, shipment_id, with_for_update=True)
@@ -225,7 +227,7 @@ class World:
                     "event_time": T0.isoformat(),
                     "seen_at": T0.isoformat(),
                     "delay": None,
-                },
+                } | data,
             )  # fmt: skip
             s.add(event)
             s.flush()

@@ -263,8 +263,9 @@ def event_message(
     """The message for one recipient; `message_id` stays the same across retries."""
     subject, text, html = render_event_email(settings, email)
     message = _message(settings, to, subject, message_id)
-    message.set_content(text)
-    message.add_alternative(html, subtype="html")
+    # Quoted-printable keeps Vietnamese text intact through servers without 8BITMIME.
+    message.set_content(text, cte="quoted-printable")
+    message.add_alternative(html, subtype="html", cte="quoted-printable")
     return message
 
 
@@ -290,5 +291,5 @@ def send_ops_alert(settings: Settings, to: str, subject: str, body: str) -> None
         return
     domain = settings.email_from.rpartition("@")[2] or "localhost"
     message = _message(settings, to, subject, make_msgid(domain=domain))
-    message.set_content(body)
+    message.set_content(body, cte="quoted-printable")
     send_message(settings, message)

@@ -1,0 +1,250 @@
+"""`shipmon show`, `shipmon stats` and `shipmon metrics`: the ops views."""
+
+from __future__ import annotations
+
+import os
+import signal
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import redis
+import typer
+from rich.table import Table
+
+from worker.cli.common import console, fail, print_json, servers, session, settings
+from worker.metrics import MULTIPROC_DIR, serve
+from worker.ops import ShipmentNotFound, ShipmentStory, Stats, collect_stats, shipment_story
+from worker.quota import QuotaLimiter
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
+
+
+def _when(value: str | None) -> str:
+    """An ISO-8601 UTC time from `as_dict`, shortened for a table."""
+    if value is None:
+        return ""
+    return datetime.fromisoformat(value).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def show(
+    order_code: Annotated[str, typer.Argument(help="The order code.", metavar="CODE")],
+    account: Annotated[
+        str | None, typer.Option(help="The account, when the code is in several.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show a shipment: its state, status and scan history, delays, and every notification."""
+    with session() as s:
+        try:
+            story = shipment_story(s, order_code, account)
+        except ShipmentNotFound as exc:
+            fail(str(exc), code=1)
+    data = story.as_dict()
+    if as_json:
+        print_json(data)
+        return
+    _print_story(story, data)
+
+
+def _print_story(story: ShipmentStory, data: dict[str, Any]) -> None:
+    current = data["current"]
+    status = current["status"]
+    state = "watched" if current["active"] else f"stopped ({_text(current['stopped_reason'])})"
+    console.print(
+        f"[bold]{story.order_code}[/] of {story.account}: [bold]{_text(status['name'])}[/] "
+        f"({_text(status['id'])} {_text(status['code'])}) {_text(status['tracking_name'])}",
+        highlight=False,
+    )
+    facts = Table(show_header=False, box=None)
+    facts.add_row("status since", _when(current["status_changed_at"]))
+    facts.add_row("last scan", _when(current["last_scan_at"]))
+    if current["delay"] is not None:
+        delay = current["delay"]
+        note = f" ({delay['note']})" if delay["note"] else ""
+        facts.add_row("delay", f"{delay['code']}: {delay['reason']}{note}")
+    if current["stalled_at"] is not None:
+        facts.add_row("stalled since", _when(current["stalled_at"]))
+    facts.add_row("polling", state)
+    facts.add_row("registered", _when(current["registered_at"]))
+    facts.add_row("last poll", _when(current["last_polled_at"]))
+    facts.add_row("next poll", _when(current["next_poll_at"]) if current["active"] else "")
+    facts.add_row("polls made", str(current["polls_made"]))
+    if current["last_error_code"]:
+        facts.add_row(
+            "last error", f"{current['last_error_code']} ({current['consecutive_errors']} in a row)"
+        )
+    console.print(facts)
+
+    statuses = Table("time (UTC)", "status", "id", "code", "carrier's words", title="statuses")
+    for row in data["statuses"]:
+        statuses.add_row(
+            _when(row["occurred_at"]),
+            row["status"],
+            _text(row["status_id"]),
+            _text(row["status_code"]),
+            _text(row["tracking_name"]),
+        )
+    console.print(statuses)
+
+    scans = Table("time (UTC)", "scan", "post office", "province", "notes", title="scans")
+    for row in data["scans"]:
+        scans.add_row(
+            _when(row["occurred_at"]),
+            _text(row["status_name"]),
+            _text(row["post_office"]),
+            _text(row["province"]),
+            _text(row["notes"]),
+        )
+    console.print(scans)
+
+    if data["delays"]:
+        delays = Table("seen (UTC)", "code", "reason", "note", title="delays")
+        for row in data["delays"]:
+            delays.add_row(
+                _when(row["seen_at"]), _text(row["code"]), _text(row["reason"]), _text(row["note"])
+            )
+        console.print(delays)
+
+    notifications = Table(
+        "#", "event", "type", "created (UTC)", "sent to", "state", "attempts", title="notifications"
+    )
+    for event in data["notifications"]:
+        deliveries = event["deliveries"] or [None]
+        created = _when(event["created_at"])
+        for i, delivery in enumerate(deliveries):
+            # The event's columns on its first delivery's line only.
+            head = (str(event["sequence"]), event["event_id"], event["type"], created)
+            if i > 0:
+                head = ("", "", "", "")
+            if delivery is None:
+                notifications.add_row(*head, "(no destination)", "", "")
+                continue
+            notifications.add_row(
+                *head,
+                f"{delivery['channel']} {delivery['destination']}",
+                delivery["state"],
+                "; ".join(_attempt(a) for a in delivery["attempts"]),
+            )
+    console.print(notifications)
+
+
+def _attempt(attempt: dict[str, Any]) -> str:
+    answer = (
+        f"HTTP {attempt['status_code']}" if attempt["status_code"] is not None else attempt["error"]
+    )
+    return f"{_when(attempt['attempted_at'])} {answer} {attempt['duration_ms']} ms"
+
+
+def stats(as_json: JsonOption = False) -> None:
+    """Show shipments by status and account, quota use, the poll backlog, the last 24 hours'
+    transitions and delays, failing endpoints and stalled shipments."""
+    client: redis.Redis[bytes] = redis.Redis.from_url(servers().redis_url)
+    try:
+        with session() as s:
+            quota = QuotaLimiter(client, settings()).status(s)
+            result = collect_stats(s, datetime.now(UTC), quota)
+    except redis.RedisError as exc:
+        fail(f"cannot reach Redis: {exc}")
+    finally:
+        client.close()
+    data = result.as_dict()
+    if as_json:
+        print_json(data)
+        return
+    _print_stats(result, data)
+
+
+def _print_stats(result: Stats, data: dict[str, Any]) -> None:
+    shipments = Table("account", "status", "watched", "finished or stopped", title="shipments")
+    for row in data["shipments"]:
+        shipments.add_row(
+            row["account"], row["status"] or "(not found yet)", str(row["open"]), str(row["closed"])
+        )
+    console.print(shipments)
+
+    quota = Table("account", "polls today", "allowed by now", "daily quota", title="quota today")
+    for line in result.quota:
+        quota.add_row(
+            line.account or "[bold]all keys[/]",
+            f"{line.used_today:,}",
+            f"{line.allowed_now:,}",
+            f"{line.daily_quota:,}",
+        )
+    console.print(quota)
+
+    oldest = data["oldest_overdue"]
+    backlog = f"due now: {result.due:,}"
+    if oldest is not None:
+        backlog += (
+            f"; oldest overdue: {oldest['order_code']} of {oldest['account']}, due since "
+            f"{_when(oldest['due_at'])} UTC ({oldest['overdue_seconds'] / 60:,.0f} min)"
+        )
+    console.print(backlog, highlight=False)
+
+    transitions = Table("from", "to", "count", title="transitions, last 24 h")
+    for row in data["transitions"]:
+        transitions.add_row(
+            row["from_status"] or "(new)", _text(row["to_status"]), str(row["count"])
+        )
+    console.print(transitions)
+
+    delays = Table("code", "reason", "count", title="delays, last 24 h")
+    for row in data["delays"]:
+        delays.add_row(_text(row["code"]), _text(row["reason"]), str(row["count"]))
+    console.print(delays)
+
+    endpoints = Table("id", "account", "url", "state", "pending", "dead", title="failing endpoints")
+    for row in data["failing_endpoints"]:
+        state = (
+            f"failing since {_when(row['failing_since'])}"
+            if row["enabled"]
+            else f"disabled: {_text(row['disabled_reason'])}"
+        )
+        endpoints.add_row(
+            str(row["id"]), row["account"], row["url"], state, str(row["pending"]), str(row["dead"])
+        )
+    console.print(endpoints)
+
+    stalled = Table(
+        "account", "order", "status", "last change", "stalled since",
+        title=f"stalled shipments: {result.stalled:,}",
+    )  # fmt: skip
+    for row in data["stalled_oldest"]:
+        stalled.add_row(
+            row["account"],
+            row["order_code"],
+            _text(row["status"]),
+            _when(row["last_change_at"]),
+            _when(row["stalled_at"]),
+        )
+    console.print(stalled)
+
+
+def metrics(
+    port: Annotated[int, typer.Option(help="Port to serve /metrics on (0: any free port).")] = 9808,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+) -> None:
+    """Serve the worker processes' Prometheus metrics, summed from PROMETHEUS_MULTIPROC_DIR."""
+    if not os.environ.get(MULTIPROC_DIR):
+        fail(
+            f"set {MULTIPROC_DIR} to the folder the worker processes write their metrics to "
+            "(the same value in their environment and in this command's)"
+        )
+    try:
+        server, thread = serve(port, host)
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port")
+    # Printed, and flushed, so whoever started this command can read the port it chose.
+    print(f"serving metrics on http://{host}:{server.server_port}/metrics", flush=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        thread.join()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -1,0 +1,608 @@
+"""The ops views: one shipment's whole story, the system at a glance, stalls and retention.
+
+Plain functions over the caller's session, shared by `shipmon show`, `shipmon stats`, the
+periodic tasks and the metrics. The SQL views of migration 0004 answer the same questions for
+people who query the tables directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, is_dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import case, delete, func, literal, or_, select, text
+from sqlalchemy.orm import Session
+
+from worker.apply import EventRecorder
+from worker.domain import TERMINAL_STATUSES, EventType
+from worker.models import (
+    Account,
+    Delivery,
+    DeliveryAttempt,
+    EmailRecipient,
+    OutboxEvent,
+    Shipment,
+    StatusEvent,
+    TrackingEvent,
+    WebhookEndpoint,
+)
+from worker.quota import KeyStatus
+
+# The stay in a status that counts as normal: longer than 95 of 100 recent stays.
+NORMAL_STAY_QUANTILE = 0.95
+# Stays that began within this window teach what is normal; older ones describe another season.
+NORMAL_STAY_WINDOW = timedelta(days=14)
+# Below this many recent stays a status's 95th percentile is noise; the floor alone applies.
+MIN_STAYS = 20
+# What `shipmon stats` counts as recent, and how many stalled shipments it names.
+RECENT = timedelta(hours=24)
+STALLED_SHOWN = 20
+# Finished shipments deleted per call of `purge_finished`, so each transaction stays short.
+PURGE_BATCH = 500
+
+
+class ShipmentNotFound(LookupError):
+    """No shipment has that order code (in that account); the message says what to try."""
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.astimezone(UTC).isoformat() if moment is not None else None
+
+
+def _jsonable(value: Any) -> Any:
+    """Dataclasses, lists and dicts with datetimes as ISO-8601 UTC strings, for `--json`."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(asdict(value))
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, datetime):
+        return _iso(value)
+    return value
+
+
+# -- one shipment ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StatusRecord:
+    """A status the shipment entered, as the carrier's history shows it."""
+
+    status: str
+    status_id: int | None
+    status_code: str | None
+    tracking_name: str | None
+    occurred_at: datetime
+    seen_at: datetime
+
+
+@dataclass(frozen=True)
+class ScanRecord:
+    """A scan at a post office."""
+
+    status_id: int | None
+    status_name: str | None
+    post_office: str | None
+    province: str | None
+    occurred_at: datetime | None
+    notes: str | None
+    seen_at: datetime
+
+
+@dataclass(frozen=True)
+class DelayRecord:
+    """A delay the carrier reported, with its reason, when shipmon saw it."""
+
+    code: int | None
+    reason: str | None
+    note: str | None
+    seen_at: datetime
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    """One try at sending a notification."""
+
+    attempted_at: datetime
+    status_code: int | None
+    duration_ms: int
+    error: str | None
+
+
+@dataclass(frozen=True)
+class DeliveryRecord:
+    """A notification on its way to one webhook endpoint or email address."""
+
+    channel: str  # "webhook" or "email"
+    destination: str
+    state: str
+    next_attempt_at: datetime
+    completed_at: datetime | None
+    attempts: list[AttemptRecord]
+
+
+@dataclass(frozen=True)
+class NotificationRecord:
+    """An outbox event of the shipment and every delivery made of it."""
+
+    event_id: str
+    type: str
+    sequence: int
+    created_at: datetime
+    deliveries: list[DeliveryRecord]
+
+
+@dataclass(frozen=True)
+class ShipmentStory:
+    """Everything shipmon knows about one shipment: `shipmon show`."""
+
+    account: str
+    order_code: str
+    current: dict[str, Any]
+    statuses: list[StatusRecord]
+    scans: list[ScanRecord]
+    delays: list[DelayRecord]
+    notifications: list[NotificationRecord]
+
+    def as_dict(self) -> dict[str, Any]:
+        result: dict[str, Any] = _jsonable(self)
+        return result
+
+
+def _current(shipment: Shipment) -> dict[str, Any]:
+    delay = None
+    if shipment.delay_code is not None:
+        delay = {
+            "code": shipment.delay_code,
+            "reason": shipment.delay_reason,
+            "note": shipment.delay_note,
+        }
+    return {
+        "status": {
+            "name": shipment.status,
+            "id": shipment.status_id,
+            "code": shipment.status_code,
+            "tracking_name": shipment.tracking_name,
+        },
+        "status_changed_at": shipment.status_changed_at,
+        "last_scan_at": shipment.last_scan_at,
+        "delay": delay,
+        "receiver_name": shipment.receiver_name,
+        "delivery_date": shipment.delivery_date,
+        "delivery_notes": shipment.delivery_notes,
+        "confirm_images": shipment.confirm_images or [],
+        "active": shipment.active,
+        "stopped_reason": shipment.stopped_reason,
+        "stalled_at": shipment.stalled_at,
+        "registered_at": shipment.registered_at,
+        "found_at": shipment.found_at,
+        "terminal_at": shipment.terminal_at,
+        "last_polled_at": shipment.last_polled_at,
+        "next_poll_at": shipment.next_poll_at,
+        "polls_made": shipment.polls_made,
+        "consecutive_errors": shipment.consecutive_errors,
+        "last_error_code": shipment.last_error_code,
+    }
+
+
+def find_shipment(session: Session, order_code: str, account: str | None = None) -> Shipment:
+    """The shipment with this order code, in `account` when the code is in several accounts."""
+    query = select(Shipment, Account.name).join(Account).where(Shipment.order_code == order_code)
+    if account is not None:
+        query = query.where(Account.name == account)
+    found = session.execute(query.order_by(Account.name)).all()
+    if not found:
+        where = f" in account {account!r}" if account is not None else ""
+        raise ShipmentNotFound(
+            f"no shipment {order_code!r}{where}; register it with: shipmon track --account NAME "
+            f"{order_code}"
+        )
+    if len(found) > 1:
+        names = ", ".join(name for _, name in found)
+        raise ShipmentNotFound(
+            f"{order_code!r} is in several accounts ({names}); choose one with --account NAME"
+        )
+    shipment: Shipment = found[0][0]
+    return shipment
+
+
+def shipment_story(session: Session, order_code: str, account: str | None = None) -> ShipmentStory:
+    """The shipment's current state, full status and scan history, delays and notifications."""
+    shipment = find_shipment(session, order_code, account)
+    account_name = session.scalar(select(Account.name).where(Account.id == shipment.account_id))
+    statuses = [
+        StatusRecord(
+            e.status, e.status_id, e.status_code, e.tracking_name, e.occurred_at, e.seen_at
+        )
+        for e in session.scalars(
+            select(StatusEvent)
+            .where(StatusEvent.shipment_id == shipment.id)
+            .order_by(StatusEvent.occurred_at, StatusEvent.id)
+        )
+    ]
+    scans = [
+        ScanRecord(
+            t.status_id,
+            t.status_name,
+            t.post_office_name or t.post_office_id,
+            t.province_name or t.province_id,
+            t.occurred_at,
+            t.notes,
+            t.seen_at,
+        )
+        for t in session.scalars(
+            select(TrackingEvent)
+            .where(TrackingEvent.shipment_id == shipment.id)
+            .order_by(TrackingEvent.occurred_at.nulls_last(), TrackingEvent.id)
+        )
+    ]
+    events = list(
+        session.scalars(
+            select(OutboxEvent)
+            .where(OutboxEvent.shipment_id == shipment.id)
+            .order_by(OutboxEvent.sequence)
+        )
+    )
+    # Delays live in the events that announced them: the shipment row keeps only the latest.
+    delays = [
+        DelayRecord(
+            e.data["delay"].get("code"),
+            e.data["delay"].get("reason"),
+            e.data["delay"].get("note"),
+            e.created_at,
+        )
+        for e in events
+        if e.type == EventType.DELAYED.value and e.data.get("delay")
+    ]
+    return ShipmentStory(
+        account=account_name or "",
+        order_code=shipment.order_code,
+        current=_current(shipment),
+        statuses=statuses,
+        scans=scans,
+        delays=delays,
+        notifications=_notifications(session, events),
+    )
+
+
+def _notifications(session: Session, events: Sequence[OutboxEvent]) -> list[NotificationRecord]:
+    ids = [e.id for e in events]
+    rows = session.execute(
+        select(Delivery, WebhookEndpoint.url, EmailRecipient.address)
+        .outerjoin(WebhookEndpoint, WebhookEndpoint.id == Delivery.endpoint_id)
+        .outerjoin(EmailRecipient, EmailRecipient.id == Delivery.recipient_id)
+        .where(Delivery.event_id.in_(ids))
+        .order_by(Delivery.id)
+    ).all()
+    attempts: dict[int, list[AttemptRecord]] = {}
+    for a in session.scalars(
+        select(DeliveryAttempt)
+        .where(DeliveryAttempt.delivery_id.in_([d.id for d, _, _ in rows]))
+        .order_by(DeliveryAttempt.attempted_at, DeliveryAttempt.id)
+    ):
+        attempts.setdefault(a.delivery_id, []).append(
+            AttemptRecord(a.attempted_at, a.status_code, a.duration_ms, a.error)
+        )
+    deliveries: dict[int, list[DeliveryRecord]] = {}
+    for delivery, url, address in rows:
+        deliveries.setdefault(delivery.event_id, []).append(
+            DeliveryRecord(
+                channel="webhook" if delivery.endpoint_id is not None else "email",
+                destination=url if delivery.endpoint_id is not None else address,
+                state=delivery.state,
+                next_attempt_at=delivery.next_attempt_at,
+                completed_at=delivery.completed_at,
+                attempts=attempts.get(delivery.id, []),
+            )
+        )
+    return [
+        NotificationRecord(e.event_id, e.type, e.sequence, e.created_at, deliveries.get(e.id, []))
+        for e in events
+    ]
+
+
+# -- the system at a glance ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StatusCount:
+    """Shipments of one account in one status: still watched, and finished or stopped."""
+
+    account: str
+    status: str | None
+    open: int
+    closed: int
+
+
+@dataclass(frozen=True)
+class OverdueShipment:
+    """The shipment that has waited longest for its poll."""
+
+    account: str
+    order_code: str
+    due_at: datetime
+    overdue_seconds: float
+
+
+@dataclass(frozen=True)
+class TransitionCount:
+    """Status changes from one status to another (None: the first status seen)."""
+
+    from_status: str | None
+    to_status: str | None
+    count: int
+
+
+@dataclass(frozen=True)
+class DelayCount:
+    """Delays reported with one reason."""
+
+    code: int | None
+    reason: str | None
+    count: int
+
+
+@dataclass(frozen=True)
+class FailingEndpoint:
+    """A webhook endpoint that fails or was disabled, with its undelivered events."""
+
+    id: int
+    account: str
+    url: str
+    enabled: bool
+    failing_since: datetime | None
+    disabled_reason: str | None
+    pending: int
+    dead: int
+
+
+@dataclass(frozen=True)
+class StalledShipment:
+    """An open shipment reported stalled: no scan or status for longer than normal."""
+
+    account: str
+    order_code: str
+    status: str | None
+    last_change_at: datetime | None
+    stalled_at: datetime
+
+
+@dataclass(frozen=True)
+class Stats:
+    """`shipmon stats`: what every ops question starts with."""
+
+    generated_at: datetime
+    shipments: list[StatusCount]
+    quota: list[KeyStatus]
+    due: int
+    oldest_overdue: OverdueShipment | None
+    transitions: list[TransitionCount]
+    delays: list[DelayCount]
+    failing_endpoints: list[FailingEndpoint]
+    stalled: int
+    stalled_oldest: list[StalledShipment]
+
+    def as_dict(self) -> dict[str, Any]:
+        result: dict[str, Any] = _jsonable(self)
+        result["quota"] = [line.as_dict() for line in self.quota]
+        return result
+
+
+def collect_stats(session: Session, now: datetime, quota: Sequence[KeyStatus]) -> Stats:
+    """Shipments by status and account, the poll backlog, the last 24 hours, what is failing.
+
+    `quota` is the limiter's view of the carrier day (`QuotaLimiter.status`), shown as is.
+    """
+    since = now - RECENT
+    due = session.scalar(select(func.count()).where(Shipment.active, Shipment.next_poll_at <= now))
+    oldest = session.execute(
+        select(Account.name, Shipment.order_code, Shipment.next_poll_at)
+        .join(Account)
+        .where(Shipment.active, Shipment.next_poll_at <= now)
+        .order_by(Shipment.next_poll_at)
+        .limit(1)
+    ).first()
+    previous = OutboxEvent.data["previous_status"]["name"].astext
+    current = OutboxEvent.data["status"]["name"].astext
+    transitions = session.execute(
+        select(previous, current, func.count())
+        .where(OutboxEvent.type == EventType.STATUS_CHANGED.value, OutboxEvent.created_at > since)
+        .group_by(previous, current)
+        .order_by(func.count().desc(), previous, current)
+    ).all()
+    code = OutboxEvent.data["delay"]["code"].astext.cast(Shipment.delay_code.type)
+    reason = OutboxEvent.data["delay"]["reason"].astext
+    delays = session.execute(
+        select(code, reason, func.count())
+        .where(OutboxEvent.type == EventType.DELAYED.value, OutboxEvent.created_at > since)
+        .group_by(code, reason)
+        .order_by(func.count().desc(), code)
+    ).all()
+    stalled = (Shipment.active, Shipment.stalled_at.is_not(None))
+    return Stats(
+        generated_at=now,
+        shipments=_status_counts(session),
+        quota=list(quota),
+        due=due or 0,
+        oldest_overdue=(
+            OverdueShipment(oldest[0], oldest[1], oldest[2], (now - oldest[2]).total_seconds())
+            if oldest is not None
+            else None
+        ),
+        transitions=[TransitionCount(f, t, n) for f, t, n in transitions],
+        delays=[DelayCount(c, r, n) for c, r, n in delays],
+        failing_endpoints=failing_endpoints(session),
+        stalled=session.scalar(select(func.count()).where(*stalled)) or 0,
+        stalled_oldest=[
+            StalledShipment(name, s.order_code, s.status, _last_change(s), s.stalled_at)
+            for s, name in session.execute(
+                select(Shipment, Account.name)
+                .join(Account)
+                .where(*stalled)
+                .order_by(Shipment.stalled_at, Shipment.id)
+                .limit(STALLED_SHOWN)
+            )
+            if s.stalled_at is not None
+        ],
+    )
+
+
+def _last_change(shipment: Shipment) -> datetime | None:
+    moments = [m for m in (shipment.status_changed_at, shipment.last_scan_at) if m is not None]
+    return max(moments, default=None)
+
+
+def _status_counts(session: Session) -> list[StatusCount]:
+    open_ = func.count().filter(Shipment.active)
+    closed = func.count().filter(~Shipment.active)
+    rows = session.execute(
+        select(Account.name, Shipment.status, open_, closed)
+        .join(Account)
+        .group_by(Account.name, Shipment.status)
+        .order_by(Account.name, Shipment.status.nulls_first())
+    ).all()
+    return [StatusCount(name, status, o, c) for name, status, o, c in rows]
+
+
+def failing_endpoints(session: Session) -> list[FailingEndpoint]:
+    """Webhook endpoints failing now or disabled, with their pending and dead deliveries."""
+    pending = func.count(Delivery.id).filter(Delivery.state == "pending")
+    dead = func.count(Delivery.id).filter(Delivery.state == "dead")
+    rows = session.execute(
+        select(WebhookEndpoint, Account.name, pending, dead)
+        .join(Account, Account.id == WebhookEndpoint.account_id)
+        .outerjoin(Delivery, Delivery.endpoint_id == WebhookEndpoint.id)
+        .where(or_(WebhookEndpoint.failing_since.is_not(None), ~WebhookEndpoint.enabled))
+        .group_by(WebhookEndpoint.id, Account.name)
+        .order_by(WebhookEndpoint.failing_since.nulls_last(), WebhookEndpoint.id)
+    ).all()
+    return [
+        FailingEndpoint(
+            e.id, name, e.url, e.enabled, e.failing_since, e.disabled_reason, n_pending, n_dead
+        )
+        for e, name, n_pending, n_dead in rows
+    ]
+
+
+# -- stalled shipments -------------------------------------------------------------------------
+
+# The normal stay per status: the quantile of recent completed stays, where there are enough.
+_NORMAL_STAYS = """
+    WITH stays AS (
+        SELECT e.status,
+               lead(e.occurred_at) OVER w - e.occurred_at AS stay
+        FROM status_events e
+        WHERE e.occurred_at >= :since
+        WINDOW w AS (PARTITION BY e.shipment_id ORDER BY e.occurred_at)
+    )
+    SELECT status,
+           percentile_cont(:quantile) WITHIN GROUP (ORDER BY extract(epoch FROM stay)) AS seconds
+    FROM stays
+    WHERE stay IS NOT NULL
+    GROUP BY status
+    HAVING count(*) >= :min_stays
+"""
+
+
+def normal_stays(
+    session: Session, now: datetime, window: timedelta = NORMAL_STAY_WINDOW
+) -> dict[str, timedelta]:
+    """How long a shipment normally stays in each status, learned from recent history."""
+    rows = session.execute(
+        text(_NORMAL_STAYS),
+        {"since": now - window, "quantile": NORMAL_STAY_QUANTILE, "min_stays": MIN_STAYS},
+    )
+    return {status: timedelta(seconds=float(seconds)) for status, seconds in rows}
+
+
+def detect_stalled(
+    session: Session, now: datetime, floor: timedelta, window: timedelta = NORMAL_STAY_WINDOW
+) -> list[int]:
+    """Mark open shipments silent for longer than normal for their status as stalled.
+
+    Silent means no new status and no new scan since the later of `status_changed_at` and
+    `last_scan_at`; the limit is the status's normal stay (`normal_stays`), never below `floor`.
+    Each stall sets `stalled_at` and writes one `shipment.stalled` event; a shipment already
+    stalled is left alone until a change clears `stalled_at`. Returns the new events' ids.
+    """
+    normal = normal_stays(session, now, window)
+    seconds = {status: max(stay, floor).total_seconds() for status, stay in normal.items()}
+    limit = (
+        case(seconds, value=Shipment.status, else_=floor.total_seconds())
+        if seconds
+        else literal(floor.total_seconds())
+    )
+    last_change = func.greatest(Shipment.status_changed_at, Shipment.last_scan_at)
+    candidates = session.execute(
+        select(Shipment, Account, last_change, limit)
+        .join(Account)
+        .where(
+            Shipment.active,
+            Shipment.stalled_at.is_(None),
+            Shipment.status.not_in([s.value for s in TERMINAL_STATUSES]),
+            func.extract("epoch", literal(now, Shipment.registered_at.type) - last_change) > limit,
+            # Silence only counts once a poll has seen it: a paused key or a quota-starved
+            # account has not looked, and the shipment may well have moved.
+            func.extract("epoch", Shipment.last_polled_at - last_change) >= limit,
+        )
+        .order_by(Shipment.id)
+        # SKIP LOCKED: a shipment a poll is applying right now is judged on the next run.
+        .with_for_update(of=Shipment, skip_locked=True)
+    ).all()
+    events: list[OutboxEvent] = []
+    for shipment, account, changed, limit_seconds in candidates:
+        shipment.stalled_at = now
+        stay = normal.get(shipment.status or "")
+        recorder = EventRecorder(session, shipment, account, now)
+        recorder.emit(
+            EventType.STALLED,
+            None,
+            stalled={
+                "last_change_at": _iso(changed),
+                "limit_hours": round(float(limit_seconds) / 3600, 2),
+                "normal_hours": round(stay.total_seconds() / 3600, 2) if stay else None,
+            },
+        )
+        events.extend(recorder.events)
+    session.flush()
+    return [e.id for e in events]
+
+
+# -- retention ---------------------------------------------------------------------------------
+
+
+def purge_finished(
+    session: Session, now: datetime, retention_days: int, batch: int = PURGE_BATCH
+) -> int:
+    """Delete up to `batch` finished shipments older than the retention period; returns how many.
+
+    Finished: no longer polled, and its terminal status (or, for one stopped without one, its
+    last change or poll) is older than `retention_days`. Its history, events and deliveries go
+    with it. Call again, each time in a new transaction, while it returns `batch`.
+    """
+    cutoff = now - timedelta(days=retention_days)
+    finished_at = func.coalesce(
+        Shipment.terminal_at,
+        func.greatest(
+            Shipment.status_changed_at,
+            Shipment.last_scan_at,
+            Shipment.last_polled_at,
+            Shipment.registered_at,
+        ),
+    )
+    doomed = (
+        select(Shipment.id)
+        .where(~Shipment.active, finished_at < cutoff)
+        .order_by(Shipment.id)
+        .limit(batch)
+        # SKIP LOCKED: a concurrent purge (or an operator's update) takes other rows.
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    deleted = session.execute(
+        delete(Shipment).where(Shipment.id.in_(doomed)).returning(Shipment.id)
+    ).all()
+    return len(deleted)

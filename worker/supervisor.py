@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 STOP_TIMEOUT_S = 30.0
 
@@ -18,12 +19,19 @@ class Supervisor:
     """Child processes started together; if one dies, the others are stopped too."""
 
     env: dict[str, str]
+    # Where the children's output goes; None: this process's terminal.
+    log: Path | None = None
     children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def start(self, name: str, argv: list[str]) -> None:
-        # Each child leads a process group of its own, so stopping it reaches its children
-        # (a Celery worker's pool) and a Ctrl-C in the terminal reaches only us.
-        self.children[name] = subprocess.Popen(argv, env=self.env, start_new_session=True)
+        output = None if self.log is None else self.log.open("ab")
+        # Each child leads a session of its own: a Ctrl-C in the terminal reaches only us, and
+        # we stop the children in order.
+        self.children[name] = subprocess.Popen(
+            argv, env=self.env, start_new_session=True, stdout=output, stderr=output
+        )
+        if output is not None:
+            output.close()
 
     def celery(self, name: str, *args: str) -> None:
         self.start(name, [sys.executable, "-m", "celery", "-A", "worker", *args])
@@ -41,7 +49,8 @@ class Supervisor:
         """SIGTERM every child (a warm shutdown for Celery), then SIGKILL what lingers."""
         for child in self.children.values():
             if child.poll() is None:
-                _signal_group(child, signal.SIGTERM)
+                # Only the leader: a Celery worker lets its pool finish the running tasks.
+                child.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT_S
         for child in self.children.values():
             try:

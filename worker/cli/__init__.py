@@ -9,7 +9,7 @@ from worker.cli.intake import track
 from worker.cli.notifications import email_app, endpoint_app, webhooks_app
 from worker.cli.ops import metrics, show, stats
 from worker.cli.quota import quota
-from worker.cli.run import run, sandbox
+from worker.cli.run import demo, run, sandbox
 
 app = typer.Typer(
     name="shipmon",
@@ -29,6 +29,7 @@ app.add_typer(email_app, name="email")
 app.add_typer(webhooks_app, name="webhooks")
 app.command()(run)
 app.command()(sandbox)
+app.command()(demo)
 
 
 def main() -> None:

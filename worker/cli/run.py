@@ -89,3 +89,58 @@ def sandbox(
         run_sandbox(port=port, workload=workload, speed=speed, seed=seed, populate=populate)
     except (WorkloadError, OSError) as exc:
         fail(str(exc))
+
+
+def demo(
+    duration: Annotated[
+        float | None, typer.Option(help="Stop after this many seconds [default: Ctrl-C]")
+    ] = None,
+    orders: Annotated[int, typer.Option(help="Sample orders per demo account.", min=1)] = 150,
+    speed: Annotated[
+        float, typer.Option(help="How many times faster the carrier's clock runs.")
+    ] = 1200.0,
+) -> None:
+    """Watch the whole system live: a carrier, sample orders, polls, transitions, webhooks."""
+    from worker.db import session_factory
+    from worker.demo import DemoView, Receiver, seed_orders, start_sandbox, watch
+
+    found = servers()
+    console.print("starting: database and Redis, the sandbox carrier, a webhook receiver…")
+    upgrade(found.database_url)
+    sandbox_process, sandbox_url = start_sandbox(speed, seed=247)
+    receiver = Receiver()
+    receiver.start()
+    sessions = session_factory(found.database_url)
+    env = system_env(found) | {
+        "SHIPMON_CARRIER_BASE_URL": sandbox_url,
+        "SHIPMON_WEBHOOK_ALLOW_PRIVATE": "true",
+        # The carrier's clock runs fast; poll often enough to see it move.
+        "SHIPMON_MAX_POLL_INTERVAL": "3",
+        "SHIPMON_LOG_LEVEL": "WARNING",
+    }
+    log = settings().home / "demo.log"
+    supervisor = Supervisor(env, log=log)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    console.print(f"workers and beat log to {log}")
+    try:
+        # The workers boot while the sample orders are placed.
+        start_system(supervisor, 2, "WARNING")
+        seed_orders(sessions, sandbox_url, receiver, found.secret_key, orders)
+        watch(DemoView(sessions, receiver), duration)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        supervisor.stop()
+        sandbox_process.terminate()
+        sandbox_process.wait(10)
+    url = found.database_url.replace("postgresql+psycopg://", "postgresql://")
+    example = "SELECT order_code, status, delay_reason, polls_made FROM shipment_overview;"
+    console.print(
+        "\n[bold]What to try next[/]\n"
+        f"  query the shipments, while `uv run shipmon run` runs:  psql {url}\n"
+        f"    {example}\n"
+        "  one shipment's story:  uv run shipmon show <ORDER CODE>\n"
+        "  the numbers:           uv run shipmon stats; uv run shipmon quota\n"
+        "  your own account:      README.md, 'Quick start'\n",
+        highlight=False,
+    )

@@ -1,0 +1,213 @@
+"""`shipmon demo`: the whole system live on one machine, with a carrier and a merchant to watch.
+
+The sandbox carrier runs on an accelerated clock, a few accounts register a few hundred sample
+orders, a local receiver verifies every webhook's signature, and a terminal view shows polls,
+transitions, delay reasons, webhooks and quota as they happen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+from aiohttp import web
+from rich.console import Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session, sessionmaker
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from worker.crypto import encrypt
+from worker.intake import register_orders
+from worker.models import Account, Delivery, OutboxEvent, Shipment, WebhookEndpoint
+from worker.webhooks import add_endpoint
+
+DEMO_ACCOUNTS = ("demo-shop", "demo-market")
+
+
+@dataclass
+class Receiver:
+    """A merchant's webhook endpoint on loopback that verifies every signature it gets."""
+
+    secrets: dict[str, Webhook] = field(default_factory=dict)
+    verified: int = 0
+    rejected: int = 0
+    ids: set[str] = field(default_factory=set)
+    by_type: Counter[str] = field(default_factory=Counter)
+    url: str = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        account = request.match_info["account"]
+        try:
+            payload = self.secrets[account].verify(body, dict(request.headers))
+        except (KeyError, WebhookVerificationError):
+            self.rejected += 1
+            return web.Response(status=400)
+        self.verified += 1
+        self.ids.add(request.headers["webhook-id"])
+        self.by_type[payload["type"]] += 1
+        return web.Response(status=204)
+
+    def start(self) -> None:
+        """Serve from a background thread on a free loopback port."""
+        ready = threading.Event()
+
+        async def serve() -> None:
+            app = web.Application()
+            app.router.add_post("/hooks/{account}", self.handle)
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            self.url = f"http://127.0.0.1:{runner.addresses[0][1]}/hooks"
+            ready.set()
+            await asyncio.Event().wait()
+
+        threading.Thread(target=lambda: asyncio.run(serve()), daemon=True).start()
+        ready.wait(10)
+
+
+def start_sandbox(speed: float, seed: int) -> tuple[subprocess.Popen[str], str]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "worker", "sandbox", "--port", "0",
+         "--speed", str(speed), "--seed", str(seed)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert process.stdout is not None
+    match = re.search(r"http://127\.0\.0\.1:\d+", process.stdout.readline())
+    if match is None:
+        process.terminate()
+        raise RuntimeError("the sandbox carrier did not start")
+    return process, match.group(0)
+
+
+def seed_orders(
+    sessions: sessionmaker[Session],
+    sandbox_url: str,
+    receiver: Receiver,
+    secret_key: str,
+    orders: int,
+) -> list[str]:
+    """Accounts, their webhook endpoints, and sample orders at the carrier and in shipmon."""
+    codes: list[str] = []
+    with httpx.Client(base_url=sandbox_url, timeout=30) as admin:
+        for index, name in enumerate(DEMO_ACCOUNTS):
+            api_key = f"DEMO-{secrets.token_hex(8)}"
+            admin.post("/_sandbox/accounts", json={"name": name, "apikey": api_key})
+            mine = [f"DEMO{index}{secrets.token_hex(2).upper()}{i:05d}" for i in range(orders)]
+            for code in mine:
+                admin.post("/_sandbox/orders", json={"apikey": api_key, "order_code": code})
+            with sessions.begin() as session:
+                account = session.scalar(select(Account).where(Account.name == name))
+                if account is None:
+                    account = Account(name=name, api_key_encrypted="", api_key_hint="")
+                    session.add(account)
+                account.api_key_encrypted = encrypt(api_key, secret_key)
+                account.api_key_hint = api_key[-4:]
+                account.paused_until = None
+                session.flush()
+                # A fresh start: the last demo's orders and endpoints belonged to its carrier.
+                session.execute(delete(Shipment).where(Shipment.account_id == account.id))
+                session.execute(
+                    delete(WebhookEndpoint).where(WebhookEndpoint.account_id == account.id)
+                )
+                _, secret = add_endpoint(
+                    session, account, f"{receiver.url}/{name}", None,
+                    secret_key=secret_key, allow_private=True,
+                )  # fmt: skip
+                receiver.secrets[name] = Webhook(secret)
+                register_orders(session, name, mine)
+            codes.extend(mine)
+    return codes
+
+
+@dataclass
+class DemoView:
+    """The live terminal view, read from the database every second."""
+
+    sessions: sessionmaker[Session]
+    receiver: Receiver
+    started: datetime = field(default_factory=lambda: datetime.now(UTC))
+    recent: deque[tuple[str, str, str, str]] = field(default_factory=lambda: deque(maxlen=12))
+    last_event_id: int = 0
+
+    def render(self) -> Group:
+        with self.sessions.begin() as session:
+            by_status = session.execute(
+                select(func.coalesce(Shipment.status, "(not found yet)"), func.count())
+                .join(Account)
+                .where(Account.name.in_(DEMO_ACCOUNTS))
+                .group_by(Shipment.status)
+                .order_by(func.count().desc())
+            ).all()
+            polls, open_ = session.execute(
+                select(func.coalesce(func.sum(Shipment.polls_made), 0),
+                       func.count().filter(Shipment.active))
+                .join(Account).where(Account.name.in_(DEMO_ACCOUNTS))
+            ).one()  # fmt: skip
+            events = session.scalars(
+                select(OutboxEvent)
+                .where(
+                    OutboxEvent.id > self.last_event_id,
+                    OutboxEvent.type != "shipment.tracking_event",
+                )
+                .order_by(OutboxEvent.id)
+                .limit(200)
+            ).all()
+            delivered = session.scalar(
+                select(func.count())
+                .select_from(Delivery)
+                .where(Delivery.state == "succeeded", Delivery.created_at >= self.started)
+            )
+        for event in events:
+            self.last_event_id = event.id
+            self.recent.append(_event_line(event.data, event.type))
+        statuses = Table("status", "shipments", title="Shipments")
+        for status, count in by_status:
+            statuses.add_row(str(status), str(count))
+        feed = Table("order", "change", "delay reason", "carrier says", title="Latest changes")
+        for row in self.recent:
+            feed.add_row(*row)
+        elapsed = (datetime.now(UTC) - self.started).total_seconds()
+        summary = (
+            ("[yellow]workers starting…[/]   " if not polls else "")
+            + f"polls made: [bold]{polls}[/]  ({polls / max(elapsed, 1):.1f}/s)   "
+            f"open shipments: [bold]{open_}[/]   "
+            f"webhooks delivered: [bold]{delivered}[/], verified by the receiver: "
+            f"[bold green]{self.receiver.verified}[/], rejected: [red]{self.receiver.rejected}[/]"
+        )
+        return Group(Panel(summary, title="shipmon demo"), statuses, feed)
+
+
+def _event_line(data: dict[str, Any], type_: str) -> tuple[str, str, str, str]:
+    previous = (data.get("previous_status") or {}).get("name") or "—"
+    status = (data.get("status") or {}).get("name") or "—"
+    change = {
+        "shipment.status_changed": f"{previous} → {status}",
+        "shipment.delayed": f"delayed in {status}",
+    }.get(type_, type_.removeprefix("shipment."))
+    delay = (data.get("delay") or {}).get("reason") or ""
+    tracking = (data.get("status") or {}).get("tracking_name") or ""
+    return data.get("order_code", ""), change, delay, tracking
+
+
+def watch(view: DemoView, duration: float | None) -> None:
+    """Refresh the view until Ctrl-C or the end of `duration` seconds."""
+    deadline = None if duration is None else time.monotonic() + duration
+    with Live(view.render(), refresh_per_second=2, screen=False) as live:
+        while deadline is None or time.monotonic() < deadline:
+            time.sleep(1)
+            live.update(view.render())

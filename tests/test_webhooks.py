@@ -173,6 +173,14 @@ def test_registration_refuses_a_name_that_resolves_to_a_private_address() -> Non
         check_url("https://hooks.shop.example/in", allow_private=False, resolver=resolver)
 
 
+def test_registration_refuses_a_name_that_does_not_resolve() -> None:
+    def nowhere(host: str) -> Sequence[IPAddress]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    with pytest.raises(UnsafeDestination, match="does not resolve"):
+        check_url("https://hooks.shop.example/in", allow_private=False, resolver=nowhere)
+
+
 def test_registration_accepts_public_addresses_and_allows_private_when_told() -> None:
     check_url(
         "https://hooks.shop.example/in",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -64,6 +65,7 @@ __all__ = [
     "deliver_due_async",
     "fan_out",
     "fan_out_and_deliver",
+    "fan_out_and_deliver_async",
     "replay",
 ]
 
@@ -167,6 +169,8 @@ class _Webhook:
     endpoint_id: int
     url: str
     secrets: list[str]
+    # The event's body: the same bytes on every attempt.
+    body: bytes
 
 
 @dataclass(frozen=True)
@@ -184,7 +188,6 @@ class _Claim:
     # The delivery's attempt count after this claim: the claim's token, see `_record`.
     attempts: int
     event_id: str
-    body: bytes
     destination: _Webhook | _Email
 
 
@@ -269,8 +272,12 @@ def _webhook_claim(
         delivery_id=delivery.id,
         attempts=delivery.attempts,
         event_id=event.event_id,
-        body=event_body(event.event_id, event.type, event.created_at, event.data),
-        destination=_Webhook(endpoint.id, endpoint.url, signing_secrets(endpoint, secret_key, now)),
+        destination=_Webhook(
+            endpoint.id,
+            endpoint.url,
+            signing_secrets(endpoint, secret_key, now),
+            event_body(event.event_id, event.type, event.created_at, event.data),
+        ),
     )
 
 
@@ -290,7 +297,6 @@ def _email_claim(
         delivery_id=delivery.id,
         attempts=delivery.attempts,
         event_id=event.event_id,
-        body=b"",
         destination=_Email(
             recipient.address,
             event_email(event, shipment, scans),
@@ -305,10 +311,10 @@ def _email_claim(
 
 def _send_email(settings: Settings, email: _Email) -> AttemptResult:
     """Render and send one event email (blocking); every failure becomes a result."""
-    start = datetime.now(UTC)
+    started = time.perf_counter()
 
     def elapsed() -> int:
-        return round((datetime.now(UTC) - start).total_seconds() * 1000)
+        return round((time.perf_counter() - started) * 1000)
 
     try:
         message = event_message(settings, email.address, email.content, message_id=email.message_id)
@@ -325,7 +331,9 @@ def _send_email(settings: Settings, email: _Email) -> AttemptResult:
 async def _send(claim: _Claim, settings: Settings, sender: WebhookSender) -> AttemptResult:
     destination = claim.destination
     if isinstance(destination, _Webhook):
-        return await sender.send(destination.url, destination.secrets, claim.event_id, claim.body)
+        return await sender.send(
+            destination.url, destination.secrets, claim.event_id, destination.body
+        )
     return await asyncio.to_thread(_send_email, settings, destination)
 
 
@@ -528,6 +536,35 @@ def deliver_due(
     return asyncio.run(run())
 
 
+def _fan_out_committed(
+    session_factory: SessionFactory, event_ids: Sequence[int] | None, now: datetime
+) -> None:
+    with session_factory.begin() as session:
+        fan_out(session, event_ids, now=now)
+
+
+async def fan_out_and_deliver_async(
+    session_factory: SessionFactory,
+    settings: Settings,
+    sender: WebhookSender,
+    event_ids: Sequence[int] | None = None,
+    *,
+    secret_key: str,
+    now: datetime | None = None,
+    limit: int = DEFAULT_LIMIT,
+) -> int:
+    """Fan out events (None: every event not yet fanned out), then deliver what is due.
+
+    Call it after the transaction that wrote the events commits, and periodically as the
+    safety net. Returns the attempts made. A process that keeps its event loop and `sender`
+    across calls saves setting both up each time.
+    """
+    await asyncio.to_thread(_fan_out_committed, session_factory, event_ids, _clock(now)())
+    return await deliver_due_async(
+        session_factory, settings, sender, secret_key=secret_key, now=now, limit=limit
+    )
+
+
 def fan_out_and_deliver(
     session_factory: SessionFactory,
     settings: Settings,
@@ -538,22 +575,23 @@ def fan_out_and_deliver(
     limit: int = DEFAULT_LIMIT,
     resolver: Resolver = system_resolver,
 ) -> int:
-    """Fan out events (None: every event not yet fanned out), then deliver what is due.
+    """`fan_out_and_deliver_async` in an event loop of its own, with its own HTTP client."""
 
-    Call it after the transaction that wrote the events commits, and periodically as the
-    safety net. Returns the attempts made.
-    """
-    clock = _clock(now)
-    with session_factory.begin() as session:
-        fan_out(session, event_ids, now=clock())
-    return deliver_due(
-        session_factory,
-        settings,
-        secret_key=secret_key,
-        now=now,
-        limit=limit,
-        resolver=resolver,
-    )
+    async def run() -> int:
+        async with WebhookSender(
+            allow_private=settings.webhook_allow_private, resolver=resolver
+        ) as sender:
+            return await fan_out_and_deliver_async(
+                session_factory,
+                settings,
+                sender,
+                event_ids,
+                secret_key=secret_key,
+                now=now,
+                limit=limit,
+            )
+
+    return asyncio.run(run())
 
 
 # --- Replays ---------------------------------------------------------------------------------

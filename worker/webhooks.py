@@ -179,11 +179,8 @@ class UnsafeDestination(Exception):
 
 
 def system_resolver(host: str) -> list[IPAddress]:
-    """Every address `host` resolves to, from the system's resolver."""
-    try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as error:
-        raise UnsafeDestination(f"{host} does not resolve ({error}); check the host name") from None
+    """Every address `host` resolves to, from the system's resolver; raises OSError."""
+    infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     # An IPv6 address may carry a zone (fe80::1%eth0); the zone is not part of the address.
     return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
 
@@ -225,7 +222,10 @@ def check_url(url: str, *, allow_private: bool, resolver: Resolver = system_reso
     if allow_private:
         return
     literal = _literal_address(host)
-    addresses = [literal] if literal is not None else list(resolver(host))
+    try:
+        addresses = [literal] if literal is not None else list(resolver(host))
+    except (OSError, UnicodeError) as error:
+        raise UnsafeDestination(f"{host} does not resolve ({error}); check the host name") from None
     if not addresses:
         raise UnsafeDestination(f"{host} resolves to no address; check the host name")
     for address in addresses:

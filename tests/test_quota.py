@@ -11,23 +11,25 @@ import subprocess
 import sys
 from collections import defaultdict
 from collections.abc import Iterator
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, tzinfo
 from zoneinfo import ZoneInfo
 
 import pytest
 import redis
-from sqlalchemy import Engine, delete, select
+from sqlalchemy import Engine, delete, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from tests.conftest import REDIS_CLAIM_KEY, ROOT, RunServers, make_account
 from worker.config import Settings
 from worker.models import Account, QuotaUsage
 from worker.pacing import allowed_by, elapsed_share, per_second_ceiling
-from worker.quota import QuotaLimiter, counter_key, effective_daily_quota
+from worker.quota import RESTORE_LOCK, QuotaLimiter, counter_key, effective_daily_quota
 
 TZ = ZoneInfo("Asia/Ho_Chi_Minh")
 # A day of its own, far from today, so no other test's counters or rows are on it.
 DAY1 = date(2025, 6, 2)
+# Small quotas: the per-second ceiling is then 1, and a day's worth is granted in a few calls.
+KEY_QUOTA, TOTAL_QUOTA = 100, 150
 
 
 def local(day: date, hour: int, minute: int = 0, second: int = 0, micro: int = 0) -> datetime:
@@ -64,7 +66,7 @@ def spend_until_refused(
 
 @pytest.fixture
 def settings(servers: RunServers) -> Settings:
-    return servers.settings(key_daily_quota=300, global_daily_quota=500)
+    return servers.settings(key_daily_quota=KEY_QUOTA, global_daily_quota=TOTAL_QUOTA)
 
 
 @pytest.fixture
@@ -73,19 +75,18 @@ def limiter(redis_client: redis.Redis[bytes], settings: Settings) -> QuotaLimite
 
 
 def test_ten_times_the_quota_due_never_beats_the_caps_or_the_pace_line(
-    session: Session, redis_client: redis.Redis[bytes], servers: RunServers
+    session: Session, limiter: QuotaLimiter
 ) -> None:
-    # Two keys of 200 a day sharing 300 a day in total, both asked for far more every 5 minutes
+    # Two keys of 100 a day sharing 150 a day in total, both asked for far more every 10 minutes
     # for two carrier days; B asks one second after A (the global per-second ceiling is 1).
-    limiter = QuotaLimiter(redis_client, servers.settings(global_daily_quota=300))
     a, b = make_account(session), make_account(session)
-    quota, total_quota, wanted = 200, 300, 7
+    quota, total_quota, wanted = KEY_QUOTA, TOTAL_QUOTA, 7
     start = local(DAY1, 0)
     granted: dict[tuple[date, int], int] = defaultdict(int)
     asked: dict[date, int] = defaultdict(int)
-    for tick in range(2 * 288):
+    for tick in range(2 * 144):
         for offset, account in enumerate((a, b)):
-            now = start + timedelta(minutes=5 * tick, seconds=offset)
+            now = start + timedelta(minutes=10 * tick, seconds=offset)
             day = now.astimezone(TZ).date()
             asked[day] += wanted
             granted[day, account.id] += limiter.acquire(session, account.id, quota, wanted, now=now)
@@ -122,18 +123,17 @@ def test_the_day_flips_at_local_midnight(
     session: Session, limiter: QuotaLimiter, redis_client: redis.Redis[bytes]
 ) -> None:
     account = make_account(session)
-    quota = 300
     last_second = local(DAY1, 23, 59, 59, 999_999)
-    redis_client.set(counter_key(DAY1, account.id), quota)
-    redis_client.set(counter_key(DAY1, None), quota)
-    assert limiter.acquire(session, account.id, quota, 5, now=last_second) == 0
-    # 17:00 UTC, still 27 November there, is 00:00 on the 28th in Ho Chi Minh City.
+    redis_client.set(counter_key(DAY1, account.id), KEY_QUOTA)
+    redis_client.set(counter_key(DAY1, None), KEY_QUOTA)
+    assert limiter.acquire(session, account.id, KEY_QUOTA, 5, now=last_second) == 0
+    # Midnight in Ho Chi Minh City is 17:00 UTC, still the day before there.
     midnight = local(DAY1 + timedelta(days=1), 0)
     assert midnight.astimezone(UTC).date() == DAY1
-    assert limiter.acquire(session, account.id, quota, 1, now=midnight) == 1
+    assert limiter.acquire(session, account.id, KEY_QUOTA, 1, now=midnight) == 1
     assert redis_client.get(counter_key(DAY1 + timedelta(days=1), account.id)) == b"1"
     assert recorded(session, account.id, DAY1 + timedelta(days=1)) == 1
-    assert redis_client.get(counter_key(DAY1, account.id)) == str(quota).encode()
+    assert redis_client.get(counter_key(DAY1, account.id)) == str(KEY_QUOTA).encode()
 
 
 def test_a_redis_flush_mid_day_causes_no_overspend(
@@ -141,21 +141,21 @@ def test_a_redis_flush_mid_day_causes_no_overspend(
 ) -> None:
     a, b = make_account(session), make_account(session)
     noon = local(DAY1, 12)
-    spent_a = spend_until_refused(limiter, session, a, 300, noon)
-    spent_b = spend_until_refused(limiter, session, b, 300, noon + timedelta(minutes=1))
+    spent_a = spend_until_refused(limiter, session, a, KEY_QUOTA, noon)
+    spent_b = spend_until_refused(limiter, session, b, KEY_QUOTA, noon + timedelta(minutes=1))
     assert spent_a > 0 and spent_b > 0
     flush_redis(redis_client)
 
     later = noon + timedelta(minutes=2)
-    assert limiter.acquire(session, a.id, 300, 10, now=later) == 0
+    assert limiter.acquire(session, a.id, KEY_QUOTA, 10, now=later) == 0
     assert redis_client.get(counter_key(DAY1, a.id)) == str(spent_a).encode()
     assert redis_client.get(counter_key(DAY1, None)) == str(spent_a + spent_b).encode()
     # Spending on to the end of the day still ends within each key's quota and the total.
     for hour in range(13, 24):
-        spend_until_refused(limiter, session, a, 300, local(DAY1, hour))
-        spend_until_refused(limiter, session, b, 300, local(DAY1, hour, 30))
+        spend_until_refused(limiter, session, a, KEY_QUOTA, local(DAY1, hour))
+        spend_until_refused(limiter, session, b, KEY_QUOTA, local(DAY1, hour, 30))
     used_a, used_b = recorded(session, a.id, DAY1), recorded(session, b.id, DAY1)
-    assert used_a <= 300 and used_b <= 300 and used_a + used_b <= 500
+    assert used_a <= KEY_QUOTA and used_b <= KEY_QUOTA and used_a + used_b <= TOTAL_QUOTA
     assert int(redis_client.get(counter_key(DAY1, None)) or 0) == used_a + used_b
 
 
@@ -164,9 +164,9 @@ def test_redis_back_from_an_older_snapshot_catches_up_before_granting(
 ) -> None:
     account = make_account(session)
     noon = local(DAY1, 12)
-    spent = spend_until_refused(limiter, session, account, 300, noon)
+    spent = spend_until_refused(limiter, session, account, KEY_QUOTA, noon)
     redis_client.set(counter_key(DAY1, account.id), 3)
-    assert limiter.acquire(session, account.id, 300, 10, now=noon + timedelta(minutes=1)) == 0
+    assert limiter.acquire(session, account.id, KEY_QUOTA, 10, now=noon + timedelta(minutes=1)) == 0
     assert redis_client.get(counter_key(DAY1, account.id)) == str(spent).encode()
 
 
@@ -174,7 +174,7 @@ def test_a_fresh_day_starts_from_zero_and_is_recorded(
     session: Session, limiter: QuotaLimiter, redis_client: redis.Redis[bytes]
 ) -> None:
     account = make_account(session)
-    assert limiter.acquire(session, account.id, 300, 3, now=local(DAY1, 8)) == 1
+    assert limiter.acquire(session, account.id, KEY_QUOTA, 3, now=local(DAY1, 8)) == 1
     assert redis_client.get(counter_key(DAY1, account.id)) == b"1"
     assert recorded(session, account.id, DAY1) == 1
 
@@ -185,7 +185,7 @@ def test_redis_clock_decides_when_no_time_is_given(
     account = make_account(session)
     sec, _ = redis_client.time()
     today = datetime.fromtimestamp(sec, UTC).astimezone(TZ).date()
-    assert limiter.acquire(session, account.id, 300, 1) == 1
+    assert limiter.acquire(session, account.id, KEY_QUOTA, 1) == 1
     assert redis_client.get(counter_key(today, account.id)) == b"1"
     assert recorded(session, account.id, today) == 1
 
@@ -267,8 +267,8 @@ def test_apikey_limit_pauses_exactly_that_key(
     a.ops_email = "ops@shop.example"
     b = make_account(session)
     afternoon = local(DAY1, 15)
-    spent = spend_until_refused(limiter, session, a, 300, afternoon)
-    spend_until_refused(limiter, session, b, 300, afternoon + timedelta(minutes=10))
+    spent = spend_until_refused(limiter, session, a, KEY_QUOTA, afternoon)
+    spend_until_refused(limiter, session, b, KEY_QUOTA, afternoon + timedelta(minutes=10))
 
     with caplog.at_level(logging.WARNING, logger="worker.quota"):
         alert = limiter.pause_for_limit(session, a, afternoon + timedelta(hours=1))
@@ -282,17 +282,17 @@ def test_apikey_limit_pauses_exactly_that_key(
     # Its plan for the days after is what it had spent, less a margin.
     assert a.learned_daily_quota == int(spent * 0.95)
     assert effective_daily_quota(a, settings) == int(spent * 0.95)
-    assert effective_daily_quota(b, settings) == 300
+    assert effective_daily_quota(b, settings) == KEY_QUOTA
     assert limiter.pause_for_limit(session, a, afternoon + timedelta(hours=1, minutes=1)) is None
 
     later = afternoon + timedelta(hours=2)
-    assert limiter.acquire(session, a.id, 300, 5, now=later) == 0
-    assert limiter.acquire(session, b.id, 300, 5, now=later) == 1
+    assert limiter.acquire(session, a.id, KEY_QUOTA, 5, now=later) == 0
+    assert limiter.acquire(session, b.id, KEY_QUOTA, 5, now=later) == 1
     # Even when Redis loses the day, PostgreSQL keeps the pause.
     session.flush()
     flush_redis(redis_client)
-    assert limiter.acquire(session, a.id, 300, 5, now=later + timedelta(seconds=1)) == 0
-    assert limiter.acquire(session, b.id, 300, 5, now=later + timedelta(seconds=2)) == 1
+    assert limiter.acquire(session, a.id, KEY_QUOTA, 5, now=later + timedelta(seconds=1)) == 0
+    assert limiter.acquire(session, b.id, KEY_QUOTA, 5, now=later + timedelta(seconds=2)) == 1
     # The carrier's midnight ends the pause.
     plan = effective_daily_quota(a, settings)
     assert limiter.acquire(session, a.id, plan, 5, now=next_midnight) == 1
@@ -307,7 +307,7 @@ def test_status_shows_each_key_and_the_total(session: Session, limiter: QuotaLim
     now = local(DAY1, 12)
     for second in range(4):
         limiter.acquire(session, a.id, 200, 1, now=now - timedelta(minutes=30, seconds=second))
-    limiter.acquire(session, b.id, 300, 1, now=now - timedelta(hours=2))
+    limiter.acquire(session, b.id, KEY_QUOTA, 1, now=now - timedelta(hours=2))
     lines = limiter.status(session, now=now)
     by_name = {line.account: line for line in lines}
     assert lines[-1].account is None
@@ -320,7 +320,7 @@ def test_status_shows_each_key_and_the_total(session: Session, limiter: QuotaLim
     assert by_name[b.name].used_today == 1 and by_name[b.name].last_hour == 0
     assert by_name[b.name].projected == 1
     assert lines[-1].used_today == 5
-    assert lines[-1].allowed_now == allowed_by(500, share)
+    assert lines[-1].allowed_now == allowed_by(TOTAL_QUOTA, share)
 
 
 @pytest.fixture
@@ -369,3 +369,40 @@ def test_shipmon_quota_json(
     assert 10 <= mine["allowed_now"] <= 1000
     assert lines[-1]["account"] is None
     assert lines[-1]["daily_quota"] == settings.global_daily_quota
+
+
+def test_the_workers_clock_does_not_matter(
+    session: Session,
+    limiter: QuotaLimiter,
+    redis_client: redis.Redis[bytes],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class SkewedClock(datetime):
+        @classmethod
+        def now(cls, tz: tzinfo | None = None) -> SkewedClock:
+            return cls.fromtimestamp(datetime.now(tz).timestamp() - 3 * 86_400, tz)
+
+    monkeypatch.setattr("worker.quota.datetime", SkewedClock)
+    account = make_account(session)
+    sec, _ = redis_client.time()
+    today = datetime.fromtimestamp(sec, UTC).astimezone(TZ).date()
+    assert limiter.acquire(session, account.id, KEY_QUOTA, 1) == 1
+    assert redis_client.get(counter_key(today, account.id)) == b"1"
+    assert redis_client.get(counter_key(today - timedelta(days=3), account.id)) is None
+
+
+def test_a_restore_waits_for_grants_in_flight(
+    session: Session,
+    limiter: QuotaLimiter,
+    redis_client: redis.Redis[bytes],
+    connection_engine: Engine,
+) -> None:
+    account = make_account(session)
+    now = local(DAY1, 9)
+    with connection_engine.connect() as other:
+        # Another process is between a grant and its commit; Redis has lost the day meanwhile.
+        other.execute(text("SELECT pg_advisory_xact_lock_shared(:lock)"), {"lock": RESTORE_LOCK})
+        assert limiter.acquire(session, account.id, KEY_QUOTA, 1, now=now) == 0
+        assert redis_client.get(counter_key(DAY1, account.id)) is None
+        other.rollback()
+    assert limiter.acquire(session, account.id, KEY_QUOTA, 1, now=now) == 1

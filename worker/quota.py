@@ -29,7 +29,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import redis
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -113,8 +113,10 @@ if grant > 0 then
   total_used = redis.call('INCRBY', KEYS[2], grant)
   redis.call('HSET', KEYS[4], 's', sec, 'n', key_second + grant)
   redis.call('HSET', KEYS[5], 's', sec, 'n', total_second + grant)
-  redis.call('PEXPIRE', KEYS[4], 2000)
-  redis.call('PEXPIRE', KEYS[5], 2000)
+  -- Kept a while after their second: a stale stamp reads as zero, and a short expiry could
+  -- forget a second that a slow caller is still in.
+  redis.call('EXPIRE', KEYS[4], 60)
+  redis.call('EXPIRE', KEYS[5], 60)
   -- One slot per minute of the hour, each stamped with its minute, for `shipmon quota`'s pace.
   local minute = math.floor(sec / 60)
   local slot = minute % 60
@@ -171,6 +173,22 @@ end
 if ARGV[4] == '1' then redis.call('SET', KEYS[3], 1, 'EX', ttl) end
 return 1
 """
+
+
+# The statements of every grant, built once: the dispatcher asks for every key every few seconds.
+_LOCK_AND_RECORDED = select(
+    func.pg_advisory_xact_lock_shared(RESTORE_LOCK),
+    select(QuotaUsage.used)
+    .where(QuotaUsage.account_id == bindparam("account_id"), QuotaUsage.day == bindparam("day"))
+    .scalar_subquery(),
+)
+_insert_usage = insert(QuotaUsage).values(
+    account_id=bindparam("account_id"), day=bindparam("day"), used=bindparam("used")
+)
+_RECORD = _insert_usage.on_conflict_do_update(
+    index_elements=[QuotaUsage.account_id, QuotaUsage.day],
+    set_={"used": QuotaUsage.used + _insert_usage.excluded.used, "updated_at": func.now()},
+)
 
 
 @dataclass(frozen=True)
@@ -308,12 +326,7 @@ class QuotaLimiter:
         day = self._guess_day(now)
         for _ in range(MAX_ROUNDS):
             recorded = session.execute(
-                select(
-                    func.pg_advisory_xact_lock_shared(RESTORE_LOCK),
-                    select(QuotaUsage.used)
-                    .where(QuotaUsage.account_id == account_id, QuotaUsage.day == day.date)
-                    .scalar_subquery(),
-                )
+                _LOCK_AND_RECORDED, {"account_id": account_id, "day": day.date}
             ).one()[1]
             status, granted, sec, usec = self._acquire(
                 keys=[
@@ -509,16 +522,7 @@ class QuotaLimiter:
         return _moment(int(sec), int(usec))
 
     def _record(self, session: Session, account_id: int, day: date, granted: int) -> None:
-        statement = insert(QuotaUsage).values(account_id=account_id, day=day, used=granted)
-        session.execute(
-            statement.on_conflict_do_update(
-                index_elements=[QuotaUsage.account_id, QuotaUsage.day],
-                set_={
-                    "used": QuotaUsage.used + statement.excluded.used,
-                    "updated_at": func.now(),
-                },
-            )
-        )
+        session.execute(_RECORD, {"account_id": account_id, "day": day, "used": granted})
 
     def _restore(self, session: Session, account_id: int, day: CarrierDay, now_sec: int) -> bool:
         """Raise the day's counters to what PostgreSQL recorded; False if it must wait."""

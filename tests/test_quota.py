@@ -206,6 +206,10 @@ def test_refunds_give_back_only_what_was_granted_and_unused(
         limiter.refund(session, account.id, 2)
     with pytest.raises(ValueError, match="0 of its latest grant"):
         limiter.refund(session, make_account(session).id, 1)
+    # A refused request is the latest grant: nothing of the one before is refundable any more.
+    assert limiter.acquire(session, account.id, quota, 3, now=now) == 0
+    with pytest.raises(ValueError, match="0 of its latest grant"):
+        limiter.refund(session, account.id, 1)
     status = {s.account: s for s in limiter.status(session, now=now)}
     assert status[account.name].used_today == 1
     assert status[account.name].last_hour == 1

@@ -286,6 +286,8 @@ class KeyStatus:
 
 @dataclass(frozen=True)
 class _Grant:
+    """A key's latest grant: its day and minute, and how much of it may still be refunded."""
+
     day: date
     minute: int
     outstanding: int
@@ -362,6 +364,8 @@ class QuotaLimiter:
             if granted:
                 self._record(session, account_id, day.date, granted)
                 self._grants[account_id] = _Grant(day.date, sec // 60, granted)
+            else:
+                self._grants.pop(account_id, None)
             return int(granted)
         log.warning(
             "quota counters keep disappearing from Redis; no lookups granted",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -11,14 +12,15 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+import yaml
 from sqlalchemy import delete, func, select, text
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
-from tests.conftest import RunServers, make_account
+from tests.conftest import ROOT, RunServers, make_account
 from worker.apply import new_event_id
 from worker.cli import app
-from worker.config import get_settings
+from worker.config import Settings, get_settings
 from worker.db import transaction
 from worker.domain import EventType, Status, delay_reason
 from worker.models import (
@@ -600,3 +602,76 @@ def test_stats_prints_the_system_for_people_and_for_machines(
     assert table.exit_code == 0, table.output
     for title in ("shipments", "quota today", "due now", "transitions", "failing endpoints"):
         assert title in table.output
+
+
+# -- deployment --------------------------------------------------------------------------------
+
+# What the Compose specification allows in a service, of what this file may use.
+SERVICE_KEYS = {
+    "image", "build", "command", "environment", "volumes", "ports", "depends_on", "healthcheck",
+    "restart", "stop_grace_period", "pid", "profiles",
+}  # fmt: skip
+CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
+# A `$` is either escaped (`$$`) or starts a well-formed `${NAME}` / `${NAME:-default}`.
+INTERPOLATION = re.compile(r"\$\$|\$\{[A-Za-z_][A-Za-z0-9_]*(?::?[-?+][^}]*)?\}|\$")
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in a loaded YAML document, keys and values: what Compose interpolates."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings(key)
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def test_the_compose_file_runs_every_process_with_health_checks_and_settings() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+
+    assert set(services) == {
+        "postgres", "redis", "migrate", "worker", "beat", "metrics", "flower", "mailpit", "sandbox"
+    }  # fmt: skip
+    for name, service in services.items():
+        assert set(service) <= SERVICE_KEYS, name
+        assert isinstance(service.get("restart", ""), str), name
+        if name != "migrate":  # one-shot: it runs and exits
+            assert service["healthcheck"]["test"][0] in ("CMD", "CMD-SHELL"), name
+        for needed, how in service.get("depends_on", {}).items():
+            assert needed in services and how["condition"] in CONDITIONS, name
+        for mount in service.get("volumes", []):
+            assert mount.split(":")[0] in compose["volumes"], name
+        assert all(v is None or isinstance(v, str) for v in service.get("environment", {}).values())
+    bare = [v for v in _strings(compose) for m in INTERPOLATION.finditer(v) if m.group() == "$"]
+    assert bare == []
+
+    every_setting = {f"SHIPMON_{name.upper()}" for name in Settings.model_fields}
+    for name in ("migrate", "worker", "beat"):
+        assert every_setting <= set(services[name]["environment"]), name
+    assert services["migrate"]["command"] == ["shipmon", "db", "upgrade"]
+    assert services["migrate"]["restart"] == "no"
+    for name in ("worker", "beat"):
+        started = services[name]["depends_on"]["migrate"]["condition"]
+        assert started == "service_completed_successfully"
+    assert "--appendonly" in services["redis"]["command"]
+    assert "redisdata:/data" in services["redis"]["volumes"]
+    assert services["sandbox"]["profiles"] == ["sandbox"]
+    # The exporter reads the files the worker's processes write, in their pid namespace.
+    folder = services["worker"]["environment"]["PROMETHEUS_MULTIPROC_DIR"]
+    assert services["metrics"]["environment"]["PROMETHEUS_MULTIPROC_DIR"] == folder
+    assert services["metrics"]["pid"] == "service:worker"
+    assert f"metrics:{folder}" in services["worker"]["volumes"]
+
+
+def test_the_image_installs_the_locked_dependencies_and_copies_what_exists() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert dockerfile.startswith("#") and "FROM python:3.11-slim" in dockerfile
+    assert "uv sync --frozen --no-dev" in dockerfile
+    copies = [line.split()[1:-1] for line in dockerfile.splitlines() if line.startswith("COPY ")]
+    assert copies
+    for sources in copies:
+        assert all((ROOT / source).exists() for source in sources), sources

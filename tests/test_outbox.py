@@ -372,12 +372,19 @@ def test_a_receiver_that_is_down_gets_everything_in_order_when_it_is_back(
 
     world.deliver(T0)
 
-    # Only the first event of each shipment was tried; the later ones wait behind it.
+    # Only the first event of each shipment was tried; the later ones wait behind it, and so
+    # does an event that comes meanwhile.
+    world.event(shipments[0][0])
+    world.deliver(T0 + timedelta(seconds=1))
     deliveries = world.deliveries(endpoint)
-    assert [(d.sequence, d.attempts) for d in deliveries] == [(1, 1), (2, 0), (3, 0)] * 2
-    for d in deliveries[::3]:
-        assert T0 + RETRY_DELAYS[0] * 0.8 <= d.next_attempt_at <= T0 + RETRY_DELAYS[0] * 1.2
-        assert world.attempts(d.id)[0].status_code is None
+    assert [(d.sequence, d.attempts) for d in deliveries] == [
+        (1, 1), (2, 0), (3, 0), (4, 0), (1, 1), (2, 0), (3, 0),
+    ]  # fmt: skip
+    for line in (deliveries[:4], deliveries[4:]):
+        retry = line[0].next_attempt_at
+        assert T0 + RETRY_DELAYS[0] * 0.8 <= retry <= T0 + RETRY_DELAYS[0] * 1.2
+        assert world.attempts(line[0].id)[0].status_code is None
+        assert {d.next_attempt_at for d in line} == {retry}
 
     receiver.start()
     world.deliver(T0 + timedelta(seconds=3))  # not due yet: nothing happens
@@ -385,8 +392,8 @@ def test_a_receiver_that_is_down_gets_everything_in_order_when_it_is_back(
     world.deliver(T0 + timedelta(seconds=7))
 
     assert receiver.rejected == []
-    for _, code in shipments:
-        assert receiver.sequences(code) == [1, 2, 3]
+    assert receiver.sequences(shipments[0][1]) == [1, 2, 3, 4]
+    assert receiver.sequences(shipments[1][1]) == [1, 2, 3]
     assert {d.state for d in world.deliveries(endpoint)} == {"succeeded"}
 
 
@@ -636,8 +643,8 @@ def test_replay_of_failures_since_a_time_completes_what_it_delivers(
     endpoint = world.endpoint(account, failing)
     other_endpoint = world.endpoint(account, other)
     shipment, code = world.shipment(account)
-    world.event(shipment)
-    world.event(shipment)
+    for _ in range(3):
+        world.event(shipment)
     with world.sessions.begin() as s:  # the first event gave up long ago
         fan_out(s, now=T0)
         s.execute(update(Delivery).where(Delivery.sequence == 1, Delivery.endpoint_id.in_(
@@ -652,13 +659,16 @@ def test_replay_of_failures_since_a_time_completes_what_it_delivers(
     assert later == []
     outcomes = replay(
         world.sessions, world.settings, secret_key=world.secret_key,
-        failed_since=T0 - timedelta(minutes=1), endpoint_id=endpoint,
+        failed_since=T0 - timedelta(minutes=1), endpoint_id=endpoint, now=T0,
     )  # fmt: skip
 
     assert [(o.endpoint_id, o.result.succeeded) for o in outcomes] == [(endpoint, True)]
     assert failing.sequences(code) == [2, 2]
-    assert [d.state for d in world.deliveries(endpoint)] == ["dead", "succeeded"]
-    assert [d.state for d in world.deliveries(other_endpoint)] == ["dead", "pending"]
+    # The third event no longer waits for the second one's retry.
+    world.deliver(T0 + timedelta(seconds=1))
+    assert failing.sequences(code) == [2, 2, 3]
+    assert [d.state for d in world.deliveries(endpoint)] == ["dead", "succeeded", "succeeded"]
+    assert [d.state for d in world.deliveries(other_endpoint)] == ["dead", "pending", "pending"]
 
 
 # --- The commands ----------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from worker.models import (
 )
 from worker.webhooks import (
     DISABLE_AFTER,
+    HELD,
     AttemptResult,
     Resolver,
     WebhookSender,
@@ -144,21 +145,93 @@ def fan_out(session: Session, event_ids: Sequence[int] | None = None, *, now: da
             for r in recipients
             if r.account_id == event.account_id and _wants(r.event_types, event.type)
         ]
-    created = 0
+    created: list[Delivery] = []
     for start in range(0, len(rows), INSERT_CHUNK):
         chunk = rows[start : start + INSERT_CHUNK]
         # Either destination column is absent from half the rows; give every row both keys.
         chunk = [{"endpoint_id": None, "recipient_id": None, **row} for row in chunk]
-        made = session.scalars(
-            pg_insert(Delivery).values(chunk).on_conflict_do_nothing().returning(Delivery.id)
+        created += session.scalars(
+            pg_insert(Delivery).values(chunk).on_conflict_do_nothing().returning(Delivery),
+            execution_options={"populate_existing": True},
         ).all()
-        created += len(made)
+    _queue_behind_retries(session, created, now)
     session.execute(
         update(OutboxEvent)
         .where(OutboxEvent.id.in_([e.id for e in events]))
         .values(fanned_out_at=now)
     )
-    return created
+    return len(created)
+
+
+Line = tuple[int, int | None, int | None]
+
+
+def _line(delivery: Delivery) -> Line:
+    """The ordered stream a delivery belongs to: one shipment to one destination."""
+    return delivery.shipment_id, delivery.endpoint_id, delivery.recipient_id
+
+
+def _queue_behind_retries(session: Session, created: Sequence[Delivery], now: datetime) -> None:
+    """Make new deliveries due no sooner than an earlier one of their line that is retrying.
+
+    They could not be sent before it anyway; being due early would only make every claim read
+    past them for as long as a receiver is down. The earlier deliveries are locked, so one that
+    is being recorded as done right now is seen done (its followers are then made due again by
+    `_release_followers`).
+    """
+    if not created:
+        return
+    waiting = session.execute(
+        select(Delivery)
+        .where(
+            Delivery.shipment_id.in_({d.shipment_id for d in created}),
+            Delivery.state == "pending",
+            Delivery.next_attempt_at > now,
+            Delivery.id.not_in([d.id for d in created]),
+        )
+        .order_by(Delivery.id)
+        .with_for_update()
+    ).scalars()
+    due_at: dict[Line, list[tuple[int, datetime]]] = {}
+    for earlier in waiting:
+        due_at.setdefault(_line(earlier), []).append((earlier.sequence, earlier.next_attempt_at))
+    pushed = []
+    for new in created:
+        ahead = [at for sequence, at in due_at.get(_line(new), []) if sequence < new.sequence]
+        if ahead:
+            pushed.append({"id": new.id, "next_attempt_at": max(ahead)})
+    if pushed:
+        session.execute(update(Delivery), pushed)
+
+
+def _followers(delivery: Delivery) -> Any:
+    return and_(
+        Delivery.shipment_id == delivery.shipment_id,
+        Delivery.endpoint_id.is_not_distinct_from(delivery.endpoint_id),
+        Delivery.recipient_id.is_not_distinct_from(delivery.recipient_id),
+        Delivery.state == "pending",
+        Delivery.sequence > delivery.sequence,
+    )
+
+
+def _hold_followers(session: Session, delivery: Delivery, until: datetime) -> None:
+    """Later deliveries of a retrying one's line wait with it (see `_queue_behind_retries`)."""
+    session.execute(
+        update(Delivery)
+        .where(_followers(delivery), Delivery.next_attempt_at < until)
+        .values(next_attempt_at=until)
+    )
+
+
+def _release_followers(session: Session, delivery: Delivery, now: datetime) -> None:
+    """The line's next delivery is due at once now that this one is done."""
+    session.execute(
+        update(Delivery)
+        .where(
+            _followers(delivery), Delivery.next_attempt_at > now, Delivery.next_attempt_at < HELD
+        )
+        .values(next_attempt_at=now)
+    )
 
 
 # --- Claiming --------------------------------------------------------------------------------
@@ -376,17 +449,18 @@ def _record(
             # Our lease ran out and another worker claimed it again: its record decides.
             return None
         delivery.last_attempt_at = attempted_at
-        if result.succeeded:
-            delivery.state = "succeeded"
-            delivery.completed_at = now
+        delay = (
+            None if result.succeeded else retry_delay(delivery.attempts, result.retry_after, rng)
+        )
+        if delay is not None:
+            delivery.next_attempt_at = now + delay
+            _hold_followers(session, delivery, delivery.next_attempt_at)
         else:
-            delay = retry_delay(delivery.attempts, result.retry_after, rng)
-            if delay is None:
-                delivery.state = "dead"
-                delivery.completed_at = now
+            delivery.state = "succeeded" if result.succeeded else "dead"
+            delivery.completed_at = now
+            _release_followers(session, delivery, now)
+            if not result.succeeded:
                 log.warning("delivery %s of event %s is dead", delivery.id, claim.event_id)
-            else:
-                delivery.next_attempt_at = now + delay
         if not isinstance(claim.destination, _Webhook):
             return None
         return _endpoint_health(session, claim.destination.endpoint_id, result, now)
@@ -656,14 +730,18 @@ def _record_replay(
 ) -> None:
     with session_factory.begin() as session:
         session.execute(insert(DeliveryAttempt).values(_attempt_row(claim.delivery_id, at, result)))
-        if result.succeeded:
-            # A replay that gets through completes the delivery; one that fails changes
-            # nothing about its schedule.
-            session.execute(
-                update(Delivery)
-                .where(Delivery.id == claim.delivery_id, Delivery.state != "succeeded")
-                .values(state="succeeded", completed_at=at, last_attempt_at=at)
-            )
+        # A replay that gets through completes the delivery; one that fails changes nothing
+        # about its schedule.
+        if not result.succeeded:
+            return
+        delivery = session.get(Delivery, claim.delivery_id, with_for_update=True)
+        if delivery is None or delivery.state == "succeeded":
+            return
+        was_pending = delivery.state == "pending"
+        delivery.state = "succeeded"
+        delivery.completed_at = delivery.last_attempt_at = at
+        if was_pending:
+            _release_followers(session, delivery, at)
 
 
 def replay(

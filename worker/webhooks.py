@@ -43,6 +43,7 @@ __all__ = [
     "CONNECT_TIMEOUT",
     "DISABLE_AFTER",
     "EXCERPT_LIMIT",
+    "HELD",
     "RETRY_DELAYS",
     "ROTATION_OVERLAP",
     "USER_AGENT",
@@ -89,6 +90,8 @@ JITTER = 0.2
 MAX_RETRY_AFTER = max(RETRY_DELAYS)
 # An endpoint that has failed without a single success for this long is disabled.
 DISABLE_AFTER = timedelta(days=5)
+# When the deliveries of a disabled endpoint come due: when it is enabled again.
+HELD = datetime(9999, 12, 31, tzinfo=UTC)
 # After a rotation, the previous secret keeps signing so receivers can switch over.
 ROTATION_OVERLAP = timedelta(hours=24)
 
@@ -495,11 +498,12 @@ def set_endpoint_enabled(
     endpoint.disabled_reason = None if enabled else reason
     if enabled:
         endpoint.failing_since = None
-        session.execute(
-            update(Delivery)
-            .where(Delivery.endpoint_id == endpoint.id, Delivery.state == "pending")
-            .values(next_attempt_at=now)
-        )
+    session.execute(
+        update(Delivery)
+        .where(Delivery.endpoint_id == endpoint.id, Delivery.state == "pending")
+        # Held deliveries are kept out of every claim's way until the endpoint is back.
+        .values(next_attempt_at=now if enabled else HELD)
+    )
 
 
 def rotate_secret(endpoint: WebhookEndpoint, *, secret_key: str, now: datetime) -> str:

@@ -59,7 +59,11 @@ def test_plain_sql_insert_gives_a_shipment_due_at_once(session: Session) -> None
         {"a": account.id},
     )
     row = session.execute(
-        text("SELECT active, next_poll_at <= now() AS due, polls_made FROM shipments")
+        text(
+            "SELECT active, next_poll_at <= now() AS due, polls_made FROM shipments "
+            "WHERE account_id = :a"
+        ),
+        {"a": account.id},
     ).one()
     assert row.active is True
     assert row.due is True
@@ -76,7 +80,7 @@ def test_database_refuses_malformed_order_codes(session: Session, code: str) -> 
             text("INSERT INTO shipments (account_id, order_code) VALUES (:a, :c)"),
             {"a": account.id, "c": code},
         )
-    assert session.scalar(select(func.count()).select_from(Shipment)) == 0
+    assert session.scalar(select(func.count()).where(Shipment.account_id == account.id)) == 0
 
 
 def test_recording_the_same_status_history_twice_is_refused(session: Session) -> None:
@@ -103,7 +107,7 @@ def test_register_orders_validates_and_is_idempotent(session: Session) -> None:
     again = register_orders(session, account.name, ["GOOD0001", "GOOD0002"])
     assert again.registered == ["GOOD0002"]
     assert again.already_registered == ["GOOD0001"]
-    assert session.scalar(select(func.count()).select_from(Shipment)) == 2
+    assert session.scalar(select(func.count()).where(Shipment.account_id == account.id)) == 2
 
 
 def test_register_orders_for_an_unknown_account_says_how_to_create_it(session: Session) -> None:

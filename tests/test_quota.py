@@ -283,7 +283,8 @@ def test_apikey_limit_pauses_exactly_that_key(
     assert (alert.account_name, alert.ops_email, alert.spent_today) == (a.name, a.ops_email, spent)
     assert a.name in caplog.text and api_key not in caplog.text
     assert b.paused_until is None
-    # Its plan for the days after is what it had spent, less a margin.
+    # Its plan for the days after is what it had spent, less a margin (more than half its plan).
+    assert int(spent * 0.95) > KEY_QUOTA // 2
     assert a.learned_daily_quota == int(spent * 0.95)
     assert effective_daily_quota(a, settings) == int(spent * 0.95)
     assert effective_daily_quota(b, settings) == KEY_QUOTA
@@ -410,3 +411,14 @@ def test_a_restore_waits_for_grants_in_flight(
         assert redis_client.get(counter_key(DAY1, account.id)) is None
         other.rollback()
     assert limiter.acquire(session, account.id, KEY_QUOTA, 1, now=now) == 1
+
+
+def test_one_refusal_at_most_halves_the_plan(
+    session: Session, limiter: QuotaLimiter, settings: Settings
+) -> None:
+    account = make_account(session)
+    for day, halved in ((DAY1, KEY_QUOTA // 2), (DAY1 + timedelta(days=1), KEY_QUOTA // 4)):
+        plan = effective_daily_quota(account, settings)
+        assert limiter.acquire(session, account.id, plan, 5, now=local(day, 1)) == 1
+        assert limiter.pause_for_limit(session, account, local(day, 2)) is not None
+        assert effective_daily_quota(account, settings) == halved

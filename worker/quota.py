@@ -50,7 +50,9 @@ log = logging.getLogger(__name__)
 PREFIX = "shipmon:quota"
 # Day counters outlive their day by this much, for `shipmon quota` and late refunds.
 COUNTER_GRACE_SECONDS = DAY_SECONDS
-# The plan learned from APIKEY_LIMIT keeps this share of what was spent when the carrier said stop.
+# The plan learned from APIKEY_LIMIT keeps this share of what was spent when the carrier said stop,
+# but one refusal at most halves it: a key shared for one day only is not ruined for good, and a
+# key shared for good converges within a few days.
 LEARNED_PLAN_SHARE = 0.95
 # Between grants (shared) and restores from PostgreSQL (exclusive); "shipmonq" in ASCII.
 RESTORE_LOCK = int.from_bytes(b"shipmonq", "big")
@@ -435,7 +437,7 @@ class QuotaLimiter:
             or 0,
         )
         before = effective_daily_quota(account, self.settings)
-        learned = max(1, int(spent * LEARNED_PLAN_SHARE))
+        learned = max(1, int(spent * LEARNED_PLAN_SHARE), before // 2)
         if learned < before:
             account.learned_daily_quota = learned
         plan = effective_daily_quota(account, self.settings)
@@ -497,7 +499,9 @@ class QuotaLimiter:
                 last_hour=last_hour,
                 # A plan lowered during the day may already be exceeded.
                 projected=max(used, projected),
-                paused_until=account.paused_until if account and paused else None,
+                paused_until=account.paused_until.astimezone(self.tz)
+                if account and account.paused_until and paused
+                else None,
                 pause_reason=account.pause_reason if account and paused else None,
             )
 

@@ -168,6 +168,9 @@ def _apply_result(
 
     new_statuses = _record_statuses(session, shipment, result.statuses)
     new_scans = _record_scans(session, shipment, result.trackings)
+    if new_statuses or new_scans:
+        # A change ends a stall; the shipment may stall again later.
+        shipment.stalled_at = None
 
     # Where the carrier's event times say the shipment is now. An answer whose newest status is
     # older than the one recorded is stale (a lagging replica, a reordered response): its

@@ -9,19 +9,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from worker import metrics
 from worker.apply import PollContext, apply_outcome, lock_shipments, pause_account
-from worker.carrier import ApiKeyLimit, CarrierClient, CarrierError, TrackingResult
+from worker.carrier import (
+    ApiKeyLimit,
+    CarrierClient,
+    CarrierError,
+    CarrierErrorCode,
+    TrackingResult,
+)
 from worker.crypto import decrypt
 from worker.dispatch import Claim
+from worker.domain import EventType
 from worker.learning import PlanCache
-from worker.models import Account, Shipment
+from worker.models import Account, OutboxEvent, Shipment
 
 log = logging.getLogger(__name__)
 
@@ -120,4 +128,25 @@ async def poll_claim(
                 )  # fmt: skip
         session.flush()
         report.event_ids = [e.id for e in events]
+    _count(outcomes.values(), events)
     return report
+
+
+def _count(outcomes: Iterable[Outcome], events: Iterable[OutboxEvent]) -> None:
+    """Metrics for a committed batch: lookups by result, transitions, delays, detection delay."""
+    for outcome in outcomes:
+        if isinstance(outcome, TrackingResult):
+            metrics.record_poll("ok")
+        else:
+            code = outcome.code if isinstance(outcome, CarrierErrorCode) else None
+            metrics.record_poll(code.value if code is not None else type(outcome).__name__)
+    for event in events:
+        if event.type == EventType.STATUS_CHANGED:
+            previous = event.data["previous_status"]
+            metrics.record_transition(previous and previous["name"], event.data["status"]["name"])
+            if event.data["event_time"] is not None:
+                seen = datetime.fromisoformat(event.data["seen_at"])
+                happened = datetime.fromisoformat(event.data["event_time"])
+                metrics.observe_detection_delay((seen - happened).total_seconds())
+        elif event.type == EventType.DELAYED:
+            metrics.record_delay(event.data["delay"]["code"])

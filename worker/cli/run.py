@@ -26,6 +26,8 @@ def system_env(found: Servers) -> dict[str, str]:
         SHIPMON_SECRET_KEY=found.secret_key,
         SHIPMON_HOME=str(settings().home.resolve()),
     )
+    # Prefork workers write their metrics here; `shipmon metrics` serves the sum.
+    env.setdefault("PROMETHEUS_MULTIPROC_DIR", str(settings().home.resolve() / "metrics"))
     return env
 
 

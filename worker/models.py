@@ -267,6 +267,10 @@ class Delivery(Base):
         Index(
             "ix_deliveries_pending", "next_attempt_at", postgresql_where=text("state = 'pending'")
         ),
+        # An endpoint's deliveries by state: holding and resuming them, counting the dead ones,
+        # and deleting them with their endpoint or recipient without a scan of the whole table.
+        Index("ix_deliveries_endpoint_id_state", "endpoint_id", "state"),
+        Index("ix_deliveries_recipient_id", "recipient_id"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
-from sqlalchemy import case, delete, func, select
+from sqlalchemy import and_, case, delete, func, select
 from sqlalchemy.orm import Session
 
 from worker.cli.common import (
@@ -108,7 +108,13 @@ def endpoint_list(
     query = (
         select(WebhookEndpoint, Account.name, pending, dead)
         .join(Account, Account.id == WebhookEndpoint.account_id)
-        .outerjoin(Delivery, Delivery.endpoint_id == WebhookEndpoint.id)
+        .outerjoin(
+            Delivery,
+            and_(
+                Delivery.endpoint_id == WebhookEndpoint.id,
+                Delivery.state.in_(("pending", "dead")),
+            ),
+        )
         .group_by(WebhookEndpoint.id, Account.name)
         .order_by(Account.name, WebhookEndpoint.id)
     )

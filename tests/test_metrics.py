@@ -142,8 +142,8 @@ if __name__ == "__main__":
 
 
 @pytest.fixture
-def exporter(servers: RunServers, tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """`shipmon metrics` on a free port over a folder that does not exist yet; its URL."""
+def exporter(servers: RunServers, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
+    """`shipmon metrics` starting on a free port, over a folder that does not exist yet."""
     folder = tmp_path / "metrics"
     process = subprocess.Popen(
         [sys.executable, "-m", "worker", "metrics", "--port", "0"],
@@ -155,19 +155,18 @@ def exporter(servers: RunServers, tmp_path: Path) -> Iterator[tuple[str, Path]]:
     assert process.stdout is not None
     with process.stdout:
         try:
-            line = process.stdout.readline()
-            assert line.startswith("serving metrics on http://127.0.0.1:"), line
-            yield line.split()[-1], folder
+            yield process, folder
         finally:
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=60) == 0
 
 
 def test_shipmon_metrics_serves_the_sum_of_prefork_children(
-    servers: RunServers, exporter: tuple[str, Path]
+    servers: RunServers, exporter: tuple[subprocess.Popen[str], Path]
 ) -> None:
-    url, folder = exporter
+    process, folder = exporter
     account = f"shop-{secrets.token_hex(3)}"
+    # Runs while the exporter starts: both only need the folder's name.
     parent = subprocess.run(
         [sys.executable, "-c", PREFORK, servers.database_url, account],
         env=servers.env(**{metrics.MULTIPROC_DIR: str(folder)}),
@@ -175,8 +174,11 @@ def test_shipmon_metrics_serves_the_sum_of_prefork_children(
         timeout=120,
     )
     assert parent.returncode == 0
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    assert line.startswith("serving metrics on http://127.0.0.1:"), line
 
-    with urllib.request.urlopen(url, timeout=30) as response:
+    with urllib.request.urlopen(line.split()[-1], timeout=30) as response:
         found = samples(response.read())
 
     assert value(found, "shipmon_polls_total", result="ok") == 2

@@ -219,7 +219,8 @@ async def receiver(handler: Handler) -> AsyncIterator[tuple[str, list[web.Reques
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", record)
-    runner = web.AppRunner(app)
+    # A handler whose client gave up is cancelled, so stopping the server never waits for it.
+    runner = web.AppRunner(app, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

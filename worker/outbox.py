@@ -294,7 +294,8 @@ def _claim(
     count: int,
     now: datetime,
     lease: timedelta,
-) -> list[_Claim]:
+) -> tuple[list[_Claim], int]:
+    """Claim up to `count` due deliveries; returns those to send, and how many were claimed."""
     with session_factory.begin() as session:
         # SKIP LOCKED: deliveries another worker is claiming right now are its own; wait for none.
         due = (
@@ -312,7 +313,7 @@ def _claim(
             execution_options={"synchronize_session": False},
         ).all()
         if not deliveries:
-            return []
+            return [], 0
         events = {
             e.id: e
             for e in session.scalars(
@@ -334,7 +335,7 @@ def _claim(
             )
         else:
             claims += [_email_claim(d, events[d.event_id], session, settings) for d in emails]
-        return claims
+        return claims, len(deliveries)
 
 
 def _webhook_claim(
@@ -555,7 +556,7 @@ async def deliver_due_async(
         while True:
             free = min(concurrency - len(running), limit - attempted)
             if not drained and free > 0:
-                claims = await asyncio.to_thread(
+                claims, claimed = await asyncio.to_thread(
                     _claim, session_factory, settings, secret_key, free, clock(), lease
                 )
                 attempted += len(claims)
@@ -563,7 +564,7 @@ async def deliver_due_async(
                     asyncio.create_task(_attempt(c, session_factory, settings, sender, clock, rng))
                     for c in claims
                 }
-                drained = not claims
+                drained = claimed == 0
             if not running:
                 return attempted
             done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)

@@ -30,6 +30,7 @@ def upgrade() -> None:
         sa.Column("api_key_encrypted", sa.Text(), nullable=False),
         sa.Column("api_key_hint", sa.String(length=8), nullable=False),
         sa.Column("daily_quota", sa.Integer(), nullable=True),
+        sa.CheckConstraint("daily_quota > 0", name=op.f("ck_accounts_positive_daily_quota")),
         sa.Column("paused_until", sa.DateTime(timezone=True), nullable=True),
         sa.Column("pause_reason", sa.Text(), nullable=True),
         sa.Column("ops_email", sa.String(length=320), nullable=True),

@@ -10,10 +10,12 @@ from __future__ import annotations
 from datetime import timedelta
 
 from celery import Celery
+from celery.signals import setup_logging
 from kombu.entity import Queue
 
 from worker.config import get_settings
 from worker.embedded import resolve
+from worker.logs import configure_logging
 
 # Hard time limits; the broker's visibility timeout must exceed the longest of them, or a
 # running task would be handed to a second worker.
@@ -27,6 +29,12 @@ NOTIFY_QUEUE = "shipmon.notify"
 # Celery's own default, so a backend that sends `shipmon.register_orders` by name with
 # send_task, knowing nothing of our routes, reaches a worker.
 DEFAULT_QUEUE = "celery"
+
+
+@setup_logging.connect
+def _json_logs(**_: object) -> None:
+    """One JSON object per log line, with the task's id and name."""
+    configure_logging(get_settings().log_level)
 
 
 def create_app() -> Celery:
@@ -55,14 +63,15 @@ def create_app() -> Celery:
             "shipmon.deliver": {"queue": NOTIFY_QUEUE},
             "shipmon.sweep_deliveries": {"queue": NOTIFY_QUEUE},
         },
-        worker_hijack_root_logger=False,
-        worker_log_format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
         beat_schedule_filename=str(settings.home / "celerybeat-schedule"),
         beat_schedule={
             "dispatch": {"task": "shipmon.dispatch", "schedule": 2.0},
             "prices": {"task": "shipmon.update_prices", "schedule": 60.0},
             "learn": {"task": "shipmon.relearn", "schedule": 600.0},
             "deliveries": {"task": "shipmon.sweep_deliveries", "schedule": 5.0},
+            "stalled": {"task": "shipmon.detect_stalled", "schedule": 900.0},
+            "purge": {"task": "shipmon.purge_finished", "schedule": 3600.0},
+            "metrics": {"task": "shipmon.refresh_metrics", "schedule": 30.0},
         },
         # Beat ticks expire if no worker runs them in time: a backlog of stale ticks would
         # only dispatch the same shipments again.

@@ -160,7 +160,11 @@ class StatusEvent(Base):
     """One entry of the carrier's `statuses[]`: the shipment entered a status at a time."""
 
     __tablename__ = "status_events"
-    __table_args__ = (UniqueConstraint("shipment_id", "occurred_at", "status"),)
+    __table_args__ = (
+        UniqueConstraint("shipment_id", "occurred_at", "status"),
+        # Learning and stalled detection read recent history by time.
+        Index("ix_status_events_occurred_at", "occurred_at"),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     shipment_id: Mapped[int] = mapped_column(

@@ -24,6 +24,8 @@ from worker.dispatch import Claim, dispatch
 from worker.embedded import Servers, resolve
 from worker.intake import register_orders as register
 from worker.learning import PlanCache, pollable_accounts, relearn, update_prices
+from worker.metrics import refresh_gauges
+from worker.ops import PURGE_BATCH, detect_stalled, purge_finished
 from worker.outbox import fan_out_and_deliver
 from worker.poller import poll_claim
 from worker.quota import QuotaLimiter, effective_daily_quota
@@ -160,3 +162,35 @@ def sweep_deliveries() -> int:
     """The safety net: events never fanned out, and retries that have come due."""
     p = process()
     return fan_out_and_deliver(p.sessions, p.settings, None, secret_key=p.servers.secret_key)
+
+
+@app.task(name="shipmon.detect_stalled", base=ShipmonTask, time_limit=300, expires=600)
+def stalled() -> int:
+    """Raise `shipment.stalled` once for each shipment silent for longer than is normal."""
+    p = process()
+    floor = timedelta(hours=p.settings.stalled_floor_hours)
+    with p.sessions.begin() as session:
+        event_ids = detect_stalled(session, utcnow(), floor)
+    if event_ids:
+        app.send_task("shipmon.deliver", args=[event_ids])
+    return len(event_ids)
+
+
+@app.task(name="shipmon.purge_finished", base=ShipmonTask, time_limit=600, expires=3600)
+def purge() -> int:
+    """Delete finished shipments past the retention period, a batch per transaction."""
+    p, total = process(), 0
+    while True:
+        with p.sessions.begin() as session:
+            deleted = purge_finished(session, utcnow(), p.settings.retention_days)
+        total += deleted
+        if deleted < PURGE_BATCH:
+            return total
+
+
+@app.task(name="shipmon.refresh_metrics", base=ShipmonTask, time_limit=60, expires=25)
+def refresh_metrics() -> None:
+    """Refresh the quota and backlog gauges."""
+    p = process()
+    with p.sessions.begin() as session:
+        refresh_gauges(session, p.limiter.status(session))

@@ -71,7 +71,10 @@ def run(
 
 
 def sandbox(
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0: any free port).")] = 8247,
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8247,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; 0.0.0.0 inside a container.")
+    ] = "127.0.0.1",
     workload: Annotated[
         Path | None, typer.Option(help="A workload file describing the order population.")
     ] = None,
@@ -88,7 +91,9 @@ def sandbox(
     if speed <= 0:
         fail("--speed must be positive")
     try:
-        run_sandbox(port=port, workload=workload, speed=speed, seed=seed, populate=populate)
+        run_sandbox(
+            host=host, port=port, workload=workload, speed=speed, seed=seed, populate=populate
+        )
     except (WorkloadError, OSError) as exc:
         fail(str(exc))
 

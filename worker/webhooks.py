@@ -16,11 +16,13 @@ import json
 import random
 import secrets
 import socket
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
+from functools import lru_cache
 from importlib import metadata
 from types import TracebackType
 from typing import Any, Self
@@ -306,6 +308,12 @@ def _retry_after(value: str | None, now: datetime) -> timedelta | None:
     return max(moment - now, timedelta(0))
 
 
+@lru_cache(maxsize=1)
+def _ssl_context() -> ssl.SSLContext:
+    # Loading the CA bundle takes tens of milliseconds; a sender per task must not pay it.
+    return httpx.create_ssl_context()
+
+
 class WebhookSender:
     """Makes webhook attempts over one pooled HTTP client; use one per event loop."""
 
@@ -346,7 +354,7 @@ class WebhookSender:
             # One slow receiver must not take every connection from the others.
             limit_per_host=max(1, self._max_connections // 4),
             resolver=_GuardedResolver(self._resolver, self._allow_private),
-            ssl=httpx.create_ssl_context(),
+            ssl=_ssl_context(),
         )
         # No proxy from the environment: the guard must see the address actually connected to.
         session = aiohttp.ClientSession(connector=connector, trust_env=False)
@@ -358,7 +366,8 @@ class WebhookSender:
     def _client(self) -> httpx.AsyncClient:
         if self._http is None:
             self._http = HttpxAiohttpClient(
-                transport=AiohttpTransport(client=self._session),
+                # The transport would load the CA bundle again for a context it never uses.
+                transport=AiohttpTransport(client=self._session, verify=_ssl_context()),
                 timeout=httpx.Timeout(self._attempt_timeout, connect=CONNECT_TIMEOUT),
                 follow_redirects=False,
                 trust_env=False,

@@ -149,6 +149,7 @@ class Poller:
         # Ended stays, in the order they were seen, for the model.
         self.ended: deque[Stay] = deque()
         self.day = ""
+        self.polls_by_status: dict[str, int] = defaultdict(int)
 
     def add(self, code: str, key: int, at: datetime) -> Shipment:
         shipment = Shipment(code, key, at)
@@ -170,6 +171,7 @@ class Poller:
     def poll(self, shipment: Shipment, at: datetime) -> None:
         """Look the shipment up at `at` and take in what the answer shows."""
         load = self.keys[shipment.key]
+        self.polls_by_status[shipment.status.value if shipment.status else NOT_FOUND] += 1
         load.used_today += 1
         load.per_day[self.day] += 1
         shipment.last_polled_at = at
@@ -206,7 +208,8 @@ class ProjectPoller(Poller):
         super().__init__(view, keys, quota)
         self.max_interval = max_interval
         self.model = LearnedModel(timezone=view.carrier.workload.timezone)
-        self.controllers = [PriceController(quota) for _ in range(keys)]
+        zone = view.carrier.workload.timezone
+        self.controllers = [PriceController(quota, zone) for _ in range(keys)]
         self.planned = [0.0] * keys
         self.registered = [0] * keys
         self.due: list[list[tuple[float, int, str]]] = [[] for _ in range(keys)]
@@ -218,7 +221,8 @@ class ProjectPoller(Poller):
     def register(self, code: str, key: int, at: datetime) -> None:
         shipment = self.add(code, key, at)
         self.registered[key] += 1
-        self.schedule(shipment, next_poll_at(shipment.state(), self.model, 0.0))
+        price = self.controllers[key].price
+        self.schedule(shipment, next_poll_at(shipment.state(), self.model, price))
 
     def schedule(self, shipment: Shipment, due: datetime | None) -> None:
         key = shipment.key
@@ -336,13 +340,14 @@ def measure(poller: Poller, window: tuple[float, float], end: float) -> dict[str
     per_day = [n for load in poller.keys for n in load.per_day.values()]
     return {
         "transitions": len(delays),
-        "mean_detection_delay_s": round(statistics.fmean(delays), 1),
+        "mean_detection_delay_s": round(statistics.fmean(delays), 1) if delays else None,
         "p50_detection_delay_s": round(_quantile(delays, 0.50), 1),
         "p95_detection_delay_s": round(_quantile(delays, 0.95), 1),
         "polls": sum(per_day),
-        "max_polls_per_key_day": max(per_day),
+        "max_polls_per_key_day": max(per_day, default=0),
         "over_quota_key_days": sum(n > poller.keys[0].quota for n in per_day),
         "unseen_at_end": unseen,
+        "polls_by_status": dict(sorted(poller.polls_by_status.items())),
         "mean_delay_by_exited_status_s": {
             status: round(statistics.fmean(values), 1)
             for status, values in sorted(by_exited.items())

@@ -17,6 +17,8 @@ from worker.domain import Status
 from worker.pacing import allowed_by, elapsed_share
 from worker.scheduler import (
     DEFAULT_MAX_INTERVAL,
+    FIRST_LOOKUP_WITHIN,
+    NOT_FOUND,
     DwellModel,
     LearnedModel,
     PriceController,
@@ -101,10 +103,24 @@ def polls_of(state: ShipmentState, model: LearnedModel, price: float, count: int
     return polls
 
 
-def test_a_new_shipment_is_due_when_registered() -> None:
+def test_a_new_shipment_is_looked_up_within_the_promised_time() -> None:
     registered = local(2, 10)
     state = ShipmentState(registered_at=registered)
-    assert next_poll_at(state, LearnedModel(ZONE_NAME), price=1e6) == registered
+    due = next_poll_at(state, LearnedModel(ZONE_NAME), price=1e6)
+    assert due is not None
+    assert registered < due <= registered + FIRST_LOOKUP_WITHIN
+    sooner = next_poll_at(
+        state, LearnedModel(ZONE_NAME), price=1e6, first_lookup_within=timedelta(minutes=5)
+    )
+    assert sooner == registered + timedelta(minutes=5)
+
+
+def test_a_new_shipment_is_looked_up_at_once_where_the_carrier_knows_orders_at_once() -> None:
+    registered = local(2, 10)
+    model = LearnedModel(ZONE_NAME, {NOT_FOUND: DwellModel(math.log(1.0), 0.5)})
+    due = next_poll_at(ShipmentState(registered_at=registered), model, price=1800)
+    assert due is not None
+    assert due - registered <= timedelta(minutes=5)
 
 
 def test_a_terminal_shipment_is_never_polled_again(delivering_model: LearnedModel) -> None:
@@ -281,7 +297,7 @@ def test_the_model_survives_json(delivering_model: LearnedModel) -> None:
 
 
 def test_the_price_controller_survives_json() -> None:
-    controller = PriceController(daily_quota=1000)
+    controller = PriceController(daily_quota=1000, timezone=ZONE_NAME)
     controller.observe(local(2, 0), planned_per_day=500, registered=3)
     controller.observe(local(2, 0.1), planned_per_day=5000, registered=3)
     again = PriceController.from_json(controller.to_json())
@@ -289,8 +305,8 @@ def test_the_price_controller_survives_json() -> None:
 
 
 def test_the_price_rises_when_demand_exceeds_the_quota_and_falls_when_it_does_not() -> None:
-    rising = PriceController(daily_quota=1000, price=100)
-    falling = PriceController(daily_quota=1000, price=100)
+    rising = PriceController(daily_quota=1000, timezone=ZONE_NAME, price=100)
+    falling = PriceController(daily_quota=1000, timezone=ZONE_NAME, price=100)
     for minute in range(0, 6 * 60, 1):
         at = local(2, minute / 60)
         rising.observe(at, planned_per_day=4000, registered=0)
@@ -299,13 +315,27 @@ def test_the_price_rises_when_demand_exceeds_the_quota_and_falls_when_it_does_no
     assert falling.price < 80
 
 
+def test_the_price_keeps_the_morning_rush_under_the_pace_line() -> None:
+    """Demand that fits the day but comes all in the morning is priced as if the day were
+    short: no hour may spend what the pace line has not yet granted."""
+    even = PriceController(daily_quota=2400, timezone=ZONE_NAME, price=100)
+    rush = PriceController(daily_quota=2400, timezone=ZONE_NAME, price=100)
+    for minute in range(0, 3 * 24 * 60, 5):
+        at = local(2, minute / 60)
+        hour = at.astimezone(ZONE).hour
+        even.observe(at, planned_per_day=1800, registered=0)
+        rush.observe(at, planned_per_day=1800 * 4 if 6 <= hour < 12 else 0, registered=0)
+    assert even.price < 100
+    assert rush.price > 2 * even.price
+
+
 def test_a_closed_loop_spends_about_the_quota_and_never_more() -> None:
     """Shipments polled through the pace line, most overdue first, at the controller's price:
     no day spends more than the quota, and once the price has settled most of it is used."""
     rng = random.Random(7)
     model = LearnedModel(ZONE_NAME, {Status.IN_TRANSIT.value: DwellModel(math.log(10 * HOUR), 0.6)})
     quota = 1500
-    controller = PriceController(daily_quota=quota)
+    controller = PriceController(daily_quota=quota, timezone=ZONE_NAME)
     start = local(2, 0)
     due: list[tuple[float, int, ShipmentState]] = []
     for n in range(300):
@@ -329,7 +359,7 @@ def test_a_closed_loop_spends_about_the_quota_and_never_more() -> None:
             assert following is not None
             planned[n] = planned_rate(at, following)
             heapq.heappush(due, (following.timestamp(), n, state))
-        controller.observe(end, planned_per_day=sum(planned.values()), registered=0)
+        controller.observe(end, sum(planned.values()), registered=0)
         now = end
     spent = [per_day[day] for day in sorted(per_day)]
     assert max(spent) <= quota

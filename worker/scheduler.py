@@ -17,7 +17,7 @@ with their own clock.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -26,24 +26,24 @@ from zoneinfo import ZoneInfo
 from worker.domain import Status
 
 DAY_SECONDS = 86_400
+_ROOT_TWO_PI = math.sqrt(2.0 * math.pi)
 # Stays before the carrier knows an order are modelled like a status under this name.
 NOT_FOUND = "NOT_FOUND"
 
 # The longest a shipment may wait for its next lookup (no shipment starves), and the shortest.
 DEFAULT_MAX_INTERVAL = timedelta(hours=24)
 MIN_INTERVAL = timedelta(minutes=2)
+# A new shipment's first lookup comes no later than this after its registration.
+FIRST_LOOKUP_WITHIN = timedelta(hours=1)
 # While the carrier does not know an order, wait at least this share of the order's age: the
 # longer it has been unknown, the likelier it is never to be known at all.
 NOT_FOUND_BACKOFF_SHARE = 0.25
 # A lookup meant for a window's reopening is placed this long after it, so that it sees the
 # transitions stamped at the reopening itself.
 REOPENING_LAG_SECONDS = 60.0
-# Move a lookup back to a reopening when that early it would already reveal this share of what
-# it would reveal at its threshold time: the rest is not worth the wait.
-REOPENING_SHARE = 0.7
-# Integration steps of the expected delay, in seconds.
+# Steps of the search for the next lookup, in seconds (refined by bisection).
 MIN_STEP_SECONDS = 600.0
-MAX_STEP_SECONDS = 7200.0
+MAX_STEP_SECONDS = 3600.0
 
 # Cold start: a vague dwell (median 6 h, spread of a factor e) worth a few observations, so the
 # first days poll sensibly and data soon dominates.
@@ -112,6 +112,13 @@ class DwellModel:
             return 1.0
         z = (math.log(dwell_seconds) - self.log_mu) / (self.log_sigma * math.sqrt(2.0))
         return 0.5 * math.erfc(z)
+
+    def density(self, dwell_seconds: float) -> float:
+        """The probability density of the dwell at `dwell_seconds`, per second."""
+        if dwell_seconds <= 0.0:
+            return 0.0
+        z = (math.log(dwell_seconds) - self.log_mu) / self.log_sigma
+        return math.exp(-0.5 * z * z) / (dwell_seconds * self.log_sigma * _ROOT_TWO_PI)
 
     def last_active(self, local_seconds: float) -> float:
         """The latest moment not after `local_seconds` when a transition could happen."""
@@ -185,19 +192,25 @@ def next_poll_at(
     model: LearnedModel,
     price: float,
     max_interval: timedelta = DEFAULT_MAX_INTERVAL,
+    first_lookup_within: timedelta = FIRST_LOOKUP_WITHIN,
 ) -> datetime | None:
     """When this shipment is next worth a lookup; None once its status is terminal.
 
     `price` is the key's current price of one lookup, in seconds of expected detection delay it
-    must cut (see `PriceController`). A shipment never looked up is due at once.
+    must cut (see `PriceController`). No wait exceeds `max_interval`. A shipment never looked up
+    is due within `first_lookup_within` of its registration, when the carrier probably knows it
+    (at once if it usually does).
     """
     if state.status is not None and state.status.terminal:
         return None
-    if state.last_polled_at is None:
-        return state.registered_at
     entered = state.status_entered_at if state.status is not None else None
     entered = entered or state.registered_at
     polled = state.last_polled_at
+    if polled is None:
+        # As if looked up at registration: the first lookup goes where the not-found model puts
+        # the next one, but no later than promised.
+        polled = state.registered_at
+        max_interval = min(max_interval, first_lookup_within)
     # The carrier's local hours, at one offset for the whole horizon: the carrier's timezone has
     # no daylight saving, and elsewhere an hour's shift once a season costs little.
     offset = _utc_offset_seconds(polled, model.zone)
@@ -224,81 +237,72 @@ def _wait_seconds(
 ) -> float:
     """Seconds from the last lookup (at local time `polled`) to the next one.
 
-    The next lookup goes where the expected delay of a transition caught by it,
-    A(t) = E[(t - T)+ | T > polled] = integral of the chance T <= x for x up to t, reaches the
-    price; A grows fast where transitions are likely and not at all before they can happen.
+    With T the transition time, F(t) = P(T <= t | T > polled) and f its density, a lookup at t
+    is well placed when moving it later would cost more than it gains (the optimality condition
+    of a poll schedule with a price per lookup): F(t) >= f(t) * (price + next gap), the next gap
+    being what the square-root law gives at the hazard of t. So nothing is spent while a
+    transition is still unlikely, and the lookup comes once most of the likely mass has passed.
+    Quiet hours are handled as corners: a lookup at the window's close if what it would catch,
+    times the quiet hours it would otherwise wait, outweighs the price; else the next one just
+    after the reopening, where the transitions that fell due overnight pile up.
     """
     alive = dwell.survival(dwell.last_active(polled) - entered)
+    end = polled + horizon
     if alive <= 0.0:
-        return _snap_to_close(dwell, polled, horizon)
+        return max(dwell.last_active(end), polled + MIN_INTERVAL.total_seconds()) - polled
 
     def caught(x: float) -> float:
-        """The chance that the transition has happened by local time x."""
-        return 1.0 - dwell.survival(dwell.last_active(x) - entered) / alive
+        """P(T <= x | T > polled), for x in active hours."""
+        return 1.0 - dwell.survival(x - entered) / alive
 
-    end = polled + horizon
-    reopenings = _window_reopenings(dwell, polled, end)
-    accrued = 0.0
-    u, at_u = polled, 0.0
-    while u < end:
-        # Steps grow with the wait: the chance changes slowly against the time already waited.
-        v = min(u + min(max(MIN_STEP_SECONDS, (u - polled) / 4.0), MAX_STEP_SECONDS), end)
-        reopening = bool(reopenings) and reopenings[0] <= v
-        if reopening:
-            v = reopenings.pop(0)
-        at_v = caught(v)
-        # At a reopening the chance jumps, and a lookup catches the jump only after it.
-        before_v = caught(v - 1e-3) if reopening else at_v
-        gain = (v - u) * (at_u + before_v) / 2.0
-        if accrued + gain >= price:
-            t = u + _solve_segment(price - accrued, at_u, before_v, v - u)
-            return _place(dwell, polled, t, caught) - polled
-        accrued += gain
-        u, at_u = v, at_v
-    return _snap_to_close(dwell, polled, horizon)
+    def settled(x: float) -> bool:
+        """Whether a lookup at x (in active hours) is due by the optimality condition."""
+        share = caught(x)
+        density = dwell.density(x - entered) / alive
+        if density <= 0.0:
+            return share > 0.0
+        left = 1.0 - share
+        following = math.sqrt(2.0 * price * left / density) if left > 0.0 else 0.0
+        return share >= density * (price + min(following, horizon))
 
-
-def _solve_segment(needed: float, start: float, end: float, width: float) -> float:
-    """How far into a segment, where the caught chance goes linearly from start to end, the
-    accrued delay reaches `needed`."""
-    slope = (end - start) / width
-    if slope <= 1e-15:
-        return min(width, needed / start) if start > 0 else width
-    # slope/2 * x^2 + start * x - needed = 0
-    return min(width, (-start + math.sqrt(start * start + 2.0 * slope * needed)) / slope)
-
-
-def _place(dwell: DwellModel, polled: float, t: float, caught: Callable[[float], float]) -> float:
-    """Move a lookup planned at t to where it reveals as much for less delay."""
-    active = dwell.last_active(t)
-    if active < t:
-        # Nothing happens between the window's close and t: look at the close instead.
-        return max(active, polled + MIN_INTERVAL.total_seconds())
-    if dwell.quiet is not None:
-        reopen = dwell.quiet[1]
-        since_reopen = (t - reopen) % DAY_SECONDS
-        opening = t - since_reopen
-        if opening > polled and caught(opening + 1e-3) >= REOPENING_SHARE * caught(t):
-            t = opening + REOPENING_LAG_SECONDS
-    return max(t, polled + MIN_INTERVAL.total_seconds())
-
-
-def _snap_to_close(dwell: DwellModel, polled: float, horizon: float) -> float:
-    """The ceiling's lookup, moved back to a window's close if the ceiling falls in quiet hours."""
-    end = polled + horizon
+    for start, stop, reopened in _active_spans(dwell, polled, end):
+        if reopened and settled(start):
+            return (
+                max(start + REOPENING_LAG_SECONDS, polled + MIN_INTERVAL.total_seconds()) - polled
+            )
+        u = start
+        while u < stop:
+            v = min(u + min(max(MIN_STEP_SECONDS, (u - polled) / 4.0), MAX_STEP_SECONDS), stop)
+            if settled(v):
+                for _ in range(6):
+                    middle = (u + v) / 2.0
+                    u, v = (u, middle) if settled(middle) else (middle, v)
+                return max(v, polled + MIN_INTERVAL.total_seconds()) - polled
+            u = v
+        if stop < end and dwell.quiet is not None:
+            # The window closes: a lookup now, or none before the reopening.
+            share = caught(stop)
+            quiet_seconds = (dwell.quiet[1] - dwell.quiet[0]) % DAY_SECONDS
+            if share * quiet_seconds >= price * (1.0 - share):
+                return max(stop, polled + MIN_INTERVAL.total_seconds()) - polled
     return max(dwell.last_active(end), polled + MIN_INTERVAL.total_seconds()) - polled
 
 
-def _window_reopenings(dwell: DwellModel, start: float, end: float) -> list[float]:
-    """The moments in (start, end] when the status's window reopens, in order."""
+def _active_spans(dwell: DwellModel, start: float, end: float) -> list[tuple[float, float, bool]]:
+    """The status's active hours within (start, end]: (from, to, whether `from` is a reopening)."""
     if dwell.quiet is None:
-        return []
-    reopenings = []
-    x = start + ((dwell.quiet[1] - start) % DAY_SECONDS or DAY_SECONDS)
-    while x <= end:
-        reopenings.append(x)
-        x += DAY_SECONDS
-    return reopenings
+        return [(start, end, False)]
+    close, reopen = dwell.quiet
+    spans = []
+    if (start - close) % DAY_SECONDS < (reopen - close) % DAY_SECONDS:
+        span_start, reopened = start + (reopen - start) % DAY_SECONDS, True
+    else:
+        span_start, reopened = start, False
+    while span_start < end:
+        span_end = min(span_start + ((close - span_start) % DAY_SECONDS or DAY_SECONDS), end)
+        spans.append((span_start, span_end, reopened))
+        span_start, reopened = span_end + (reopen - close) % DAY_SECONDS, True
+    return spans
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,9 +461,6 @@ def _fit_lognormal(
     return mu, sigma
 
 
-_ROOT_TWO_PI = math.sqrt(2.0 * math.pi)
-
-
 def _truncated_moments(mu: float, sigma: float, low: float, high: float) -> tuple[float, float]:
     """E[y] and E[y^2] of y ~ Normal(mu, sigma) known to lie in (low, high)."""
     a = (low - mu) / sigma
@@ -484,14 +485,10 @@ def _truncated_moments(mu: float, sigma: float, low: float, high: float) -> tupl
 INITIAL_PRICE = 1800.0
 MIN_PRICE = 1.0
 MAX_PRICE = 30.0 * DAY_SECONDS
-# Plan for a little less than the quota: the pace line absorbs the rest of the noise.
-TARGET_UTILISATION = 0.97
-# How fast the price follows demand (a day of history smooths the daily cycle out): up fast, as
-# asking for more than the quota holds lookups back, and down slowly, as a growing population
-# (a new merchant, or a fresh start) asks for little at first.
-RAISE_TIME_CONSTANT = 3 * 3600.0
-LOWER_TIME_CONSTANT = 12 * 3600.0
-MAX_STEP_FACTOR = 1.25
+# Plan for a little less than the pace line allows: it absorbs the rest of the noise.
+TARGET_UTILISATION = 0.95
+# How fast the price moves toward the one that fits the last day's demand under the pace line.
+PRICE_TIME_CONSTANT = 2 * 3600.0
 
 
 def planned_rate(last_polled_at: datetime, next_poll: datetime) -> float:
@@ -501,57 +498,68 @@ def planned_rate(last_polled_at: datetime, next_poll: datetime) -> float:
 
 @dataclass
 class PriceController:
-    """Adapts one key's lookup price so that the lookups the policy asks for fit the daily quota.
+    """Adapts one key's lookup price so that the lookups the policy asks for fit the pace line.
 
     Call `observe` every minute or so with the key's planned rate (the sum of `planned_rate`
     over its active shipments, each for its latest plan) and the shipments registered since the
     previous call. The planned rate counts what the policy asks for even when the limiter holds
-    lookups back. Its average over the last day, re-priced at the current price (intervals grow
-    as the square root of the price), is steered to the quota.
+    lookups back. The demand of each local hour of the last day is kept, with the price it was
+    planned at; the price that fits is the one at which, re-priced (intervals grow as the square
+    root of the price), the demand from midnight to the end of every hour stays under the pace
+    line: savings of the quiet night can be spent in the morning, but no hour can borrow from a
+    later one.
     """
 
     daily_quota: int
+    timezone: str
     price: float = INITIAL_PRICE
-    # [hour start (epoch s), planned lookups, first lookups, price when they were planned]
-    hours: list[list[float]] = field(default_factory=list)
-    started_at: float | None = None
+    # By local hour of the day: [hour start (epoch s), planned lookups, first lookups, price]
+    hours: dict[int, list[float]] = field(default_factory=dict)
     observed_at: float | None = None
 
     def observe(self, now: datetime, planned_per_day: float, registered: int) -> float:
         """Account for the demand since the previous call, and return the updated price."""
         t = now.timestamp()
-        if self.started_at is None:
-            self.started_at = t
         elapsed = 0.0 if self.observed_at is None else t - self.observed_at
-        hour = t - t % 3600
-        if not self.hours or self.hours[-1][0] != hour:
-            self.hours.append([hour, 0.0, 0.0, self.price])
-        self.hours[-1][1] += planned_per_day * elapsed / DAY_SECONDS
-        self.hours[-1][2] += registered
-        while self.hours[0][0] <= t - DAY_SECONDS:
-            self.hours.pop(0)
-        covered = min(DAY_SECONDS, max(3600.0, t - self.started_at))
-        demand = sum(
-            planned * math.sqrt(price / self.price) + first
-            for _, planned, first, price in self.hours
-        )
-        daily = demand * DAY_SECONDS / covered
-        if daily > 0.0 and elapsed > 0.0:
-            target = self.daily_quota * TARGET_UTILISATION
-            constant = RAISE_TIME_CONSTANT if daily > target else LOWER_TIME_CONSTANT
-            factor = (daily / target) ** (2.0 * elapsed / constant)
-            factor = min(MAX_STEP_FACTOR, max(1.0 / MAX_STEP_FACTOR, factor))
-            self.price = min(MAX_PRICE, max(MIN_PRICE, self.price * factor))
         self.observed_at = t
+        hour_start = t - t % 3600
+        local_hour = now.astimezone(ZoneInfo(self.timezone)).hour
+        bucket = self.hours.get(local_hour)
+        if bucket is None or bucket[0] != hour_start:
+            bucket = self.hours[local_hour] = [hour_start, 0.0, 0.0, self.price]
+        bucket[1] += planned_per_day * elapsed / DAY_SECONDS
+        bucket[2] += registered
+        fitting = self._fitting_price()
+        if fitting is not None and elapsed > 0.0:
+            step = min(1.0, elapsed / PRICE_TIME_CONSTANT)
+            self.price *= (fitting / self.price) ** step
+            self.price = min(MAX_PRICE, max(MIN_PRICE, self.price))
         return self.price
+
+    def _fitting_price(self) -> float | None:
+        """The price at which the last day's demand would just fit under the pace line."""
+        planned = first = 0.0
+        scale = math.inf  # how far the planned lookups may grow (or must shrink) to fit
+        for hour in range(24):
+            bucket = self.hours.get(hour)
+            if bucket is not None:
+                planned += bucket[1] * math.sqrt(bucket[3] / self.price)
+                first += bucket[2]
+            if planned > 0.0:
+                line = self.daily_quota * TARGET_UTILISATION * (hour + 1) / 24.0
+                scale = min(scale, max(line - first, 0.0) / planned)
+        if not math.isfinite(scale):
+            return None
+        # Planned lookups vary as the inverse square root of the price.
+        return self.price / max(scale, 1e-3) ** 2
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready form, to keep the controller in Redis between beat runs."""
         return {
             "daily_quota": self.daily_quota,
+            "timezone": self.timezone,
             "price": self.price,
-            "hours": self.hours,
-            "started_at": self.started_at,
+            "hours": {str(hour): bucket for hour, bucket in self.hours.items()},
             "observed_at": self.observed_at,
         }
 
@@ -560,8 +568,8 @@ class PriceController:
         """The controller `to_json` described."""
         return cls(
             daily_quota=int(data["daily_quota"]),
+            timezone=str(data["timezone"]),
             price=float(data["price"]),
-            hours=[[float(x) for x in h] for h in data["hours"]],
-            started_at=data["started_at"],
+            hours={int(h): [float(x) for x in b] for h, b in data["hours"].items()},
             observed_at=data["observed_at"],
         )

@@ -125,9 +125,7 @@ def event_body(event_id: str, event_type: str, occurred_at: datetime, data: Any)
         "timestamp": timestamp.replace("+00:00", "Z"),
         "data": data,
     }
-    return json.dumps(
-        document, ensure_ascii=False, sort_keys=True, separators=(",", ":"), default=str
-    ).encode()
+    return json.dumps(document, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode()
 
 
 def sign(secrets_: Sequence[str], event_id: str, timestamp: datetime, body: bytes) -> str:

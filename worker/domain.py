@@ -182,10 +182,13 @@ ORDER_CODE_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
 ORDER_CODE_SQL_PATTERN = "^[A-Za-z0-9_-]{5,20}$"
 
 
-def validate_order_code(code: str | None) -> ErrorCode | None:
+def validate_order_code(code: object) -> ErrorCode | None:
     """The carrier-style error code that refuses this order code, or None if it is valid."""
     if code is None or code == "":
         return ErrorCode.MISSING_ORDERCODE
+    if not isinstance(code, str):
+        # Codes reach intake as JSON through the Celery task: a number or a list is no code.
+        return ErrorCode.ORDERCODE_FORMAT_EXCEPTION
     if len(code) < ORDER_CODE_MIN_LENGTH:
         return ErrorCode.ORDERCODE_MIN_LENGTH
     if len(code) > ORDER_CODE_MAX_LENGTH:

@@ -75,6 +75,8 @@ SECRET_PREFIX = "whsec_"  # noqa: S105 - the prefix of every secret, not a secre
 CONNECT_TIMEOUT = 5.0
 # The whole attempt: connecting, sending, and reading the answer.
 ATTEMPT_TIMEOUT = 15.0
+# Longer URLs are refused by common servers and proxies; no receiver needs one.
+MAX_URL_LENGTH = 2048
 # Enough of a response body to see what went wrong, without storing a page of HTML per try.
 EXCERPT_LIMIT = 20 * 1024
 # Waits before the 2nd, 3rd, ... 8th attempt, each counted from the previous attempt.
@@ -209,9 +211,13 @@ def _literal_address(host: str) -> IPAddress | None:
 
 
 def _host(url: str) -> str:
+    if len(url) > MAX_URL_LENGTH:
+        raise UnsafeDestination(f"the URL has {len(url)} characters; at most {MAX_URL_LENGTH}")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UnsafeDestination(f"{url!r} is not an http:// or https:// URL")
+    if any(not 0 < len(label) <= 63 for label in parts.hostname.rstrip(".").split(".")):
+        raise UnsafeDestination(f"{parts.hostname[:80]!r} is not a valid host name")
     try:
         parts.port  # noqa: B018 - raises on a malformed port
     except ValueError:

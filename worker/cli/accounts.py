@@ -18,6 +18,9 @@ account_app = typer.Typer(help="Manage carrier accounts (one API key each).", no
 
 ACCOUNT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 API_KEY = re.compile(r"[!-~]{1,200}")  # printable ASCII, no spaces
+# The columns' limits: a PostgreSQL integer, and the longest address SMTP allows.
+MAX_DAILY_QUOTA = 2**31 - 1
+MAX_EMAIL_LENGTH = 320
 
 
 @db_app.command("upgrade")
@@ -48,10 +51,12 @@ def account_add(
         fail("an account name is 1-100 letters, digits, '.', '_' or '-', starting with a letter")
     if not API_KEY.fullmatch(api_key):
         fail("the API key must be 1-200 printable characters without spaces")
-    if daily_quota is not None and daily_quota <= 0:
-        fail("--daily-quota must be a positive number of lookups")
-    if ops_email is not None and "@" not in ops_email:
-        fail(f"{ops_email!r} is not an email address")
+    if daily_quota is not None and not 0 < daily_quota <= MAX_DAILY_QUOTA:
+        fail(f"--daily-quota must be a positive number of lookups, at most {MAX_DAILY_QUOTA}")
+    if ops_email is not None and (
+        "@" not in ops_email or len(ops_email) > MAX_EMAIL_LENGTH or not ops_email.isprintable()
+    ):
+        fail(f"{ops_email[:80]!r} is not an email address")
     secret_key = servers().secret_key
     with session() as s:
         if s.scalar(select(Account.id).where(Account.name == name)) is not None:

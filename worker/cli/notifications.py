@@ -50,7 +50,11 @@ EventsOption = Annotated[
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
-ADDRESS = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+|[^@\s]+@localhost")
+# No control characters: PostgreSQL refuses a NUL, and mail servers the rest.
+ADDRESS = re.compile(
+    r"[^@\s\x00-\x1f]+@[^@\s\x00-\x1f]+\.[^@\s\x00-\x1f]+|[^@\s\x00-\x1f]+@localhost"
+)
+MAX_EMAIL_LENGTH = 320  # the column's limit, the longest address SMTP allows
 RELATIVE_TIME = re.compile(r"(\d+)([smhd])")
 UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
@@ -229,8 +233,8 @@ def email_add(
 ) -> None:
     """Email one message per event of the chosen types to an address."""
     event_types = parse_event_types(events)
-    if not ADDRESS.fullmatch(address):
-        fail(f"{address!r} is not an email address")
+    if len(address) > MAX_EMAIL_LENGTH or not ADDRESS.fullmatch(address):
+        fail(f"{address[:80]!r} is not an email address")
     with session() as s:
         owner = account_by_name(s, account)
         existing = s.scalar(

@@ -276,6 +276,9 @@ class EmbeddedServers:
         try:
             port = int(path.read_text())
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                # As the servers bind: the connections a stopped server closed linger in
+                # TIME_WAIT on its port, which a plain bind takes for a port in use.
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 s.bind(("127.0.0.1", port))
         except (FileNotFoundError, ValueError, OSError):
             port = _free_port()

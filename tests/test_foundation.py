@@ -168,6 +168,9 @@ def test_cli_adds_an_account_and_tracks_orders(servers: RunServers) -> None:
     listed = _shipmon(servers, "account", "list", "--json")
     assert "SECRET-KEY-9876" not in listed.stdout
     assert "…9876" in listed.stdout
+    rekeyed = _shipmon(servers, "account", "set-key", name, "--api-key", "NEW-KEY-5555")
+    assert rekeyed.returncode == 0, rekeyed.stderr
+    assert "…5555" in _shipmon(servers, "account", "list", "--json").stdout
 
 
 def test_secret_key_is_required_with_configured_servers(servers: RunServers) -> None:

@@ -278,9 +278,15 @@ def test_a_key_the_carrier_does_not_know_pauses_the_account(
         acc = s.get(Account, pipe.account.id)
         assert acc is not None
         acc.api_key_encrypted = encrypt("NO-SUCH-KEY", pipe.secret)
+        acc.ops_email = "ops@shop.example"
     pipe.register("SHOP00004")
     reports = pipe.poll_due()
     assert reports[0].paused == "ApiKeyNotFound"
+    alert = reports[0].alert
+    assert alert is not None
+    assert alert.to == "ops@shop.example"
+    assert pipe.account.name in alert.subject
+    assert "shipmon account set-key" in alert.body
     with sessions.begin() as s:
         acc = s.get(Account, pipe.account.id)
         assert acc is not None

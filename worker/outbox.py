@@ -30,6 +30,7 @@ from sqlalchemy import and_, exists, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
+from worker import metrics
 from worker.config import Settings
 from worker.mail import EventEmail, MailError, event_email, event_message, send_message
 from worker.mail import send_ops_alert as send_alert_mail
@@ -464,7 +465,21 @@ def _record(
                 log.warning("delivery %s of event %s is dead", delivery.id, claim.event_id)
         if not isinstance(claim.destination, _Webhook):
             return None
+        _count_webhook(session, delivery, result.succeeded)
         return _endpoint_health(session, claim.destination.endpoint_id, result, now)
+
+
+def _count_webhook(session: Session, delivery: Delivery, succeeded: bool) -> None:
+    """Metrics for one webhook attempt: its result, and on success how long the event waited."""
+    metrics.record_delivery(
+        "succeeded" if succeeded else delivery.state.replace("pending", "failed")
+    )
+    if succeeded and delivery.completed_at is not None:
+        created = session.scalar(
+            select(OutboxEvent.created_at).where(OutboxEvent.id == delivery.event_id)
+        )
+        if created is not None:
+            metrics.observe_delivery_latency((delivery.completed_at - created).total_seconds())
 
 
 def _endpoint_health(

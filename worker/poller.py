@@ -37,6 +37,15 @@ Outcome = TrackingResult | CarrierError
 PauseForLimit = Callable[[Session, Account, datetime], object]
 
 
+@dataclass(frozen=True)
+class OpsAlert:
+    """Something the account's ops contact must hear about, sent after the batch commits."""
+
+    to: str
+    subject: str
+    body: str
+
+
 @dataclass
 class BatchReport:
     """What a poll batch did."""
@@ -45,6 +54,7 @@ class BatchReport:
     skipped: int = 0
     event_ids: list[int] = field(default_factory=list)
     paused: str | None = None
+    alert: OpsAlert | None = None
 
 
 async def track_all(
@@ -118,18 +128,39 @@ async def poll_claim(
             events.extend(applied.events)
             if applied.pause is not None and report.paused is None:
                 report.paused = applied.pause.__name__
-                if applied.pause is ApiKeyLimit:
-                    pause_for_limit(session, account, now)
-                else:
-                    pause_account(account, applied.pause, now)
-                log.warning(
-                    "account %s paused: %s", account.name, account.pause_reason,
-                    extra={"account": account.name, "reason": report.paused},
-                )  # fmt: skip
+                report.alert = _pause(session, account, applied.pause, now, pause_for_limit)
         session.flush()
         report.event_ids = [e.id for e in events]
     _count(outcomes.values(), events)
     return report
+
+
+def _pause(
+    session: Session,
+    account: Account,
+    refusal: type[CarrierErrorCode],
+    now: datetime,
+    pause_for_limit: PauseForLimit,
+) -> OpsAlert | None:
+    """Pause an account the carrier refused; what to tell its ops contact, if it has one."""
+    if refusal is ApiKeyLimit:
+        pause_for_limit(session, account, now)
+    else:
+        pause_account(account, refusal, now)
+    log.warning(
+        "account %s paused: %s", account.name, account.pause_reason,
+        extra={"account": account.name, "reason": refusal.__name__},
+    )  # fmt: skip
+    if not account.ops_email:
+        return None
+    until = (
+        f"{account.paused_until:%Y-%m-%d %H:%M} UTC" if account.paused_until else "further notice"
+    )
+    return OpsAlert(
+        account.ops_email,
+        f"shipmon: polling paused for account {account.name}",
+        f"{account.pause_reason}\nPaused until {until}.",
+    )
 
 
 def _count(outcomes: Iterable[Outcome], events: Iterable[OutboxEvent]) -> None:

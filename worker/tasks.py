@@ -24,11 +24,13 @@ from worker.dispatch import Claim, dispatch
 from worker.embedded import Servers, resolve
 from worker.intake import register_orders as register
 from worker.learning import PlanCache, pollable_accounts, relearn, update_prices
+from worker.mail import MailError, send_ops_alert
 from worker.metrics import refresh_gauges
 from worker.ops import PURGE_BATCH, detect_stalled, purge_finished
-from worker.outbox import fan_out_and_deliver
+from worker.outbox import fan_out_and_deliver_async
 from worker.poller import poll_claim
 from worker.quota import QuotaLimiter, effective_daily_quota
+from worker.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ class _Process:
         self.carrier = CarrierClient(
             self.settings.carrier_base_url, max_connections=self.settings.poll_concurrency
         )
+        self.webhooks = WebhookSender(allow_private=self.settings.webhook_allow_private)
 
     @property
     def max_interval(self) -> timedelta:
@@ -128,6 +131,11 @@ def poll(account_id: int, shipment_ids: list[int], leased_until: str) -> int:
     )
     if report.event_ids:
         app.send_task("shipmon.deliver", args=[report.event_ids])
+    if report.alert is not None:
+        try:
+            send_ops_alert(p.settings, report.alert.to, report.alert.subject, report.alert.body)
+        except MailError:
+            log.exception("could not email the pause of account %s", account_id)
     return report.polled
 
 
@@ -153,15 +161,22 @@ def learn() -> None:
 @app.task(name="shipmon.deliver", base=ShipmonTask, time_limit=TASK_TIME_LIMIT)
 def deliver(event_ids: list[int]) -> int:
     """Fan new events out to their endpoints and recipients, and deliver what is due."""
-    p = process()
-    return fan_out_and_deliver(p.sessions, p.settings, event_ids, secret_key=p.servers.secret_key)
+    return _deliver(event_ids)
 
 
 @app.task(name="shipmon.sweep_deliveries", base=ShipmonTask, time_limit=TASK_TIME_LIMIT, expires=10)
 def sweep_deliveries() -> int:
     """The safety net: events never fanned out, and retries that have come due."""
+    return _deliver(None)
+
+
+def _deliver(event_ids: list[int] | None) -> int:
     p = process()
-    return fan_out_and_deliver(p.sessions, p.settings, None, secret_key=p.servers.secret_key)
+    return p.runner.run(
+        fan_out_and_deliver_async(
+            p.sessions, p.settings, p.webhooks, event_ids, secret_key=p.servers.secret_key
+        )
+    )
 
 
 @app.task(name="shipmon.detect_stalled", base=ShipmonTask, time_limit=300, expires=600)

@@ -8,9 +8,11 @@ from typing import Annotated
 import typer
 from sqlalchemy import select
 
+from worker.apply import PAUSED_UNTIL_FIXED
 from worker.cli.common import console, fail, print_json, servers, session
 from worker.crypto import encrypt
 from worker.db import upgrade
+from worker.intake import account_by_name
 from worker.models import Account
 
 db_app = typer.Typer(help="Manage the database schema.", no_args_is_help=True)
@@ -99,3 +101,32 @@ def account_list(
     for r in rows:
         table.add_row(*(str(v) if v is not None else "" for v in r.values()))
     console.print(table)
+
+
+@account_app.command("set-key")
+def account_set_key(
+    name: Annotated[str, typer.Argument(help="The account's name.")],
+    api_key: Annotated[str, typer.Option("--api-key", help="The new carrier API key.")],
+) -> None:
+    """Replace an account's API key; an account paused for a refused key resumes polling."""
+    if not API_KEY.fullmatch(api_key):
+        fail("the API key must be 1-200 printable characters without spaces")
+    secret_key = servers().secret_key
+    with session() as s:
+        account = account_by_name(s, name)
+        account.api_key_encrypted = encrypt(api_key, secret_key)
+        account.api_key_hint = api_key[-4:]
+        if account.paused_until == PAUSED_UNTIL_FIXED:
+            account.paused_until = None
+            account.pause_reason = None
+    console.print(f"account [bold]{name}[/] has a new API key")
+
+
+@account_app.command("resume")
+def account_resume(name: Annotated[str, typer.Argument(help="The account's name.")]) -> None:
+    """Resume polling for a paused account now."""
+    with session() as s:
+        account = account_by_name(s, name)
+        account.paused_until = None
+        account.pause_reason = None
+    console.print(f"account [bold]{name}[/] resumed")

@@ -495,6 +495,8 @@ def report(
     shipmon = ours - window.cpu["sandbox"]
     print(f"{'shipmon and its servers':<34} {shipmon:6.2f} {per_poll(shipmon):12.2f}")
     print(f"{'... and the sandbox too':<34} {ours:6.2f} {per_poll(ours):12.2f}")
+    if "postgres" not in window.cpu:
+        print("(given servers: PostgreSQL's and Redis's CPU is not counted)")
     print(f"{'whole machine (all users)':<34} {window.busy:6.2f}")
     print(f"{'others on this machine':<34} {max(0.0, window.busy - ours):6.2f}")
     # What the same CPU cost per poll would give with every core to this run alone.

@@ -61,9 +61,12 @@ def run(
     start_system(supervisor, concurrency, settings().log_level)
     console.print("shipmon is running; press Ctrl-C to stop")
     try:
-        name, code = supervisor.wait_any()
-        err_console.print(f"[red]the {name} process exited with status {code}; stopping[/]")
-        raise typer.Exit(1)
+        while True:
+            name, code = supervisor.wait_any()
+            if not supervisor.restart(name):
+                err_console.print(f"[red]the {name} process keeps exiting ({code}); stopping[/]")
+                raise typer.Exit(1)
+            err_console.print(f"[yellow]the {name} process exited with status {code}; restarted[/]")
     except KeyboardInterrupt:
         console.print("stopping…")
     finally:

@@ -1,4 +1,5 @@
-"""Faults the fast way: two dispatchers at once, and servers that restart under live clients.
+"""Faults the fast way: two dispatchers at once, servers that restart under live clients, and
+a worker process that exits under `shipmon run`.
 
 The process-level scenarios (workers SIGKILLed, Redis wiped, PostgreSQL restarted under
 `shipmon run`, a failing carrier, a troubled receiver) live in benchmarks/faults.py; these are
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from collections import Counter
@@ -27,6 +29,7 @@ from worker.db import dispose_engines, session_factory
 from worker.dispatch import LEASE, Claim, dispatch
 from worker.embedded import EmbeddedServers
 from worker.models import Account, Shipment
+from worker.supervisor import MAX_RESTARTS, Supervisor
 
 SHIPMENTS = 300
 DISPATCHERS = 3
@@ -162,3 +165,17 @@ def test_embedded_servers_restart_on_their_ports_and_clients_reconnect(tmp_path:
         dispose_engines()
         embedded.release()
         embedded.stop()
+
+
+def test_a_child_that_exits_is_restarted_until_it_keeps_exiting() -> None:
+    supervisor = Supervisor(env=dict(os.environ))
+    supervisor.start("flaky", [sys.executable, "-c", "raise SystemExit(3)"])
+    try:
+        for _ in range(MAX_RESTARTS):
+            assert supervisor.wait_any() == ("flaky", 3)
+            assert supervisor.restart("flaky")
+        assert supervisor.wait_any() == ("flaky", 3)
+        assert not supervisor.restart("flaky")
+        assert supervisor.children["flaky"].poll() == 3
+    finally:
+        supervisor.stop()

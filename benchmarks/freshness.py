@@ -47,7 +47,7 @@ from worker.workload import Carrier, Workload, generate_orders, load_workload
 
 TICK_SECONDS = 60
 # The worker refits its model from recent history this often, from stays entered this recently.
-REFIT_EVERY = timedelta(hours=3)
+REFIT_EVERY = timedelta(hours=6)
 HISTORY = timedelta(days=3)
 # Simulated time after the measured days, so late transitions of the last day get seen.
 TAIL = timedelta(days=1)
@@ -181,7 +181,12 @@ class Poller:
         seen_ts = at.timestamp()
         for entered, status in rows[len(shipment.seen_at) :]:
             self.ended.append(
-                Stay(shipment.status, shipment.entered_at or shipment.registered_at, entered)
+                Stay(
+                    shipment.status,
+                    shipment.entered_at or shipment.registered_at,
+                    entered,
+                    next_status=status,
+                )
             )
             shipment.status, shipment.entered_at = status, entered
             shipment.seen_at.append(seen_ts)

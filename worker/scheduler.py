@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -27,6 +27,7 @@ from worker.domain import Status
 
 DAY_SECONDS = 86_400
 _ROOT_TWO_PI = math.sqrt(2.0 * math.pi)
+_ROOT_HALF = math.sqrt(0.5)
 # Stays before the carrier knows an order are modelled like a status under this name.
 NOT_FOUND = "NOT_FOUND"
 
@@ -44,6 +45,7 @@ REOPENING_LAG_SECONDS = 60.0
 # Steps of the search for the next lookup, in seconds (refined by bisection).
 MIN_STEP_SECONDS = 600.0
 MAX_STEP_SECONDS = 3600.0
+BISECTIONS = 5
 
 # Cold start: a vague dwell (median 6 h, spread of a factor e) worth a few observations, so the
 # first days poll sensibly and data soon dominates.
@@ -63,10 +65,12 @@ MIN_QUIET_SECONDS = 1800
 # An exit this soon after a reopening may have been due at any moment of the quiet hours before.
 REOPENING_EXIT_SECONDS = 300
 # Quiet hours are learned from at most this many stays per status.
-MAX_STAYS_FOR_QUIET_HOURS = 20_000
+MAX_STAYS_FOR_QUIET_HOURS = 8000
 # Fitting cost is bounded by using at most this many stays per status.
 MAX_STAYS_PER_FIT = 1500
+MIN_STAYS_FOR_FOLLOWER = 50
 EM_ITERATIONS = 40
+EM_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,8 @@ class Stay:
     entered_at: datetime
     exited_at: datetime | None = None
     observed_until: datetime | None = None
+    # The status it left for, when it has ended.
+    next_status: Status | None = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,10 @@ class DwellModel:
     # (close, reopen) in local seconds of the day, or None when the status moves at any hour.
     quiet: tuple[int, int] | None = None
     stays: int = 0
+    # The usual next status when it is not terminal (its key), and the share of exits into it:
+    # a late lookup may then find two transitions to report, not one.
+    follower: str | None = None
+    follower_share: float = 0.0
 
     def survival(self, dwell_seconds: float) -> float:
         """The chance that a shipment's dwell exceeds `dwell_seconds`."""
@@ -112,13 +122,6 @@ class DwellModel:
             return 1.0
         z = (math.log(dwell_seconds) - self.log_mu) / (self.log_sigma * math.sqrt(2.0))
         return 0.5 * math.erfc(z)
-
-    def density(self, dwell_seconds: float) -> float:
-        """The probability density of the dwell at `dwell_seconds`, per second."""
-        if dwell_seconds <= 0.0:
-            return 0.0
-        z = (math.log(dwell_seconds) - self.log_mu) / self.log_sigma
-        return math.exp(-0.5 * z * z) / (dwell_seconds * self.log_sigma * _ROOT_TWO_PI)
 
     def last_active(self, local_seconds: float) -> float:
         """The latest moment not after `local_seconds` when a transition could happen."""
@@ -159,6 +162,8 @@ class LearnedModel:
                     "sigma": m.log_sigma,
                     "quiet_hours": None if m.quiet is None else [q / 3600.0 for q in m.quiet],
                     "stays": m.stays,
+                    "follower": m.follower,
+                    "follower_share": m.follower_share,
                 }
                 for key, m in self.dwell.items()
             },
@@ -175,6 +180,8 @@ class LearnedModel:
                 log_sigma=float(m["sigma"]),
                 quiet=None if quiet is None else (round(quiet[0] * 3600), round(quiet[1] * 3600)),
                 stays=int(m["stays"]),
+                follower=m["follower"],
+                follower_share=float(m["follower_share"]),
             )
         return cls(timezone=str(data["timezone"]), dwell=dwell)
 
@@ -214,8 +221,10 @@ def next_poll_at(
     # The carrier's local hours, at one offset for the whole horizon: the carrier's timezone has
     # no daylight saving, and elsewhere an hour's shift once a season costs little.
     offset = _utc_offset_seconds(polled, model.zone)
+    dwell = model.for_status(state.status)
     wait = _wait_seconds(
-        model.for_status(state.status),
+        dwell,
+        model.dwell.get(dwell.follower) if dwell.follower is not None else None,
         entered=entered.timestamp() + offset,
         polled=polled.timestamp() + offset,
         price=price,
@@ -233,7 +242,12 @@ def _utc_offset_seconds(moment: datetime, zone: ZoneInfo) -> float:
 
 
 def _wait_seconds(
-    dwell: DwellModel, entered: float, polled: float, price: float, horizon: float
+    dwell: DwellModel,
+    follower: DwellModel | None,
+    entered: float,
+    polled: float,
+    price: float,
+    horizon: float,
 ) -> float:
     """Seconds from the last lookup (at local time `polled`) to the next one.
 
@@ -245,25 +259,52 @@ def _wait_seconds(
     Quiet hours are handled as corners: a lookup at the window's close if what it would catch,
     times the quiet hours it would otherwise wait, outweighs the price; else the next one just
     after the reopening, where the transitions that fell due overnight pile up.
+
+    When the status usually leads to another non-terminal one, a late lookup also finds that
+    second transition late: its chance (the first shifted by the follower's median dwell and
+    deferred to the follower's active hours) counts among what a lookup would catch.
     """
     alive = dwell.survival(dwell.last_active(polled) - entered)
     end = polled + horizon
     if alive <= 0.0:
         return max(dwell.last_active(end), polled + MIN_INTERVAL.total_seconds()) - polled
 
-    def caught(x: float) -> float:
-        """P(T <= x | T > polled), for x in active hours."""
-        return 1.0 - dwell.survival(x - entered) / alive
+    # The dwell's lognormal, unrolled: this runs a dozen times per lookup planned.
+    mu, sigma = dwell.log_mu, dwell.log_sigma
+    to_z = 1.0 / sigma
+    density_scale = 1.0 / (sigma * _ROOT_TWO_PI * alive)
+    two_price = 2.0 * price
+
+    def first(x: float) -> tuple[float, float]:
+        """P(T <= x | T > polled) and its density at x, for x in active hours."""
+        d = x - entered
+        if d <= 0.0 or x <= polled:
+            return 0.0, 0.0
+        z = (math.log(d) - mu) * to_z
+        return 1.0 - 0.5 * math.erfc(z * _ROOT_HALF) / alive, (
+            math.exp(-0.5 * z * z) * density_scale / d
+        )
+
+    follower_share = dwell.follower_share if follower is not None else 0.0
+    follower_median = math.exp(follower.log_mu) if follower is not None else 0.0
+
+    def second(x: float) -> tuple[float, float]:
+        """The follow-up transition: its expected count by x, and its rate at x."""
+        if follower is None or follower_share <= 0.0:
+            return 0.0, 0.0
+        active = follower.last_active(x)
+        share, density = first(dwell.last_active(active - follower_median))
+        return follower_share * share, (follower_share * density if active == x else 0.0)
 
     def settled(x: float) -> bool:
         """Whether a lookup at x (in active hours) is due by the optimality condition."""
-        share = caught(x)
-        density = dwell.density(x - entered) / alive
+        share, density = first(x)
+        more, more_density = second(x)
         if density <= 0.0:
-            return share > 0.0
+            return share + more > 0.0
         left = 1.0 - share
-        following = math.sqrt(2.0 * price * left / density) if left > 0.0 else 0.0
-        return share >= density * (price + min(following, horizon))
+        following = min(math.sqrt(two_price * left / density) if left > 0.0 else 0.0, horizon)
+        return share + more >= density * price + (density + more_density) * following
 
     for start, stop, reopened in _active_spans(dwell, polled, end):
         if reopened and settled(start):
@@ -274,16 +315,17 @@ def _wait_seconds(
         while u < stop:
             v = min(u + min(max(MIN_STEP_SECONDS, (u - polled) / 4.0), MAX_STEP_SECONDS), stop)
             if settled(v):
-                for _ in range(6):
+                for _ in range(BISECTIONS):
                     middle = (u + v) / 2.0
                     u, v = (u, middle) if settled(middle) else (middle, v)
                 return max(v, polled + MIN_INTERVAL.total_seconds()) - polled
             u = v
         if stop < end and dwell.quiet is not None:
             # The window closes: a lookup now, or none before the reopening.
-            share = caught(stop)
+            share, _ = first(stop)
+            more, _ = second(stop)
             quiet_seconds = (dwell.quiet[1] - dwell.quiet[0]) % DAY_SECONDS
-            if share * quiet_seconds >= price * (1.0 - share):
+            if (share + more) * quiet_seconds >= price * (1.0 - share):
                 return max(stop, polled + MIN_INTERVAL.total_seconds()) - polled
     return max(dwell.last_active(end), polled + MIN_INTERVAL.total_seconds()) - polled
 
@@ -324,8 +366,26 @@ def fit_model(
     dwell = {}
     for key, group in groups.items():
         start = previous.dwell.get(key, PRIOR) if previous is not None else PRIOR
-        dwell[key] = _fit_status(group, clock, start)
+        follower, share = _usual_follower(group)
+        dwell[key] = replace(
+            _fit_status(group, clock, start), follower=follower, follower_share=share
+        )
     return LearnedModel(timezone=timezone, dwell=dwell)
+
+
+def _usual_follower(stays: list[Stay]) -> tuple[str | None, float]:
+    """The most frequent non-terminal next status, and its share of the ended stays."""
+    counts: dict[str, int] = {}
+    ended = 0
+    for stay in stays:
+        if stay.next_status is not None:
+            ended += 1
+            if not stay.next_status.terminal:
+                counts[stay.next_status.value] = counts.get(stay.next_status.value, 0) + 1
+    if ended < MIN_STAYS_FOR_FOLLOWER or not counts:
+        return None, 0.0
+    follower = max(counts, key=lambda key: counts[key])
+    return follower, counts[follower] / ended
 
 
 class _LocalClock:
@@ -346,14 +406,13 @@ class _LocalClock:
 
 def _fit_status(stays: list[Stay], clock: _LocalClock, start: DwellModel) -> DwellModel:
     spans: list[tuple[float, float, bool]] = []  # (entered, ended or last seen, ended?)
-    for stay in stays:
+    for stay in stays[:: max(1, math.ceil(len(stays) / MAX_STAYS_FOR_QUIET_HOURS))]:
         entered = clock.seconds(stay.entered_at)
         if stay.exited_at is not None:
             spans.append((entered, clock.seconds(stay.exited_at), True))
         elif stay.observed_until is not None:
             spans.append((entered, clock.seconds(stay.observed_until), False))
-    stride = max(1, math.ceil(len(spans) / MAX_STAYS_FOR_QUIET_HOURS))
-    quiet = _learn_quiet(spans[::stride])
+    quiet = _learn_quiet(spans)
     windowed = DwellModel(start.log_mu, start.log_sigma, quiet)
     stride = max(1, math.ceil(len(spans) / MAX_STAYS_PER_FIT))
     exact: list[float] = []
@@ -373,7 +432,7 @@ def _fit_status(stays: list[Stay], clock: _LocalClock, start: DwellModel) -> Dwe
         else:
             exact.append(math.log(max(ended - entered, 1.0)))
     mu, sigma = _fit_lognormal(exact, bounded, start.log_mu, start.log_sigma)
-    return DwellModel(mu, sigma, quiet, len(spans))
+    return DwellModel(mu, sigma, quiet, len(stays))
 
 
 def _learn_quiet(spans: list[tuple[float, float, bool]]) -> tuple[int, int] | None:
@@ -454,7 +513,7 @@ def _fit_lognormal(
             second += m2
         new_mu = first / count
         new_sigma = math.sqrt(max(second / count - new_mu * new_mu, 1e-4))
-        done = abs(new_mu - mu) < 1e-4 and abs(new_sigma - sigma) < 1e-4
+        done = abs(new_mu - mu) < EM_TOLERANCE and abs(new_sigma - sigma) < EM_TOLERANCE
         mu, sigma = new_mu, new_sigma
         if done:
             break
@@ -486,7 +545,7 @@ INITIAL_PRICE = 1800.0
 MIN_PRICE = 1.0
 MAX_PRICE = 30.0 * DAY_SECONDS
 # Plan for a little less than the pace line allows: it absorbs the rest of the noise.
-TARGET_UTILISATION = 0.95
+TARGET_UTILISATION = 0.98
 # How fast the price moves toward the one that fits the last day's demand under the pace line.
 PRICE_TIME_CONSTANT = 2 * 3600.0
 

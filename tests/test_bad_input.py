@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import secrets
 import string
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -242,28 +243,34 @@ def test_a_damaged_status_row_fails_the_whole_answer_or_is_kept(
 # --- Accounts, endpoints and recipients through the command line ------------------------------
 
 
-@pytest.fixture
-def shipmon(servers: RunServers) -> Iterator[Callable[..., Result]]:
-    """Runs a `shipmon` command in this process against the test servers."""
-    runner = CliRunner()
-    names: list[str] = []
+@dataclass
+class Shipmon:
+    """Runs `shipmon` commands in this process against the test servers, and remembers the
+    account names the test used so they can be deleted."""
 
-    def run(*args: str, input: str | None = None, **env: str) -> Result:
+    servers: RunServers
+    runner: CliRunner = field(default_factory=CliRunner)
+    names: list[str] = field(default_factory=list)
+
+    def __call__(self, *args: str, input: str | None = None, **env: str) -> Result:
         get_settings.cache_clear()
         try:
-            return runner.invoke(app, list(args), input=input, env=servers.env(**env))
+            return self.runner.invoke(app, list(args), input=input, env=self.servers.env(**env))
         finally:
             get_settings.cache_clear()
 
-    run.names = names  # type: ignore[attr-defined]
+
+@pytest.fixture
+def shipmon(servers: RunServers) -> Iterator[Shipmon]:
+    run = Shipmon(servers)
     yield run
     with transaction(servers.database_url) as s:
-        s.execute(delete(Account).where(Account.name.in_(names)))
+        s.execute(delete(Account).where(Account.name.in_(run.names)))
 
 
-def new_account(shipmon: Callable[..., Result]) -> str:
+def new_account(shipmon: Shipmon) -> str:
     name = f"bad-input-{secrets.token_hex(4)}"
-    shipmon.names.append(name)  # type: ignore[attr-defined]
+    shipmon.names.append(name)
     added = shipmon("account", "add", name, "--api-key", f"KEY-{secrets.token_hex(8)}")
     assert added.exit_code == 0, added.output
     return name
@@ -290,7 +297,7 @@ def assert_refused(result: Result) -> None:
 
 
 def test_track_refuses_bad_codes_from_arguments_stdin_and_files(
-    shipmon: Callable[..., Result], servers: RunServers, tmp_path: Path
+    shipmon: Shipmon, servers: RunServers, tmp_path: Path
 ) -> None:
     name = new_account(shipmon)
     argv_codes = [c for c, _ in BAD_CODES if c and "\x00" not in c]
@@ -320,9 +327,7 @@ def test_track_refuses_bad_codes_from_arguments_stdin_and_files(
     ["", "has space", "ĐơnHàng", "a" * 101, "-leading-dash", "x';DROP TABLE accounts;--", "a\x00b"],
     ids=["empty", "space", "vietnamese", "101-chars", "dash", "sql", "nul"],
 )
-def test_account_add_refuses_a_bad_name(
-    shipmon: Callable[..., Result], servers: RunServers, name: str
-) -> None:
+def test_account_add_refuses_a_bad_name(shipmon: Shipmon, servers: RunServers, name: str) -> None:
     before = stored(servers, Account)
     assert_refused(shipmon("account", "add", name, "--api-key", "KEY-12345678"))
     assert stored(servers, Account) == before
@@ -347,16 +352,16 @@ def test_account_add_refuses_a_bad_name(
     ],
 )  # fmt: skip
 def test_account_add_refuses_bad_values(
-    shipmon: Callable[..., Result], servers: RunServers, args: list[str]
+    shipmon: Shipmon, servers: RunServers, args: list[str]
 ) -> None:
     name = f"bad-input-{secrets.token_hex(4)}"
-    shipmon.names.append(name)  # type: ignore[attr-defined]
+    shipmon.names.append(name)
     assert_refused(shipmon("account", "add", name, *args))
     assert stored(servers, Account, name=name) == 0
 
 
 def test_account_add_refuses_a_duplicate_name_and_keeps_the_first(
-    shipmon: Callable[..., Result], servers: RunServers
+    shipmon: Shipmon, servers: RunServers
 ) -> None:
     name = new_account(shipmon)
     first_id = account_id(servers, name)
@@ -389,7 +394,7 @@ BAD_URLS = [
          "port-range", "port-text", "huge-host", "huge-path"],
 )  # fmt: skip
 def test_endpoint_add_refuses_a_url_it_cannot_call(
-    shipmon: Callable[..., Result], servers: RunServers, url: str
+    shipmon: Shipmon, servers: RunServers, url: str
 ) -> None:
     name = new_account(shipmon)
     owner = account_id(servers, name)
@@ -398,9 +403,7 @@ def test_endpoint_add_refuses_a_url_it_cannot_call(
     assert stored(servers, WebhookEndpoint, account_id=owner) == 0
 
 
-def test_endpoint_add_refuses_an_unknown_account(
-    shipmon: Callable[..., Result], servers: RunServers
-) -> None:
+def test_endpoint_add_refuses_an_unknown_account(shipmon: Shipmon, servers: RunServers) -> None:
     before = stored(servers, WebhookEndpoint)
     refused = shipmon("endpoint", "add", "nobody-" + secrets.token_hex(4), "https://example.com/h")
     assert_refused(refused)
@@ -413,7 +416,7 @@ def test_endpoint_add_refuses_an_unknown_account(
     ids=["no-at", "two-ats", "space", "huge", "nul"],
 )
 def test_email_add_refuses_a_bad_address(
-    shipmon: Callable[..., Result], servers: RunServers, address: str
+    shipmon: Shipmon, servers: RunServers, address: str
 ) -> None:
     name = new_account(shipmon)
     owner = account_id(servers, name)
@@ -421,9 +424,7 @@ def test_email_add_refuses_a_bad_address(
     assert stored(servers, EmailRecipient, account_id=owner) == 0
 
 
-def test_email_add_refuses_a_duplicate_recipient(
-    shipmon: Callable[..., Result], servers: RunServers
-) -> None:
+def test_email_add_refuses_a_duplicate_recipient(shipmon: Shipmon, servers: RunServers) -> None:
     name = new_account(shipmon)
     owner = account_id(servers, name)
     assert shipmon("email", "add", name, "ops@example.com").exit_code == 0

@@ -286,12 +286,51 @@ def test_a_higher_price_means_fewer_lookups(delivering_model: LearnedModel) -> N
     assert cheap[-1] < dear[-1]
 
 
+def test_it_learns_which_status_usually_follows() -> None:
+    now = local(20, 0)
+    transit = synthetic_stays(random.Random(6), Status.IN_TRANSIT, 22, 0.6, (0, 24), now)
+    delivering, lost = Status.DELIVERING, Status.LOST
+    stays = [
+        Stay(s.status, s.entered_at, s.exited_at, s.observed_until, lost if n % 10 else delivering)
+        if s.exited_at is not None
+        else s
+        for n, s in enumerate(transit)
+    ]
+    dwell = fit_model(stays, ZONE_NAME).for_status(Status.IN_TRANSIT)
+    # LOST ends the shipment: only the delivering tenth can bring a second transition.
+    assert dwell.follower == Status.DELIVERING.value
+    assert dwell.follower_share == pytest.approx(0.1, abs=0.02)
+
+
+def test_a_quick_follower_makes_a_lookup_at_the_close_worth_it() -> None:
+    """Out for delivery since 17:00, rounds end at 20:00: alone, the few deliveries done by then
+    do not justify a lookup at the close; followed by a quick next step, they do, as a lookup at
+    the morning's reopening would find both transitions late."""
+    window = (20 * 3600, 8 * 3600)
+    rounds = DwellModel(math.log(4 * HOUR), 0.5, window)
+    entered = local(3, 17)
+    state = ShipmentState(local(2, 8), Status.DELIVERING, entered, entered)
+    alone = LearnedModel(ZONE_NAME, {"DELIVERING": rounds})
+    followed = LearnedModel(
+        ZONE_NAME,
+        {
+            "DELIVERING": DwellModel(rounds.log_mu, 0.5, window, follower="PENDING_FOR_PROCEED",
+                                     follower_share=1.0),
+            "PENDING_FOR_PROCEED": DwellModel(math.log(0.5 * HOUR), 0.3),
+        },
+    )  # fmt: skip
+    price = 6 * HOUR
+    assert next_poll_at(state, alone, price) == local(4, 8) + timedelta(minutes=1)
+    assert next_poll_at(state, followed, price) == local(3, 20)
+
+
 def test_the_model_survives_json(delivering_model: LearnedModel) -> None:
     again = LearnedModel.from_json(delivering_model.to_json())
     assert again.timezone == ZONE_NAME
     original = delivering_model.for_status(Status.DELIVERING)
     copied = again.for_status(Status.DELIVERING)
     assert copied.quiet == original.quiet
+    assert (copied.follower, copied.follower_share) == (original.follower, original.follower_share)
     assert copied.log_mu == pytest.approx(original.log_mu)
     assert copied.log_sigma == pytest.approx(original.log_sigma)
 

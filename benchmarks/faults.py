@@ -618,17 +618,35 @@ class Scenario:
     inject: Callable[[System, random.Random], Fault]
     behaviour: Behaviour = always_ok
     before: Callable[[System], None] | None = None
+    # Nothing kills a poll midway, so every lookup made must have been applied exactly once:
+    # a lookup never applied means a shipment was polled twice under one lease.
+    exact_polls: bool = True
+    # The longest wait allowed from the fault's end to the next transition or webhook.
+    max_recovery_s: float | None = None
 
 
 SCENARIOS = [
     Scenario("baseline", no_fault),
-    Scenario("sigkill-workers", sigkill_workers),
-    Scenario("redis-wipe", redis_wipe),
-    Scenario("postgres-restart", postgres_restart),
+    Scenario("sigkill-workers", sigkill_workers, exact_polls=False, max_recovery_s=30),
+    Scenario("redis-wipe", redis_wipe, exact_polls=False, max_recovery_s=30),
+    Scenario("postgres-restart", postgres_restart, exact_polls=False, max_recovery_s=30),
     Scenario("carrier-faults", carrier_faults, before=lambda s: s.carrier.set_faults(HEAVY_FAULTS)),
     Scenario("two-beats", two_beats, before=System.start_beat),
     Scenario("webhook-faults", webhook_faults, behaviour=troubled_first_attempts),
 ]
+
+
+def judge(scenario: Scenario, result: Result) -> None:
+    """The scenario's own promises, on top of the checks every scenario makes."""
+    if scenario.exact_polls and result.lookups != result.applied:
+        result.problems.append(
+            f"{result.lookups - result.applied} lookups never applied: polled twice in a lease"
+        )
+    if result.hammering:
+        result.problems.append(f"{result.hammering} lookups within {HAMMER_S} s of a failure")
+    limit = scenario.max_recovery_s
+    if limit is not None and (result.recovery_s is None or result.recovery_s > limit):
+        result.problems.append(f"no progress within {limit:.0f} s of the fault's end")
 
 
 # --- Measuring -----------------------------------------------------------------------------------
@@ -739,6 +757,9 @@ def measure(system: System, fault: Fault, settled_at: float | None, result: Resu
     if settled_at is not None:
         result.done_s = settled_at - start
     result.notes += fault.notes + system.crashes
+    restarted = (system.folder / "run.log").read_text(errors="replace").count("; restarted")
+    if restarted:
+        result.notes.append(f"shipmon run restarted {restarted} exited worker or beat processes")
     result.problems += fault.problems
     if system.crashes:
         result.problems.append("a process exited")
@@ -777,6 +798,7 @@ def run_scenario(scenario: Scenario, root: Path, orders: int, seed: int) -> Resu
         settled_at = system.settle()
         log(f"{scenario.name}: {'settled' if settled_at else 'NOT settled'}; measuring")
         measure(system, fault, settled_at, result)
+        judge(scenario, result)
         if system.receiver.troubles:
             result.notes.append(f"receiver troubles: {dict(system.receiver.troubles)}")
     except Exception as error:  # a scenario that cannot finish is reported, not fatal

@@ -99,7 +99,9 @@ def relearn(session: Session, timezone: str, now: datetime) -> LearnedModel:
     return model
 
 
-def update_prices(session: Session, quotas: dict[int, int], now: datetime) -> dict[int, float]:
+def update_prices(
+    session: Session, quotas: dict[int, int], timezone: str, now: datetime
+) -> dict[int, float]:
     """Steer each account's price so the polls its shipments ask for fit its daily quota."""
     planned: dict[int, float] = {
         row[0]: float(row[1])
@@ -119,7 +121,9 @@ def update_prices(session: Session, quotas: dict[int, int], now: datetime) -> di
     for account_id, quota in quotas.items():
         stored = _load(session, _price_state(account_id))
         controller = (
-            PriceController.from_json(stored) if stored else PriceController(daily_quota=quota)
+            PriceController.from_json(stored)
+            if stored
+            else PriceController(daily_quota=quota, timezone=timezone)
         )
         controller.daily_quota = quota
         since = (

@@ -147,7 +147,7 @@ def prices() -> None:
         quotas = {
             a.id: effective_daily_quota(a, p.settings) for a in pollable_accounts(session, utcnow())
         }
-        update_prices(session, quotas, utcnow())
+        update_prices(session, quotas, p.settings.quota_timezone, utcnow())
 
 
 @app.task(name="shipmon.relearn", base=ShipmonTask, time_limit=300, expires=600)

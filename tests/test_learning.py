@@ -1,0 +1,95 @@
+"""What the scheduler learns from recorded history, and the prices that fit the quota."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from tests.conftest import make_account
+from worker.domain import Status
+from worker.learning import PlanCache, recorded_stays, relearn, update_prices
+from worker.models import SchedulerState, Shipment, StatusEvent
+
+NOW = datetime(2026, 11, 27, 3, 0, tzinfo=UTC)
+ZONE = "Asia/Ho_Chi_Minh"
+
+
+def _shipment_with_history(
+    session: Session, account_id: int, code: str, hours: list[float]
+) -> Shipment:
+    """A shipment that entered ACCEPTED, PICKED_UP, IN_TRANSIT... `hours` apart, polled now."""
+    registered = NOW - timedelta(hours=sum(hours) + 1)
+    shipment = Shipment(
+        account_id=account_id,
+        order_code=code,
+        registered_at=registered,
+        found_at=registered + timedelta(minutes=30),
+        last_polled_at=NOW,
+        next_poll_at=NOW + timedelta(hours=2),
+    )
+    session.add(shipment)
+    session.flush()
+    at = registered + timedelta(minutes=20)
+    for status, gap in zip(
+        (Status.ACCEPTED, Status.PICKED_UP, Status.IN_TRANSIT), [0.0, *hours], strict=False
+    ):
+        at += timedelta(hours=gap)
+        session.add(StatusEvent(shipment_id=shipment.id, status=status.value, occurred_at=at))
+    session.flush()
+    return shipment
+
+
+def test_recorded_history_becomes_stays_with_the_current_one_censored(session: Session) -> None:
+    account = make_account(session)
+    _shipment_with_history(session, account.id, "LEARN0001", [5.0, 3.0])
+    stays = [
+        s
+        for s in recorded_stays(session, NOW - timedelta(days=4))
+        if s.entered_at >= NOW - timedelta(hours=10)
+    ]
+    by_status = {s.status: s for s in stays}
+    accepted = by_status[Status.ACCEPTED]
+    assert accepted.exited_at is not None
+    assert accepted.exited_at - accepted.entered_at == timedelta(hours=5)
+    current = by_status[Status.IN_TRANSIT]
+    assert current.exited_at is None
+    assert current.observed_until == NOW
+    waiting = by_status[None]  # the wait before the carrier knew the order
+    assert waiting.exited_at is not None
+
+
+def test_relearn_fits_and_stores_the_model_for_every_worker(session: Session) -> None:
+    account = make_account(session)
+    for i in range(30):
+        _shipment_with_history(session, account.id, f"LEARN1{i:03d}", [4.0 + i % 5, 2.0])
+    model = relearn(session, ZONE, NOW)
+    stored = session.scalar(select(SchedulerState.data).where(SchedulerState.name == "model"))
+    assert stored == model.to_json()
+    accepted = model.for_status(Status.ACCEPTED)
+    assert accepted.stays >= 30
+    cache = PlanCache(ZONE)
+    cached_model, _ = cache.current(session)
+    assert cached_model.to_json() == model.to_json()
+
+
+def test_prices_rise_when_the_planned_polls_exceed_the_quota(session: Session) -> None:
+    account = make_account(session)
+    for i in range(50):
+        session.add(
+            Shipment(
+                account_id=account.id,
+                order_code=f"PRICE{i:04d}",
+                last_polled_at=NOW,
+                next_poll_at=NOW + timedelta(minutes=10),
+            )
+        )
+    session.flush()
+    # 50 shipments asking for a poll every 10 minutes: 7,200 a day against a quota of 100.
+    first = update_prices(session, {account.id: 100}, ZONE, NOW)[account.id]
+    later = update_prices(session, {account.id: 100}, ZONE, NOW + timedelta(minutes=30))[account.id]
+    assert later > first
+    cache = PlanCache(ZONE)
+    cache.current(session)
+    assert cache.price(account.id) == later

@@ -1,14 +1,16 @@
-"""The poll scheduler: when each shipment is next worth a lookup, within the key's daily quota.
+"""The poll scheduler: when each shipment is next worth a lookup, within the key's quota.
 
 A lookup is worth making when it probably reveals a transition soon after it happened. From the
 stays shipmon has observed, `fit_model` learns per status how long shipments stay (a lognormal
-dwell, censored stays included) and the local hours when the status never moves on (its quiet
-hours: a transition due then waits for the window to reopen, so its probability piles up at the
-reopening). `next_poll_at` then places a shipment's next lookup where the expected detection
-delay it would cut has grown to the key's price: nothing is spent on shipments young in a slow
-status or in quiet hours, a lookup lands when a window closes rather than during the night, and
-just after a reopening when most of what a lookup would reveal is already there. One price per
-key, adapted by `PriceController`, makes the lookups the policy asks for fit the daily quota.
+dwell, censored stays included), the local hours when the status never moves on (its quiet
+hours: a transition due then waits for the window to reopen, so its chance piles up at the
+reopening), and which status usually follows. `next_poll_at` places a shipment's next lookup by
+the optimality condition of a poll schedule with a price per lookup: nothing is spent on
+shipments young in a slow status or in quiet hours; a lookup lands at a window's close when
+what it would catch is worth it, else just after the reopening; a late lookup that would find
+two transitions late counts both. One price per key, adapted by `PriceController` from the
+demand of the last day, makes the lookups the policy asks for fit under the pace line
+(worker.pacing), so the limiter rarely has to hold shipments back.
 
 Everything here is pure and typed: the worker and the benchmarks call the very same functions
 with their own clock.

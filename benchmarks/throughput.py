@@ -116,15 +116,17 @@ def embedded_servers(home: Path) -> Iterator[Servers]:
 @contextlib.contextmanager
 def given_servers(database_url: str, redis_url: str) -> Iterator[Servers]:
     """A throwaway database on the given PostgreSQL, dropped on exit, and the given Redis."""
-    base, _, _ = database_url.replace("postgresql+psycopg://", "postgresql://").rpartition("/")
+    # libpq's form for psycopg, SQLAlchemy's (driver named) for shipmon.
+    libpq_url = "postgresql://" + database_url.split("://", 1)[1]
     name = f"shipmon_bench_{secrets.token_hex(4)}"
-    with psycopg.connect(database_url.replace("+psycopg", ""), autocommit=True) as conn:
+    with psycopg.connect(libpq_url, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
     try:
+        base = libpq_url.rpartition("/")[0].replace("postgresql://", "postgresql+psycopg://")
         yield Servers(f"{base}/{name}", redis_url, secrets.token_urlsafe(48))
     finally:
         dispose_engines()
-        with psycopg.connect(database_url.replace("+psycopg", ""), autocommit=True) as conn:
+        with psycopg.connect(libpq_url, autocommit=True) as conn:
             conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 

@@ -540,4 +540,6 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if bool(args.database_url) != bool(args.redis_url):
         parser.error("give --database-url and --redis-url together")
+    # A SIGTERM (from `timeout`, say) unwinds like Ctrl-C, so every server started is stopped.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     main(args)

@@ -165,6 +165,14 @@ def _apply_result(
     shipment.last_error_code = None
     if shipment.found_at is None:
         shipment.found_at = ctx.now
+    payload = json.dumps(result.raw, sort_keys=True, ensure_ascii=False, default=str)
+    digest = hashlib.sha256(payload.encode()).hexdigest()
+    if digest == shipment.payload_hash:
+        # Most polls find nothing new: the same answer holds no history, scan or field to add.
+        _schedule_after_result(shipment, ctx)
+        return
+    shipment.last_payload = json.loads(payload)
+    shipment.payload_hash = digest
 
     new_statuses = _record_statuses(session, shipment, result.statuses)
     new_scans = _record_scans(session, shipment, result.trackings)
@@ -301,15 +309,23 @@ def _copy_fields(shipment: Shipment, result: TrackingResult) -> None:
     shipment.confirm_images = list(result.confirm_images)
     shipment.accept_date = result.accept_date
     shipment.external_code = result.external_code
-    raw = _jsonable(dict(result.raw))
-    shipment.last_payload = raw
-    shipment.payload_hash = hashlib.sha256(
-        json.dumps(raw, sort_keys=True, ensure_ascii=False).encode()
-    ).hexdigest()
 
 
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str)) if value is not None else None
+
+
+# One statement each, run over many rows: SQLAlchemy compiles it once and sends the rows in bulk.
+_NEW_STATUS = (
+    insert(StatusEvent)
+    .on_conflict_do_nothing(index_elements=["shipment_id", "occurred_at", "status"])
+    .returning(StatusEvent.occurred_at, StatusEvent.status)
+)
+_NEW_SCAN = (
+    insert(TrackingEvent)
+    .on_conflict_do_nothing(index_elements=["shipment_id", "fingerprint"])
+    .returning(TrackingEvent)
+)
 
 
 def _record_statuses(
@@ -335,15 +351,7 @@ def _record_statuses(
         )
     if not rows:
         return []
-    inserted = {
-        (row.occurred_at, row.status)
-        for row in session.execute(
-            insert(StatusEvent)
-            .values(rows)
-            .on_conflict_do_nothing(index_elements=["shipment_id", "occurred_at", "status"])
-            .returning(StatusEvent.occurred_at, StatusEvent.status)
-        )
-    }
+    inserted = {(row.occurred_at, row.status) for row in session.execute(_NEW_STATUS, rows)}
     fresh = [
         e
         for e in entries
@@ -392,14 +400,7 @@ def _record_scans(
             "occurred_at": scan.date_change,
             "notes": scan.notes,
         }
-    inserted = list(
-        session.scalars(
-            insert(TrackingEvent)
-            .values(list(rows.values()))
-            .on_conflict_do_nothing(index_elements=["shipment_id", "fingerprint"])
-            .returning(TrackingEvent)
-        )
-    )
+    inserted = list(session.scalars(_NEW_SCAN, list(rows.values())))
     times = [s.date_change for s in scans if s.date_change is not None]
     if times:
         shipment.last_scan_at = max(times)

@@ -57,8 +57,18 @@ class _Metrics:
     delivery_latency: Histogram
 
 
-@cache
+_CREATING = threading.Lock()
+
+
 def _metrics() -> _Metrics:
+    # functools.cache does not stop two threads that miss at once from both creating the
+    # metrics, and a second registration raises: the delivery loop records from many threads.
+    with _CREATING:
+        return _create_metrics()
+
+
+@cache
+def _create_metrics() -> _Metrics:
     folder = os.environ.get(MULTIPROC_DIR)
     if folder:
         Path(folder).mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -179,3 +180,45 @@ def test_a_child_that_exits_is_restarted_until_it_keeps_exiting() -> None:
         assert supervisor.children["flaky"].poll() == 3
     finally:
         supervisor.stop()
+
+
+RACE = """
+import threading, time
+import worker.metrics as metrics
+
+counter = metrics.Counter
+
+def slow_counter(*args, **kwargs):
+    time.sleep(0.05)  # widens the window in which every thread misses the cache
+    return counter(*args, **kwargs)
+
+metrics.Counter = slow_counter
+start = threading.Barrier(8)
+errors = []
+
+def record():
+    start.wait()
+    try:
+        metrics.record_delivery("succeeded")
+    except Exception as error:
+        errors.append(error)
+
+threads = [threading.Thread(target=record) for _ in range(8)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+assert not errors, errors
+print(metrics.exposition().decode())
+"""
+
+
+def test_threads_recording_at_once_create_the_metrics_once() -> None:
+    # The delivery loop records a webhook's result from several threads; a failed first
+    # registration rolled the record back and sent the webhook again.
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    done = subprocess.run(
+        [sys.executable, "-c", RACE], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert 'shipmon_webhook_deliveries_total{result="succeeded"} 8.0' in done.stdout

@@ -74,6 +74,13 @@ def limiter(redis_client: redis.Redis[bytes], settings: Settings) -> QuotaLimite
     return QuotaLimiter(redis_client, settings)
 
 
+@pytest.fixture
+def today_limiter(redis_client: redis.Redis[bytes], servers: RunServers) -> QuotaLimiter:
+    """A limiter for today on Redis's clock. Other tests of the run (end-to-end ones) spend
+    from today's total too, so the total here is the default, not the small TOTAL_QUOTA."""
+    return QuotaLimiter(redis_client, servers.settings(key_daily_quota=KEY_QUOTA))
+
+
 def test_ten_times_the_quota_due_never_beats_the_caps_or_the_pace_line(
     session: Session, limiter: QuotaLimiter
 ) -> None:
@@ -180,8 +187,9 @@ def test_a_fresh_day_starts_from_zero_and_is_recorded(
 
 
 def test_redis_clock_decides_when_no_time_is_given(
-    session: Session, limiter: QuotaLimiter, redis_client: redis.Redis[bytes]
+    session: Session, today_limiter: QuotaLimiter, redis_client: redis.Redis[bytes]
 ) -> None:
+    limiter = today_limiter
     account = make_account(session)
     sec, _ = redis_client.time()
     today = datetime.fromtimestamp(sec, UTC).astimezone(TZ).date()
@@ -378,10 +386,12 @@ def test_shipmon_quota_json(
 
 def test_the_workers_clock_does_not_matter(
     session: Session,
-    limiter: QuotaLimiter,
+    today_limiter: QuotaLimiter,
     redis_client: redis.Redis[bytes],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    limiter = today_limiter
+
     class SkewedClock(datetime):
         @classmethod
         def now(cls, tz: tzinfo | None = None) -> SkewedClock:

@@ -21,8 +21,9 @@ answers slowly, answers 500 or closes the connection).
 Columns: transitions (status entries in the carrier's truth), recorded (of those, found in
 status_events), delivered (of those, whose status_changed webhook the receiver accepted), lost,
 duplicates (webhooks accepted more than once, always under the same webhook-id), recovery (from
-the fault's end to the next transition recorded or webhook accepted; the longest for repeated
-faults) and done (from the fault's end, or registration, until everything was announced).
+the fault's end to the next transition recorded, or webhook accepted once every transition was
+recorded; the longest for repeated faults) and done (from the fault's end, or registration,
+until everything was announced).
 A second table counts carrier lookups: made (seen by the carrier), applied (polls recorded on
 shipments), counted (lookups charged to the key's quota in PostgreSQL and in Redis) and how the
 worker paced itself after failed lookups. The script exits 1 if any transition was lost or any
@@ -461,17 +462,18 @@ class System:
         return None
 
     def first_progress_after(self, moment: datetime) -> datetime | None:
-        """The first transition recorded, or webhook accepted, at or after `moment`."""
+        """The first transition recorded at or after `moment`; if every transition had been
+        recorded by then, the first webhook accepted after it."""
         rows = self.query(
             """
-            SELECT least(
-                (SELECT min(seen_at) FROM status_events WHERE seen_at >= %(at)s),
-                (SELECT min(completed_at) FROM deliveries
-                 WHERE completed_at >= %(at)s AND state = 'succeeded'))
+            SELECT (SELECT min(seen_at) FROM status_events WHERE seen_at >= %(at)s),
+                   (SELECT min(completed_at) FROM deliveries
+                    WHERE completed_at >= %(at)s AND state = 'succeeded')
             """,
             at=moment,
         )
-        value = rows[0][0]
+        transition, webhook = rows[0]
+        value = transition if transition is not None else webhook
         return value if isinstance(value, datetime) else None
 
     # -- stopping -------------------------------------------------------------------------------

@@ -128,6 +128,7 @@ def demo(
         "SHIPMON_MAX_POLL_INTERVAL": "3",
         "SHIPMON_LOG_LEVEL": "WARNING",
     }
+    settings().home.mkdir(parents=True, exist_ok=True)
     log = settings().home / "demo.log"
     supervisor = Supervisor(env, log=log)
     signal.signal(signal.SIGTERM, _raise_interrupt)

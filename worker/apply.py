@@ -171,8 +171,6 @@ def _apply_result(
         # Most polls find nothing new: the same answer holds no history, scan or field to add.
         _schedule_after_result(shipment, ctx)
         return
-    shipment.last_payload = json.loads(payload)
-    shipment.payload_hash = digest
 
     new_statuses = _record_statuses(session, shipment, result.statuses)
     new_scans = _record_scans(session, shipment, result.trackings)
@@ -195,6 +193,8 @@ def _apply_result(
     previous_delay = (shipment.delay_code, shipment.delay_note)
     if not stale:
         _copy_fields(shipment, result)
+        shipment.last_payload = json.loads(payload)
+        shipment.payload_hash = digest
 
     # One status_changed event per transition, in the carrier's order. History from before
     # the recorded status is kept but announces nothing: it happened before what was told.

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from tests.conftest import RunServers
@@ -373,3 +373,45 @@ def test_a_stale_answer_never_moves_a_shipment_back(
         applied = apply_outcome(s, shipment, acc, stale, ctx)
         assert applied.events == []
         assert shipment.status == "DELIVERING"
+
+
+def test_a_task_that_died_after_its_lookups_leaves_them_to_a_fresh_grant(
+    pipe: Pipeline,
+) -> None:
+    pipe.sandbox.add_order(pipe.account.api_key, "SHOP00009", status="ACCEPTED")  # type: ignore[attr-defined]
+    pipe.register("SHOP00009")
+    claim = pipe.claims()[0]
+    started = claim.leased_until + timedelta(microseconds=1)
+    with pipe.sessions.begin() as s:  # as if a task had started the claim and then died
+        s.execute(
+            update(Shipment).where(Shipment.id.in_(claim.shipment_ids)).values(next_poll_at=started)
+        )
+    redelivered = pipe.poll(claim)
+    assert (redelivered.polled, redelivered.skipped) == (0, 1)
+    pipe.clock.set(started)
+    again = pipe.claims()  # due again once the lease is over: dispatched and granted anew
+    assert [c.shipment_ids for c in again] == [claim.shipment_ids]
+    assert pipe.poll(again[0]).polled == 1
+
+
+def test_applying_waits_for_the_database_rather_than_losing_paid_lookups(
+    pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    import worker.poller
+
+    pipe.sandbox.add_order(pipe.account.api_key, "SHOP00010", status="ACCEPTED")  # type: ignore[attr-defined]
+    pipe.register("SHOP00010")
+    real = worker.poller._apply_all
+    failures = iter([OperationalError("UPDATE", {}, Exception("server closed the connection"))])
+
+    def flaky(*args: object, **kwargs: object) -> object:
+        for failure in failures:
+            raise failure
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(worker.poller, "_apply_all", flaky)
+    monkeypatch.setattr(worker.poller, "APPLY_RETRY_DELAYS", (0.0,))
+    assert [r.polled for r in pipe.poll_due()] == [1]
+    assert pipe.shipment("SHOP00010").status == "ACCEPTED"

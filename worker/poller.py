@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker import metrics
@@ -33,6 +34,10 @@ from worker.models import Account, OutboxEvent, Shipment
 
 log = logging.getLogger(__name__)
 
+# Waits before applying a batch again while PostgreSQL is away: about a minute in all, well
+# within a poll task's time limit.
+APPLY_RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+
 Outcome = TrackingResult | CarrierError
 PauseForLimit = Callable[[Session, Account, datetime], object]
 
@@ -51,6 +56,7 @@ class BatchReport:
     """What a poll batch did."""
 
     polled: int = 0
+    # Shipments of the claim no longer under it when the task started, or when it applied.
     skipped: int = 0
     event_ids: list[int] = field(default_factory=list)
     paused: str | None = None
@@ -87,19 +93,25 @@ async def poll_claim(
 ) -> BatchReport:
     """Poll a claimed batch and apply every answer; returns the outbox events written."""
     report = BatchReport()
+    # Starting moves the claim's token one microsecond on. A task delivered a second time
+    # (its worker died) finds no shipment under the lease it carries, so it makes no lookup
+    # that the quota did not grant: the shipments come due again when the lease runs out and
+    # are dispatched, and granted, anew.
+    started = claim.leased_until + timedelta(microseconds=1)
     with sessions.begin() as session:
         account = session.get(Account, claim.account_id)
         if account is None:
             return report
         api_key = decrypt(account.api_key_encrypted, secret_key)
-        # Only shipments still under this claim: a redelivered task finds the ones it already
-        # applied moved on, and polls them no second time.
         rows = session.execute(
-            select(Shipment.id, Shipment.order_code).where(
+            update(Shipment)
+            .where(
                 Shipment.id.in_(claim.shipment_ids),
                 Shipment.next_poll_at == claim.leased_until,
                 Shipment.active,
             )
+            .values(next_poll_at=started)
+            .returning(Shipment.id, Shipment.order_code)
         ).all()
     report.skipped = len(claim.shipment_ids) - len(rows)
     if not rows:
@@ -111,28 +123,59 @@ async def poll_claim(
             strict=True,
         )
     )
+    for delay in (*APPLY_RETRY_DELAYS, None):
+        try:
+            report, events = _apply_all(
+                sessions, claim.account_id, started, outcomes, report.skipped,
+                plans=plans, max_interval=max_interval, pause_for_limit=pause_for_limit,
+                clock=clock,
+            )  # fmt: skip
+            break
+        except OperationalError:
+            # PostgreSQL went away after the lookups were made: they are paid for, so wait for
+            # it rather than let the lease run out and look everything up again.
+            if delay is None:
+                raise
+            log.warning("cannot apply a poll batch yet; retrying in %s s", delay)
+            await asyncio.sleep(delay)
+    _count(outcomes.values(), events)
+    return report
 
+
+def _apply_all(
+    sessions: sessionmaker[Session],
+    account_id: int,
+    started: datetime,
+    outcomes: dict[int, Outcome],
+    skipped: int,
+    *,
+    plans: PlanCache,
+    max_interval: timedelta,
+    pause_for_limit: PauseForLimit,
+    clock: Callable[[], datetime],
+) -> tuple[BatchReport, list[OutboxEvent]]:
+    """Apply a batch's answers in one transaction; what it did, and the outbox events."""
+    done = BatchReport(skipped=skipped)
     with sessions.begin() as session:
         now = clock()
         model, _ = plans.current(session)
-        ctx = PollContext(now, model, plans.price(claim.account_id), max_interval)
-        account = session.get(Account, claim.account_id, with_for_update=True)
+        ctx = PollContext(now, model, plans.price(account_id), max_interval)
+        account = session.get(Account, account_id, with_for_update=True)
         assert account is not None
         events = []
         for shipment in lock_shipments(session, list(outcomes)):
-            if shipment.next_poll_at != claim.leased_until:
-                report.skipped += 1
+            if shipment.next_poll_at != started:
+                done.skipped += 1
                 continue
             applied = apply_outcome(session, shipment, account, outcomes[shipment.id], ctx)
-            report.polled += 1
+            done.polled += 1
             events.extend(applied.events)
-            if applied.pause is not None and report.paused is None:
-                report.paused = applied.pause.__name__
-                report.alert = _pause(session, account, applied.pause, now, pause_for_limit)
+            if applied.pause is not None and done.paused is None:
+                done.paused = applied.pause.__name__
+                done.alert = _pause(session, account, applied.pause, now, pause_for_limit)
         session.flush()
-        report.event_ids = [e.id for e in events]
-    _count(outcomes.values(), events)
-    return report
+        done.event_ids = [e.id for e in events]
+    return done, events
 
 
 def _pause(

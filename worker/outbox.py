@@ -465,21 +465,24 @@ def _record(
                 log.warning("delivery %s of event %s is dead", delivery.id, claim.event_id)
         if not isinstance(claim.destination, _Webhook):
             return None
-        _count_webhook(session, delivery, result.succeeded)
-        return _endpoint_health(session, claim.destination.endpoint_id, result, now)
+        outcome = "succeeded" if result.succeeded else delivery.state.replace("pending", "failed")
+        waited = _waited(session, delivery) if result.succeeded else None
+        alert = _endpoint_health(session, claim.destination.endpoint_id, result, now)
+    # Counted once the transaction has committed: a metrics failure must not undo a delivery.
+    metrics.record_delivery(outcome)
+    if waited is not None:
+        metrics.observe_delivery_latency(waited)
+    return alert
 
 
-def _count_webhook(session: Session, delivery: Delivery, succeeded: bool) -> None:
-    """Metrics for one webhook attempt: its result, and on success how long the event waited."""
-    metrics.record_delivery(
-        "succeeded" if succeeded else delivery.state.replace("pending", "failed")
+def _waited(session: Session, delivery: Delivery) -> float | None:
+    """Seconds from the event's creation to its delivery's completion."""
+    created = session.scalar(
+        select(OutboxEvent.created_at).where(OutboxEvent.id == delivery.event_id)
     )
-    if succeeded and delivery.completed_at is not None:
-        created = session.scalar(
-            select(OutboxEvent.created_at).where(OutboxEvent.id == delivery.event_id)
-        )
-        if created is not None:
-            metrics.observe_delivery_latency((delivery.completed_at - created).total_seconds())
+    if created is None or delivery.completed_at is None:
+        return None
+    return (delivery.completed_at - created).total_seconds()
 
 
 def _endpoint_health(

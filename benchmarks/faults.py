@@ -73,38 +73,10 @@ from worker.workload import Carrier, Faults, parse_workload
 # faults, not before the first poll.
 SPEED = 2_000.0
 ACCOUNT = "faults"
-WORKLOAD: dict[str, Any] = {
-    "name": "faults",
-    "timezone": "Asia/Ho_Chi_Minh",
-    "orders_per_day": 1000,
-    "days": 1,
-    "accounts": [{"name": ACCOUNT, "share": 1.0}],
-    "initial": "ACCEPTED",
-    "registration": {"unknown_hours": {"lognormal": {"median": 0.3, "sigma": 0.5}},
-                     "never_found": 0.0},
-    "statuses": {
-        "ACCEPTED": {"dwell_hours": {"lognormal": {"median": 2, "sigma": 0.5}},
-                     "active_hours": [0, 24], "next": {"PICKED_UP": 0.95, "CANCEL": 0.05},
-                     "scans_per_day": 0},
-        "PICKED_UP": {"dwell_hours": {"lognormal": {"median": 2, "sigma": 0.5}},
-                      "active_hours": [0, 24], "next": {"IN_TRANSIT": 1.0}, "scans_per_day": 4},
-        "IN_TRANSIT": {"dwell_hours": {"lognormal": {"median": 4, "sigma": 0.5}},
-                       "active_hours": [0, 24], "next": {"DELIVERING": 0.98, "LOST": 0.02},
-                       "scans_per_day": 6},
-        "DELIVERING": {"dwell_hours": {"lognormal": {"median": 2, "sigma": 0.5}},
-                       "active_hours": [0, 24],
-                       "next": {"DELIVERED": 0.8, "PENDING_FOR_PROCEED": 0.2},
-                       "scans_per_day": 2},
-        "PENDING_FOR_PROCEED": {"dwell_hours": {"lognormal": {"median": 3, "sigma": 0.5}},
-                                "active_hours": [0, 24],
-                                "next": {"DELIVERING": 0.6, "PENDING_FOR_RETURN": 0.4},
-                                "delay_codes": {"2": 0.5, "12": 0.5}, "scans_per_day": 2},
-        "PENDING_FOR_RETURN": {"dwell_hours": {"lognormal": {"median": 3, "sigma": 0.5}},
-                               "active_hours": [0, 24], "next": {"RETURNED": 1.0},
-                               "scans_per_day": 2},
-    },
-    "faults": {"http_500": 0.0, "timeout": 0.0, "malformed": 0.0},
-}  # fmt: skip
+# Lifecycles of a few sandbox hours, moving at any hour, always found (shared with the tests).
+WORKLOAD: dict[str, Any] = json.loads(
+    (Path(__file__).resolve().parent / "workloads" / "quick-lifecycles.json").read_text()
+)
 
 # The carrier faults of the issue; a timeout holds the connection just past the worker's
 # 15-second deadline, so the worker gives up first, as it would with the real carrier.

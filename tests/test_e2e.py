@@ -32,38 +32,7 @@ SPEED = 20_000.0
 DEADLINE_S = 150.0
 
 # A quick population: lifecycles of a few sandbox hours, moving at any hour, always found.
-WORKLOAD = {
-    "name": "e2e",
-    "timezone": "Asia/Ho_Chi_Minh",
-    "orders_per_day": 1000,
-    "days": 1,
-    "accounts": [{"name": "e2e", "share": 1.0}],
-    "initial": "ACCEPTED",
-    "registration": {"unknown_hours": {"lognormal": {"median": 0.3, "sigma": 0.5}},
-                     "never_found": 0.0},
-    "statuses": {
-        "ACCEPTED": {"dwell_hours": {"lognormal": {"median": 2, "sigma": 0.5}},
-                     "active_hours": [0, 24], "next": {"PICKED_UP": 0.95, "CANCEL": 0.05},
-                     "scans_per_day": 0},
-        "PICKED_UP": {"dwell_hours": {"lognormal": {"median": 2, "sigma": 0.5}},
-                      "active_hours": [0, 24], "next": {"IN_TRANSIT": 1.0}, "scans_per_day": 4},
-        "IN_TRANSIT": {"dwell_hours": {"lognormal": {"median": 4, "sigma": 0.5}},
-                       "active_hours": [0, 24], "next": {"DELIVERING": 0.98, "LOST": 0.02},
-                       "scans_per_day": 6},
-        "DELIVERING": {"dwell_hours": {"lognormal": {"median": 2, "sigma": 0.5}},
-                       "active_hours": [0, 24],
-                       "next": {"DELIVERED": 0.8, "PENDING_FOR_PROCEED": 0.2},
-                       "scans_per_day": 2},
-        "PENDING_FOR_PROCEED": {"dwell_hours": {"lognormal": {"median": 3, "sigma": 0.5}},
-                                "active_hours": [0, 24],
-                                "next": {"DELIVERING": 0.6, "PENDING_FOR_RETURN": 0.4},
-                                "delay_codes": {"2": 0.5, "12": 0.5}, "scans_per_day": 2},
-        "PENDING_FOR_RETURN": {"dwell_hours": {"lognormal": {"median": 3, "sigma": 0.5}},
-                               "active_hours": [0, 24], "next": {"RETURNED": 1.0},
-                               "scans_per_day": 2},
-    },
-    "faults": {"http_500": 0.0, "timeout": 0.0, "malformed": 0.0},
-}  # fmt: skip
+WORKLOAD = Path(__file__).resolve().parent.parent / "benchmarks/workloads/quick-lifecycles.json"
 
 
 @dataclass
@@ -73,12 +42,10 @@ class Sandbox:
 
 
 @pytest.fixture
-def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
-    workload = tmp_path / "workload.json"
-    workload.write_text(json.dumps(WORKLOAD))
+def sandbox() -> Iterator[Sandbox]:
     process = subprocess.Popen(
         [sys.executable, "-m", "worker", "sandbox", "--port", "0", "--speed", str(SPEED),
-         "--seed", "11", "--workload", str(workload)],
+         "--seed", "11", "--workload", str(WORKLOAD)],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

@@ -39,7 +39,7 @@ from tests.test_outbox import Receiver
 from worker.cli import app
 from worker.config import get_settings
 from worker.sandbox import running_sandbox
-from worker.workload import Faults, parse_workload
+from worker.workload import Faults, load_workload
 
 pytestmark = pytest.mark.e2e
 
@@ -212,7 +212,7 @@ def test_no_secret_appears_in_any_output_of_a_full_run(
         assert result.exit_code in (0, 1), result.output
         return result.output
 
-    workload = parse_workload(WORKLOAD)
+    workload = load_workload(WORKLOAD)
     faults = Faults(http_500=0.1, malformed=0.05, carrier_exception=0.05)
     with running_sandbox(workload=workload, seed=5, speed=SPEED, faults=faults) as carrier:
         env["SHIPMON_CARRIER_BASE_URL"] = carrier.base_url

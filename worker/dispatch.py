@@ -9,7 +9,6 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from worker.learning import pollable_accounts
 from worker.models import Account, Shipment
 
 # A claimed shipment's next_poll_at is pushed this far ahead: if the worker polling it dies,
@@ -32,6 +31,17 @@ class Claim:
 
     def as_task_args(self) -> tuple[int, list[int], str]:
         return self.account_id, self.shipment_ids, self.leased_until.isoformat()
+
+
+def pollable_accounts(session: Session, now: datetime) -> list[Account]:
+    """Accounts not paused at `now`."""
+    return list(
+        session.scalars(
+            select(Account)
+            .where((Account.paused_until.is_(None)) | (Account.paused_until <= now))
+            .order_by(Account.id)
+        )
+    )
 
 
 def count_due(session: Session, account_id: int, now: datetime, limit: int) -> int:

@@ -17,7 +17,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from worker.domain import parse_status
-from worker.models import Account, SchedulerState, Shipment
+from worker.models import SchedulerState, Shipment
 from worker.scheduler import (
     INITIAL_PRICE,
     LearnedModel,
@@ -167,14 +167,3 @@ class PlanCache:
 
     def price(self, account_id: int) -> float:
         return self.prices.get(account_id, INITIAL_PRICE)
-
-
-def pollable_accounts(session: Session, now: datetime) -> list[Account]:
-    """Accounts not paused at `now`."""
-    return list(
-        session.scalars(
-            select(Account)
-            .where((Account.paused_until.is_(None)) | (Account.paused_until <= now))
-            .order_by(Account.id)
-        )
-    )

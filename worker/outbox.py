@@ -669,22 +669,10 @@ def fan_out_and_deliver(
     resolver: Resolver = system_resolver,
 ) -> int:
     """`fan_out_and_deliver_async` in an event loop of its own, with its own HTTP client."""
-
-    async def run() -> int:
-        async with WebhookSender(
-            allow_private=settings.webhook_allow_private, resolver=resolver
-        ) as sender:
-            return await fan_out_and_deliver_async(
-                session_factory,
-                settings,
-                sender,
-                event_ids,
-                secret_key=secret_key,
-                now=now,
-                limit=limit,
-            )
-
-    return asyncio.run(run())
+    _fan_out_committed(session_factory, event_ids, _clock(now)())
+    return deliver_due(
+        session_factory, settings, secret_key=secret_key, now=now, limit=limit, resolver=resolver
+    )
 
 
 # --- Replays ---------------------------------------------------------------------------------

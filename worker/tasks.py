@@ -20,16 +20,17 @@ from worker.carrier import CarrierClient
 from worker.celery import POLL_TIME_LIMIT, TASK_TIME_LIMIT, app
 from worker.config import Settings, get_settings
 from worker.db import session_factory
-from worker.dispatch import Claim, dispatch
+from worker.dispatch import Claim, dispatch, pollable_accounts
 from worker.embedded import Servers, resolve
 from worker.intake import register_orders as register
-from worker.learning import PlanCache, pollable_accounts, relearn, update_prices
+from worker.learning import PlanCache, relearn, update_prices
 from worker.mail import MailError, send_ops_alert
 from worker.metrics import refresh_gauges
 from worker.ops import PURGE_BATCH, detect_stalled, purge_finished
 from worker.outbox import fan_out_and_deliver_async
 from worker.poller import poll_claim
 from worker.quota import QuotaLimiter, effective_daily_quota
+from worker.scheduler import DEFAULT_MAX_INTERVAL
 from worker.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class _Process:
     @property
     def max_interval(self) -> timedelta:
         seconds = self.settings.max_poll_interval
-        return timedelta(seconds=seconds) if seconds else timedelta(hours=24)
+        return timedelta(seconds=seconds) if seconds else DEFAULT_MAX_INTERVAL
 
 
 _process: _Process | None = None

@@ -227,7 +227,9 @@ class ProjectPoller(Poller):
         shipment = self.add(code, key, at)
         self.registered[key] += 1
         price = self.controllers[key].price
-        self.schedule(shipment, next_poll_at(shipment.state(), self.model, price))
+        self.schedule(
+            shipment, next_poll_at(shipment.state(), self.model, price, self.max_interval)
+        )
 
     def schedule(self, shipment: Shipment, due: datetime | None) -> None:
         key = shipment.key

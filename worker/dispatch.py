@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 from worker.models import Account, Shipment
@@ -19,6 +19,8 @@ LEASE = timedelta(minutes=5)
 BATCH_SIZE = 50
 # The most polls one key may be granted per dispatch tick.
 MAX_PER_TICK = 1000
+# The most new shipments given their first lookup per dispatch tick; the rest wait a tick.
+FIRST_PLANS_PER_TICK = 5000
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,40 @@ def batches(claim: Claim, size: int = BATCH_SIZE) -> Iterator[Claim]:
         yield Claim(claim.account_id, claim.shipment_ids[start : start + size], claim.leased_until)
 
 
+FirstLookup = Callable[[int, datetime], datetime]
+"""(account id, registered at) -> when the scheduler wants a new shipment's first lookup."""
+
+
+def plan_first_lookups(session: Session, now: datetime, first_lookup: FirstLookup) -> int:
+    """Give newly registered shipments the first lookup the scheduler wants; returns how many.
+
+    A new row is due at its registration (both columns default to the same moment), so every
+    way in (the Celery task, `shipmon track`, a plain INSERT) passes here before its first
+    lookup can be claimed. A first lookup planned for now or earlier is claimed at once.
+    """
+    rows = session.execute(
+        text(
+            """
+            SELECT id, account_id, registered_at FROM shipments
+            WHERE active AND last_polled_at IS NULL AND next_poll_at = registered_at
+              AND next_poll_at <= :now
+            LIMIT :limit
+            FOR UPDATE SKIP LOCKED
+            """
+        ),
+        {"now": now, "limit": FIRST_PLANS_PER_TICK},
+    ).all()
+    if rows:
+        session.execute(
+            update(Shipment),
+            [
+                {"id": row.id, "next_poll_at": first_lookup(row.account_id, row.registered_at)}
+                for row in rows
+            ],
+        )
+    return len(rows)
+
+
 Grant = Callable[[Session, int, int, int], int]
 """(session, account id, wanted, daily quota) -> polls granted now; counts them as spent."""
 Refund = Callable[[Session, int, int], None]
@@ -96,8 +132,14 @@ def dispatch(
     daily_quota: Callable[[Account], int],
     grant: Grant,
     refund: Refund,
+    first_lookup: FirstLookup | None = None,
 ) -> list[Claim]:
-    """Claim what every unpaused account may poll now, in batches for poll tasks."""
+    """Claim what every unpaused account may poll now, in batches for poll tasks.
+
+    With `first_lookup`, newly registered shipments first get their planned first lookup.
+    """
+    if first_lookup is not None:
+        plan_first_lookups(session, now, first_lookup)
     claims: list[Claim] = []
     for account in pollable_accounts(session, now):
         due = count_due(session, account.id, now, MAX_PER_TICK)

@@ -62,6 +62,7 @@ def recorded_stays(session: Session, since: datetime) -> list[Stay]:
             SELECT e.status,
                    e.occurred_at,
                    lead(e.occurred_at) OVER w AS exited_at,
+                   lead(e.status) OVER w AS next_status,
                    s.last_polled_at
             FROM status_events e JOIN shipments s ON s.id = e.shipment_id
             WHERE e.occurred_at >= :since
@@ -71,22 +72,27 @@ def recorded_stays(session: Session, since: datetime) -> list[Stay]:
         {"since": since},
     )
     stays = []
-    for status_name, entered, exited, polled in rows:
+    for status_name, entered, exited, next_name, polled in rows:
         status = parse_status(status_name)
         if status is None or status.terminal:
             continue
-        stays.append(Stay(status, entered, exited, None if exited else polled))
+        following = parse_status(next_name) if next_name is not None else None
+        stays.append(Stay(status, entered, exited, None if exited else polled, following))
     unknown = session.execute(
         text(
             """
-            SELECT registered_at, found_at, last_polled_at FROM shipments
-            WHERE registered_at >= :since AND (found_at IS NOT NULL OR active)
+            SELECT s.registered_at, s.found_at, s.last_polled_at,
+                   (SELECT e.status FROM status_events e WHERE e.shipment_id = s.id
+                    ORDER BY e.occurred_at LIMIT 1) AS first_status
+            FROM shipments s
+            WHERE s.registered_at >= :since AND (s.found_at IS NOT NULL OR s.active)
             """
         ),
         {"since": since},
     )
-    for registered, found, polled in unknown:
-        stays.append(Stay(None, registered, found, None if found else polled or registered))
+    for registered, found, polled, first_name in unknown:
+        first = parse_status(first_name) if first_name is not None else None
+        stays.append(Stay(None, registered, found, None if found else polled or registered, first))
     return stays
 
 
@@ -149,13 +155,19 @@ class PlanCache:
 
     timezone: str
     model: LearnedModel | None = None
+    stored: dict[str, Any] | None = None
     prices: dict[int, float] = field(default_factory=dict)
     loaded_at: float = float("-inf")
 
     def current(self, session: Session) -> tuple[LearnedModel, dict[int, float]]:
         if self.model is None or time.monotonic() - self.loaded_at > CACHE_SECONDS:
             stored = _load(session, MODEL_STATE)
-            self.model = LearnedModel.from_json(stored) if stored else LearnedModel(self.timezone)
+            if self.model is None or stored != self.stored:
+                # A new model only when it changed: the plans solved for this one are kept.
+                self.model = (
+                    LearnedModel.from_json(stored) if stored else LearnedModel(self.timezone)
+                )
+                self.stored = stored
             rows = session.execute(
                 select(SchedulerState.name, SchedulerState.data).where(
                     SchedulerState.name.like("price:%")

@@ -30,7 +30,7 @@ from worker.ops import PURGE_BATCH, detect_stalled, purge_finished
 from worker.outbox import fan_out_and_deliver_async
 from worker.poller import poll_claim
 from worker.quota import QuotaLimiter, effective_daily_quota
-from worker.scheduler import DEFAULT_MAX_INTERVAL
+from worker.scheduler import DEFAULT_MAX_INTERVAL, ShipmentState, next_poll_at
 from worker.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,13 @@ def dispatch_due() -> int:
     p = process()
     now = utcnow()
     with p.sessions.begin() as session:
+        model, _ = p.plans.current(session)
+
+        def first_lookup(account_id: int, registered: datetime) -> datetime:
+            state = ShipmentState(registered_at=registered)
+            price = p.plans.price(account_id)
+            return next_poll_at(state, model, price, p.max_interval) or registered
+
         claims = dispatch(
             session,
             now,
@@ -106,6 +113,7 @@ def dispatch_due() -> int:
                 s, account_id, quota, wanted
             ),
             refund=lambda s, account_id, n: p.limiter.refund(s, account_id, n),
+            first_lookup=first_lookup,
         )
     for claim in claims:
         poll.delay(*claim.as_task_args())

@@ -146,6 +146,7 @@ class Poller:
         self.keys = [KeyLoad(quota) for _ in range(keys)]
         self.shipments: dict[str, Shipment] = {}
         self.active: dict[str, Shipment] = {}
+        self.open_shipments = [0] * keys
         # Ended stays, in the order they were seen, for the model.
         self.ended: deque[Stay] = deque()
         self.day = ""
@@ -155,6 +156,7 @@ class Poller:
         shipment = Shipment(code, key, at)
         self.shipments[code] = shipment
         self.active[code] = shipment
+        self.open_shipments[key] += 1
         return shipment
 
     def allowance(self, key: int, tick_end: datetime) -> int:
@@ -192,6 +194,7 @@ class Poller:
             shipment.seen_at.append(seen_ts)
         if shipment.status is not None and shipment.status.terminal:
             del self.active[shipment.code]
+            self.open_shipments[shipment.key] -= 1
 
     def stays(self, now: datetime) -> list[Stay]:
         """Stays entered within HISTORY of `now`, ended or still open, for fitting."""
@@ -226,9 +229,10 @@ class ProjectPoller(Poller):
     def register(self, code: str, key: int, at: datetime) -> None:
         shipment = self.add(code, key, at)
         self.registered[key] += 1
-        price = self.controllers[key].price
+        controller = self.controllers[key]
+        ceiling = controller.max_interval(self.max_interval)
         self.schedule(
-            shipment, next_poll_at(shipment.state(), self.model, price, self.max_interval)
+            shipment, next_poll_at(shipment.state(), self.model, controller.price, ceiling)
         )
 
     def schedule(self, shipment: Shipment, due: datetime | None) -> None:
@@ -252,14 +256,16 @@ class ProjectPoller(Poller):
             ready = self.ready[key]
             while heap and heap[0][0] <= end_ts:
                 ready.append(heapq.heappop(heap))
-            price = self.controllers[key].price
+            controller = self.controllers[key]
+            price, ceiling = controller.price, controller.max_interval(self.max_interval)
             for _ in range(min(self.allowance(key, end), len(ready))):
                 due_ts, _, code = ready.popleft()
                 shipment = self.shipments[code]
                 self.poll(shipment, datetime.fromtimestamp(max(due_ts, start_ts), UTC))
-                due = next_poll_at(shipment.state(), self.model, price, self.max_interval)
+                due = next_poll_at(shipment.state(), self.model, price, ceiling)
                 self.schedule(shipment, due)
-            self.controllers[key].observe(end, self.planned[key], self.registered[key])
+            controller.open_shipments = self.open_shipments[key]
+            controller.observe(end, self.planned[key], self.registered[key])
             self.registered[key] = 0
 
 

@@ -53,25 +53,28 @@ def test_recorded_history_becomes_stays_with_the_current_one_censored(session: S
     accepted = by_status[Status.ACCEPTED]
     assert accepted.exited_at is not None
     assert accepted.exited_at - accepted.entered_at == timedelta(hours=5)
+    assert accepted.next_status == Status.PICKED_UP
     current = by_status[Status.IN_TRANSIT]
     assert current.exited_at is None
     assert current.observed_until == NOW
     waiting = by_status[None]  # the wait before the carrier knew the order
     assert waiting.exited_at is not None
+    assert waiting.next_status == Status.ACCEPTED
 
 
 def test_relearn_fits_and_stores_the_model_for_every_worker(session: Session) -> None:
     account = make_account(session)
-    for i in range(30):
+    for i in range(60):
         _shipment_with_history(session, account.id, f"LEARN1{i:03d}", [4.0 + i % 5, 2.0])
     model = relearn(session, ZONE, NOW)
     stored = session.scalar(select(SchedulerState.data).where(SchedulerState.name == "model"))
     assert stored == model.to_json()
     accepted = model.for_status(Status.ACCEPTED)
-    assert accepted.stays >= 30
+    assert accepted.stays >= 60
     cache = PlanCache(ZONE)
-    cached_model, _ = cache.current(session)
+    cached_model = cache.current(session)
     assert cached_model.to_json() == model.to_json()
+    assert accepted.next_shares == {Status.PICKED_UP.value: 1.0}
 
 
 def test_prices_rise_when_the_planned_polls_exceed_the_quota(session: Session) -> None:
@@ -93,3 +96,6 @@ def test_prices_rise_when_the_planned_polls_exceed_the_quota(session: Session) -
     cache = PlanCache(ZONE)
     cache.current(session)
     assert cache.price(account.id) == later
+    # 50 open shipments on 100 lookups a day: a 6-hour ceiling cannot be kept, 24 hours can.
+    assert cache.max_interval(account.id, timedelta(hours=6)) == timedelta(days=1)
+    assert cache.max_interval(account.id, timedelta(days=2)) == timedelta(days=2)

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from tests.conftest import RunServers
@@ -415,3 +415,44 @@ def test_applying_waits_for_the_database_rather_than_losing_paid_lookups(
     monkeypatch.setattr(worker.poller, "APPLY_RETRY_DELAYS", (0.0,))
     assert [r.polled for r in pipe.poll_due()] == [1]
     assert pipe.shipment("SHOP00010").status == "ACCEPTED"
+
+
+def test_a_new_shipment_gets_its_planned_first_lookup_once_whatever_way_it_came_in(
+    pipe: Pipeline,
+) -> None:
+    pipe.register("SHOP00021")
+    with pipe.sessions.begin() as s:  # a plain INSERT, due at its registration like any other
+        s.execute(
+            text(
+                "INSERT INTO shipments (account_id, order_code, registered_at, next_poll_at) "
+                "VALUES (:account, 'SHOP00022', :now, :now)"
+            ),
+            {"account": pipe.account.id, "now": pipe.clock.now()},
+        )
+    planned: list[str] = []
+
+    def first_lookup(account_id: int, registered: datetime) -> datetime:
+        planned.append(f"{account_id}@{registered.isoformat()}")
+        return registered + timedelta(hours=2)
+
+    def claims() -> list[Claim]:
+        with pipe.sessions.begin() as s:
+            found = dispatch(
+                s,
+                pipe.clock.now(),
+                daily_quota=lambda a: 10**6,
+                grant=lambda s, a, wanted, q: wanted,
+                refund=lambda s, a, n: None,
+                first_lookup=first_lookup,
+            )
+        return [c for c in found if c.account_id == pipe.account.id]
+
+    registered = pipe.clock.now()
+    assert claims() == []
+    for code in ("SHOP00021", "SHOP00022"):
+        assert pipe.shipment(code).next_poll_at == registered + timedelta(hours=2)
+    assert claims() == []  # planned once: the plan is not made again
+    assert len(planned) == 2
+    pipe.clock.advance(timedelta(hours=2))
+    assert sorted(len(c.shipment_ids) for c in claims()) == [2]
+    assert len(planned) == 2

@@ -436,3 +436,15 @@ def test_a_closed_loop_spends_about_the_quota_and_never_more() -> None:
     spent = [per_day[day] for day in sorted(per_day)]
     assert max(spent) <= quota
     assert min(spent[1:]) > 0.8 * quota
+
+
+def test_the_ceiling_stretches_when_the_quota_cannot_afford_it() -> None:
+    """A quota that cannot look up every open shipment once a day lets the price decide who
+    waits longer, instead of looking everything up in turn at the ceiling."""
+    controller = PriceController(daily_quota=1000, timezone=ZONE_NAME, open_shipments=400)
+    assert controller.max_interval(DEFAULT_MAX_INTERVAL) == DEFAULT_MAX_INTERVAL
+    controller.open_shipments = 1500  # twice the 1.5 days the quota affords: 3 days
+    assert controller.max_interval(DEFAULT_MAX_INTERVAL) == timedelta(days=3)
+    controller.open_shipments = 1600  # 3.2 days, rounded up to the next 6 hours
+    assert controller.max_interval(DEFAULT_MAX_INTERVAL) == timedelta(days=3, hours=6)
+    assert PriceController.from_json(controller.to_json()).open_shipments == 1600

@@ -109,20 +109,23 @@ def update_prices(
     session: Session, quotas: dict[int, int], timezone: str, now: datetime
 ) -> dict[int, float]:
     """Steer each account's price so the polls its shipments ask for fit its daily quota."""
-    planned: dict[int, float] = {
-        row[0]: float(row[1])
-        for row in session.execute(
-            text(
-                """
-                SELECT account_id,
-                       sum(86400.0 / greatest(extract(epoch FROM next_poll_at - last_polled_at), 1))
-                FROM shipments
-                WHERE active AND last_polled_at IS NOT NULL
-                GROUP BY account_id
-                """
-            )
+    planned: dict[int, float] = {}
+    open_shipments: dict[int, int] = {}
+    for account_id, rate, count in session.execute(
+        text(
+            """
+            SELECT account_id,
+                   coalesce(sum(86400.0 / greatest(
+                       extract(epoch FROM next_poll_at - last_polled_at), 1
+                   )) FILTER (WHERE last_polled_at IS NOT NULL), 0),
+                   count(*)
+            FROM shipments
+            WHERE active
+            GROUP BY account_id
+            """
         )
-    }
+    ):
+        planned[account_id], open_shipments[account_id] = float(rate), int(count)
     prices = {}
     for account_id, quota in quotas.items():
         stored = _load(session, _price_state(account_id))
@@ -132,6 +135,7 @@ def update_prices(
             else PriceController(daily_quota=quota, timezone=timezone)
         )
         controller.daily_quota = quota
+        controller.open_shipments = open_shipments.get(account_id, 0)
         since = (
             datetime.fromtimestamp(controller.observed_at, now.tzinfo)
             if controller.observed_at is not None
@@ -156,10 +160,10 @@ class PlanCache:
     timezone: str
     model: LearnedModel | None = None
     stored: dict[str, Any] | None = None
-    prices: dict[int, float] = field(default_factory=dict)
+    controllers: dict[int, PriceController] = field(default_factory=dict)
     loaded_at: float = float("-inf")
 
-    def current(self, session: Session) -> tuple[LearnedModel, dict[int, float]]:
+    def current(self, session: Session) -> LearnedModel:
         if self.model is None or time.monotonic() - self.loaded_at > CACHE_SECONDS:
             stored = _load(session, MODEL_STATE)
             if self.model is None or stored != self.stored:
@@ -173,9 +177,18 @@ class PlanCache:
                     SchedulerState.name.like("price:%")
                 )
             )
-            self.prices = {int(name.split(":")[1]): float(data["price"]) for name, data in rows}
+            self.controllers = {
+                int(name.split(":")[1]): PriceController.from_json(data) for name, data in rows
+            }
             self.loaded_at = time.monotonic()
-        return self.model, self.prices
+        return self.model
 
     def price(self, account_id: int) -> float:
-        return self.prices.get(account_id, INITIAL_PRICE)
+        """The account's current price of a lookup."""
+        controller = self.controllers.get(account_id)
+        return INITIAL_PRICE if controller is None else controller.price
+
+    def max_interval(self, account_id: int, setting: timedelta) -> timedelta:
+        """The account's ceiling on a wait: `setting`, stretched when its quota cannot afford it."""
+        controller = self.controllers.get(account_id)
+        return setting if controller is None else controller.max_interval(setting)

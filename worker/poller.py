@@ -158,8 +158,9 @@ def _apply_all(
     done = BatchReport(skipped=skipped)
     with sessions.begin() as session:
         now = clock()
-        model, _ = plans.current(session)
-        ctx = PollContext(now, model, plans.price(account_id), max_interval)
+        model = plans.current(session)
+        ceiling = plans.max_interval(account_id, max_interval)
+        ctx = PollContext(now, model, plans.price(account_id), ceiling)
         account = session.get(Account, account_id, with_for_update=True)
         assert account is not None
         events = []

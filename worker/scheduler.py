@@ -27,7 +27,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from worker.domain import Status
-from worker.policy import GRID_SECONDS, Plan, StatusDynamics, solve
+from worker.policy import GRID_SECONDS, MAX_WAIT_SECONDS, Plan, StatusDynamics, solve
 
 DAY_SECONDS = 86_400
 _ROOT_TWO_PI = math.sqrt(2.0 * math.pi)
@@ -160,7 +160,7 @@ class LearnedModel:
     def plan(self, price: float, max_interval: timedelta) -> Plan:
         """The policy's waits at `price` (rounded to a price step), solved once and kept."""
         step = round(math.log(max(price, 1.0) / PRICE_UNIT) / math.log(PRICE_STEP))
-        ceiling = max(1, int(max_interval.total_seconds() // GRID_SECONDS))
+        ceiling = max(1, int(min(max_interval.total_seconds(), MAX_WAIT_SECONDS) // GRID_SECONDS))
         plan = self._plans.get((step, ceiling))
         if plan is None:
             plan = self._plans[(step, ceiling)] = solve(
@@ -458,6 +458,12 @@ MAX_PRICE = 30.0 * DAY_SECONDS
 # target, enforces the line. On the reference workload 0.98 left 3-4% of the quota unspent and
 # 1.10 built evening backlogs that cost more than they caught.
 TARGET_UTILISATION = 1.03
+# When the quota cannot look up every open shipment once per ceiling, the ceiling stretches to
+# this many times the interval the quota affords: the price, not the queue, then decides who
+# waits, instead of every shipment being looked up in turn at the ceiling. A stretched ceiling is
+# rounded up to whole steps, so few plans need solving.
+CEILING_STRETCH = 2.0
+CEILING_STEP = timedelta(hours=6)
 # How fast the price moves toward the one that fits the last day's demand under the pace line.
 PRICE_TIME_CONSTANT = 2 * 3600.0
 
@@ -487,6 +493,17 @@ class PriceController:
     # By local hour of the day: [hour start (epoch s), planned lookups, first lookups, price]
     hours: dict[int, list[float]] = field(default_factory=dict)
     observed_at: float | None = None
+    # The key's open shipments, as last counted (see `max_interval`).
+    open_shipments: int = 0
+
+    def max_interval(self, setting: timedelta) -> timedelta:
+        """The ceiling on a wait: `setting`, stretched when the quota cannot afford it."""
+        if self.daily_quota <= 0:
+            return setting
+        affordable = timedelta(days=CEILING_STRETCH * self.open_shipments / self.daily_quota)
+        if affordable <= setting:
+            return setting
+        return CEILING_STEP * math.ceil(affordable / CEILING_STEP)
 
     def observe(self, now: datetime, planned_per_day: float, registered: int) -> float:
         """Account for the demand since the previous call, and return the updated price."""
@@ -532,6 +549,7 @@ class PriceController:
             "price": self.price,
             "hours": {str(hour): bucket for hour, bucket in self.hours.items()},
             "observed_at": self.observed_at,
+            "open_shipments": self.open_shipments,
         }
 
     @classmethod
@@ -543,4 +561,5 @@ class PriceController:
             price=float(data["price"]),
             hours={int(h): [float(x) for x in b] for h, b in data["hours"].items()},
             observed_at=data["observed_at"],
+            open_shipments=int(data.get("open_shipments", 0)),
         )

@@ -98,12 +98,13 @@ def dispatch_due() -> int:
     p = process()
     now = utcnow()
     with p.sessions.begin() as session:
-        model, _ = p.plans.current(session)
+        model = p.plans.current(session)
 
         def first_lookup(account_id: int, registered: datetime) -> datetime:
             state = ShipmentState(registered_at=registered)
             price = p.plans.price(account_id)
-            return next_poll_at(state, model, price, p.max_interval) or registered
+            ceiling = p.plans.max_interval(account_id, p.max_interval)
+            return next_poll_at(state, model, price, ceiling) or registered
 
         claims = dispatch(
             session,

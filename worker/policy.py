@@ -76,7 +76,7 @@ class Plan:
         return int(table[entry_bin % BINS_PER_DAY, max(age_bin, 0)])
 
 
-class _Kernel:
+class Kernel:
     """One status's exits on the grid, by the local time-of-day bin it was entered in."""
 
     def __init__(self, dynamics: StatusDynamics) -> None:
@@ -115,7 +115,7 @@ def solve(
     dynamics: Mapping[str, StatusDynamics],
     price: float,
     max_wait_steps: int,
-    kernels: dict[str, _Kernel] | None = None,
+    kernels: dict[str, Kernel] | None = None,
 ) -> Plan:
     """The optimal waits at `price` for every status in `dynamics`, none over `max_wait_steps`.
 
@@ -125,7 +125,7 @@ def solve(
     kernels = {} if kernels is None else kernels
     for key, status in dynamics.items():
         if key not in kernels:
-            kernels[key] = _Kernel(status)
+            kernels[key] = Kernel(status)
     later = {key: np.zeros((BINS_PER_DAY, max_wait_steps + 1)) for key in dynamics}
     waits: dict[str, npt.NDArray[np.int16]] = {}
     for group in _successors_first(dynamics):
@@ -143,7 +143,7 @@ def solve(
 
 
 def _solve_status(
-    kernel: _Kernel,
+    kernel: Kernel,
     shares: Mapping[str, float],
     later: Mapping[str, Floats],
     price: float,

@@ -27,7 +27,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from worker.domain import Status
-from worker.policy import GRID_SECONDS, MAX_WAIT_SECONDS, Plan, StatusDynamics, solve
+from worker.policy import GRID_SECONDS, MAX_WAIT_SECONDS, Kernel, Plan, StatusDynamics, solve
 
 DAY_SECONDS = 86_400
 _ROOT_TWO_PI = math.sqrt(2.0 * math.pi)
@@ -147,7 +147,7 @@ class LearnedModel:
     _plans: dict[tuple[int, int], Plan] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
-    _kernels: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _kernels: dict[str, Kernel] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def zone(self) -> ZoneInfo:

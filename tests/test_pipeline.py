@@ -16,7 +16,7 @@ from worker.apply import PollContext, apply_outcome
 from worker.carrier import CarrierClient, parse_tracking
 from worker.crypto import encrypt
 from worker.db import session_factory
-from worker.dispatch import Claim, dispatch
+from worker.dispatch import Claim, FirstLookup, dispatch
 from worker.domain import EventType, Status
 from worker.learning import PlanCache
 from worker.models import Account, OutboxEvent, Shipment, StatusEvent
@@ -90,7 +90,7 @@ class Pipeline:
                     )
                 )
 
-    def claims(self) -> list[Claim]:
+    def claims(self, first_lookup: FirstLookup | None = None) -> list[Claim]:
         with self.sessions.begin() as s:
             found = dispatch(
                 s,
@@ -98,6 +98,7 @@ class Pipeline:
                 daily_quota=lambda a: 10**6,
                 grant=lambda s, a, wanted, q: wanted,
                 refund=lambda s, a, n: None,
+                first_lookup=first_lookup,
             )
         return [c for c in found if c.account_id == self.account.id]
 
@@ -435,24 +436,12 @@ def test_a_new_shipment_gets_its_planned_first_lookup_once_whatever_way_it_came_
         planned.append(f"{account_id}@{registered.isoformat()}")
         return registered + timedelta(hours=2)
 
-    def claims() -> list[Claim]:
-        with pipe.sessions.begin() as s:
-            found = dispatch(
-                s,
-                pipe.clock.now(),
-                daily_quota=lambda a: 10**6,
-                grant=lambda s, a, wanted, q: wanted,
-                refund=lambda s, a, n: None,
-                first_lookup=first_lookup,
-            )
-        return [c for c in found if c.account_id == pipe.account.id]
-
     registered = pipe.clock.now()
-    assert claims() == []
+    assert pipe.claims(first_lookup) == []
     for code in ("SHOP00021", "SHOP00022"):
         assert pipe.shipment(code).next_poll_at == registered + timedelta(hours=2)
-    assert claims() == []  # planned once: the plan is not made again
+    assert pipe.claims(first_lookup) == []  # planned once: the plan is not made again
     assert len(planned) == 2
     pipe.clock.advance(timedelta(hours=2))
-    assert sorted(len(c.shipment_ids) for c in claims()) == [2]
+    assert sorted(len(c.shipment_ids) for c in pipe.claims(first_lookup)) == [2]
     assert len(planned) == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import secrets
@@ -23,7 +24,14 @@ from tests.conftest import REDIS_CLAIM_KEY, ROOT, RunServers, make_account
 from worker.config import Settings
 from worker.models import Account, QuotaUsage
 from worker.pacing import allowed_by, elapsed_share, per_second_ceiling
-from worker.quota import RESTORE_LOCK, QuotaLimiter, counter_key, effective_daily_quota
+from worker.quota import (
+    PLAN_REGROWTH_SHARE,
+    RESTORE_LOCK,
+    QuotaLimiter,
+    counter_key,
+    effective_daily_quota,
+    regrow_plans,
+)
 
 TZ = ZoneInfo("Asia/Ho_Chi_Minh")
 # A day of its own, far from today, so no other test's counters or rows are on it.
@@ -432,3 +440,29 @@ def test_one_refusal_at_most_halves_the_plan(
         assert limiter.acquire(session, account.id, plan, 5, now=local(day, 1)) == 1
         assert limiter.pause_for_limit(session, account, local(day, 2)) is not None
         assert effective_daily_quota(account, settings) == halved
+
+
+def test_a_lowered_plan_grows_back_a_step_a_day_without_refusals(
+    session: Session, limiter: QuotaLimiter, settings: Settings
+) -> None:
+    account = make_account(session)
+    assert limiter.acquire(session, account.id, KEY_QUOTA, 5, now=local(DAY1, 1)) == 1
+    assert limiter.pause_for_limit(session, account, local(DAY1, 2)) is not None
+    lowered = effective_daily_quota(account, settings)
+    assert lowered == KEY_QUOTA // 2
+    step = math.ceil(KEY_QUOTA * PLAN_REGROWTH_SHARE)
+    # The refused day and the whole day after keep the lowered plan.
+    for moment in (local(DAY1, 23), local(DAY1 + timedelta(days=1), 12)):
+        assert regrow_plans(session, settings, moment) == []
+    plans = []
+    for days in range(2, 8):
+        for hour in (0, 12, 23):  # once per carrier day, however often it runs
+            regrow_plans(session, settings, local(DAY1 + timedelta(days=days), hour))
+        plans.append(effective_daily_quota(account, settings))
+    assert plans == [min(KEY_QUOTA, lowered + step * n) for n in range(1, 7)]
+    assert account.learned_daily_quota is None  # whole again: nothing learned is left
+    # A refusal meanwhile lowers it anew and starts the count again.
+    assert limiter.acquire(session, account.id, KEY_QUOTA, 5, now=local(DAY1 + timedelta(8), 1))
+    limiter.pause_for_limit(session, account, local(DAY1 + timedelta(days=8), 2))
+    assert regrow_plans(session, settings, local(DAY1 + timedelta(days=9), 12)) == []
+    assert regrow_plans(session, settings, local(DAY1 + timedelta(days=10), 12)) == [account]

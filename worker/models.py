@@ -72,6 +72,8 @@ class Account(Base):
     learned_daily_quota: Mapped[int | None] = mapped_column(
         Integer, CheckConstraint("learned_daily_quota > 0", name="positive_learned_daily_quota")
     )
+    # The carrier day the learned plan was last lowered or grown back.
+    learned_plan_day: Mapped[date | None]
     paused_until: Mapped[datetime | None]
     pause_reason: Mapped[str | None] = mapped_column(Text)
     ops_email: Mapped[str | None] = mapped_column(String(320))

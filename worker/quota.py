@@ -23,8 +23,9 @@ plan for the days after: someone else is probably using the same key.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, replace
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -54,6 +55,9 @@ COUNTER_GRACE_SECONDS = DAY_SECONDS
 # but one refusal at most halves it: a key shared for one day only is not ruined for good, and a
 # key shared for good converges within a few days.
 LEARNED_PLAN_SHARE = 0.95
+# For every carrier day that passes without a refusal, a lowered plan grows back by this share
+# of the full plan: whoever else used the key may have stopped.
+PLAN_REGROWTH_SHARE = 0.1
 # Between grants (shared) and restores from PostgreSQL (exclusive); "shipmonq" in ASCII.
 RESTORE_LOCK = int.from_bytes(b"shipmonq", "big")
 # A restore or a midnight costs one more round; more than this means Redis keeps losing keys.
@@ -243,6 +247,38 @@ def effective_daily_quota(account: Account, settings: Settings) -> int:
     if account.learned_daily_quota is not None:
         return min(plan, account.learned_daily_quota)
     return plan
+
+
+def regrow_plans(session: Session, settings: Settings, now: datetime) -> list[Account]:
+    """Grow lowered plans back a step for each whole carrier day without APIKEY_LIMIT.
+
+    A key refused on day D keeps its lowered plan through D+1; from D+2 on, each carrier day
+    adds `PLAN_REGROWTH_SHARE` of the full plan, until the plan is whole again (a refusal
+    meanwhile lowers it anew). Returns the accounts whose plan grew.
+    """
+    tz = ZoneInfo(settings.quota_timezone)
+    yesterday = carrier_day_start(now, tz).date() - timedelta(days=1)
+    grown = []
+    for account in session.scalars(
+        select(Account)
+        .where(Account.learned_daily_quota.is_not(None))
+        .where((Account.learned_plan_day.is_(None)) | (Account.learned_plan_day < yesterday))
+        .with_for_update(skip_locked=True)
+    ):
+        plan = account.daily_quota or settings.key_daily_quota
+        before = effective_daily_quota(account, settings)
+        learned = (account.learned_daily_quota or plan) + math.ceil(plan * PLAN_REGROWTH_SHARE)
+        account.learned_daily_quota = learned if learned < plan else None
+        account.learned_plan_day = yesterday if learned < plan else None
+        log.info(
+            "account %s: a day without APIKEY_LIMIT, daily plan %d -> %d",
+            account.name,
+            before,
+            effective_daily_quota(account, settings),
+        )
+        grown.append(account)
+    session.flush()
+    return grown
 
 
 @dataclass(frozen=True)
@@ -440,6 +476,7 @@ class QuotaLimiter:
         learned = max(1, int(spent * LEARNED_PLAN_SHARE), before // 2)
         if learned < before:
             account.learned_daily_quota = learned
+        account.learned_plan_day = day.date
         plan = effective_daily_quota(account, self.settings)
         account.paused_until = until
         account.pause_reason = (

@@ -29,7 +29,7 @@ from worker.metrics import refresh_gauges
 from worker.ops import PURGE_BATCH, detect_stalled, purge_finished
 from worker.outbox import fan_out_and_deliver_async
 from worker.poller import poll_claim
-from worker.quota import QuotaLimiter, effective_daily_quota
+from worker.quota import QuotaLimiter, effective_daily_quota, regrow_plans
 from worker.scheduler import DEFAULT_MAX_INTERVAL, ShipmentState, next_poll_at
 from worker.webhooks import WebhookSender
 
@@ -151,9 +151,10 @@ def poll(account_id: int, shipment_ids: list[int], leased_until: str) -> int:
 
 @app.task(name="shipmon.update_prices", base=ShipmonTask, time_limit=60, expires=50)
 def prices() -> None:
-    """Steer each key's lookup price towards its daily quota."""
+    """Steer each key's lookup price towards its daily quota, with lowered plans grown back."""
     p = process()
     with p.sessions.begin() as session:
+        regrow_plans(session, p.settings, utcnow())
         quotas = {
             a.id: effective_daily_quota(a, p.settings) for a in pollable_accounts(session, utcnow())
         }

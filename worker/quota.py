@@ -487,7 +487,9 @@ class QuotaLimiter:
         message = (
             f"The carrier refused account {account.name}'s API key (APIKEY_LIMIT) after shipmon "
             f"had made {spent} lookups today. Is the key used elsewhere? Polling resumes at "
-            f"{until.isoformat()} with a daily plan of {plan} lookups (was {before})."
+            f"{until.isoformat()} with a daily plan of {plan} lookups (was {before}), which grows "
+            f"back by {PLAN_REGROWTH_SHARE:.0%} of the full plan for every carrier day without a "
+            "refusal."
         )
         log.warning(
             "account %s paused by APIKEY_LIMIT after %d lookups; plan %d -> %d",

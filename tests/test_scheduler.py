@@ -119,6 +119,15 @@ def test_a_new_shipment_is_looked_up_once_the_carrier_probably_knows_it() -> Non
     assert registered < never <= registered + timedelta(hours=6)
 
 
+def test_on_a_fresh_install_a_new_shipment_is_looked_up_within_the_hour() -> None:
+    """Nothing learned yet: the first lookup still comes soon, as carriers usually know an order
+    within about half an hour."""
+    registered = local(2, 10)
+    due = next_poll_at(ShipmentState(registered_at=registered), LearnedModel(ZONE_NAME), 1800)
+    assert due is not None
+    assert registered < due <= registered + timedelta(hours=1)
+
+
 def test_a_new_shipment_is_looked_up_at_once_where_the_carrier_knows_orders_at_once() -> None:
     registered = local(2, 10)
     model = LearnedModel(ZONE_NAME, {NOT_FOUND: DwellModel(math.log(1.0), 0.5)})

@@ -58,7 +58,7 @@ def account_by_name(session: Session, name: str) -> Account:
 def register_orders(
     session: Session, account_name: str, order_codes: Iterable[str]
 ) -> IntakeResult:
-    """Register order codes for an account; valid ones are due for a poll at once.
+    """Register order codes for an account; the dispatcher then plans each one's first lookup.
 
     Registering a code twice is not an error and creates nothing new. Invalid codes are
     refused with the carrier's own error code and never reach the database.

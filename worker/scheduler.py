@@ -50,6 +50,7 @@ PRICE_UNIT = 1800.0
 # Cold start: a vague dwell (median 6 h, spread of a factor e) worth a few observations, so the
 # first days poll sensibly and data soon dominates.
 PRIOR_MEDIAN_SECONDS = 6 * 3600.0
+NOT_FOUND_PRIOR_MEDIAN_SECONDS = 1800.0
 PRIOR_SIGMA = 1.0
 PRIOR_WEIGHT = 5.0
 # Local-hour bins for learning quiet hours, and how sure a bin must be before it is called quiet.
@@ -135,6 +136,9 @@ class DwellModel:
 
 
 PRIOR = DwellModel(math.log(PRIOR_MEDIAN_SECONDS), PRIOR_SIGMA)
+# Before any order has been found, carriers usually know an order within about half an hour of
+# its registration: new shipments are looked up promptly from the first day.
+NOT_FOUND_PRIOR = DwellModel(math.log(NOT_FOUND_PRIOR_MEDIAN_SECONDS), PRIOR_SIGMA)
 
 
 @dataclass(frozen=True)
@@ -155,7 +159,7 @@ class LearnedModel:
 
     def for_status(self, status: Status | None) -> DwellModel:
         """The dwell model of a status (None: not yet found), the prior when nothing is known."""
-        return self.dwell.get(_key(status), PRIOR)
+        return self.dwell.get(_key(status), PRIOR if status is not None else NOT_FOUND_PRIOR)
 
     def plan(self, price: float, max_interval: timedelta) -> Plan:
         """The policy's waits at `price` (rounded to a price step), solved once and kept."""
@@ -175,7 +179,8 @@ class LearnedModel:
             shares = {key: share for key, share in model.next_shares.items() if key in self.dwell}
             return StatusDynamics(model.log_mu, model.log_sigma, model.quiet, shares)
 
-        return {UNSEEN: of(PRIOR)} | {key: of(model) for key, model in self.dwell.items()}
+        priors = {UNSEEN: of(PRIOR), NOT_FOUND: of(NOT_FOUND_PRIOR)}
+        return priors | {key: of(model) for key, model in self.dwell.items()}
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready form, to share the model between processes."""
@@ -243,7 +248,7 @@ def next_poll_at(
     key = _key(state.status)
     entry_bin = math.floor((entered.timestamp() + offset) / GRID_SECONDS)
     age = math.floor((polled.timestamp() + offset) / GRID_SECONDS) - entry_bin
-    steps = plan.wait_steps(key if key in model.dwell else UNSEEN, entry_bin, age)
+    steps = plan.wait_steps(key if key in plan.waits else UNSEEN, entry_bin, age)
     if steps is None:
         # Older in the status than the plan reaches.
         due = ceiling
@@ -280,8 +285,10 @@ def fit_model(
         groups.setdefault(_key(stay.status), []).append(stay)
     dwell = {}
     for key, group in groups.items():
-        start = previous.dwell.get(key, PRIOR) if previous is not None else PRIOR
-        dwell[key] = replace(_fit_status(group, clock, start), next_shares=_next_shares(group))
+        prior = NOT_FOUND_PRIOR if key == NOT_FOUND else PRIOR
+        start = previous.dwell.get(key, prior) if previous is not None else prior
+        fitted = _fit_status(group, clock, start, prior)
+        dwell[key] = replace(fitted, next_shares=_next_shares(group))
     return LearnedModel(timezone=timezone, dwell=dwell)
 
 
@@ -313,7 +320,9 @@ class _LocalClock:
         return ts + offset
 
 
-def _fit_status(stays: list[Stay], clock: _LocalClock, start: DwellModel) -> DwellModel:
+def _fit_status(
+    stays: list[Stay], clock: _LocalClock, start: DwellModel, prior: DwellModel
+) -> DwellModel:
     spans: list[tuple[float, float, bool]] = []  # (entered, ended or last seen, ended?)
     for stay in stays[:: max(1, math.ceil(len(stays) / MAX_STAYS_FOR_QUIET_HOURS))]:
         entered = clock.seconds(stay.entered_at)
@@ -340,7 +349,7 @@ def _fit_status(stays: list[Stay], clock: _LocalClock, start: DwellModel) -> Dwe
             bounded.append((math.log(low) if low > 0.0 else -math.inf, math.log(high)))
         else:
             exact.append(math.log(max(ended - entered, 1.0)))
-    mu, sigma = _fit_lognormal(exact, bounded, start.log_mu, start.log_sigma)
+    mu, sigma = _fit_lognormal(exact, bounded, start.log_mu, start.log_sigma, prior)
     return DwellModel(mu, sigma, quiet, len(stays))
 
 
@@ -403,14 +412,18 @@ def _learn_quiet(spans: list[tuple[float, float, bool]]) -> tuple[int, int] | No
 
 
 def _fit_lognormal(
-    exact: list[float], bounded: list[tuple[float, float]], mu: float, sigma: float
+    exact: list[float],
+    bounded: list[tuple[float, float]],
+    mu: float,
+    sigma: float,
+    prior: DwellModel,
 ) -> tuple[float, float]:
     """Mean and spread of a normal log-dwell by expectation-maximisation, with the prior's weight.
 
     `exact` are observed log-dwells; `bounded` are (low, high) ranges a log-dwell is known to lie
-    in (censored or deferred stays).
+    in (censored or deferred stays); (`mu`, `sigma`) is where the iteration starts.
     """
-    prior_mu, prior_sigma = PRIOR.log_mu, PRIOR.log_sigma
+    prior_mu, prior_sigma = prior.log_mu, prior.log_sigma
     count = len(exact) + len(bounded) + PRIOR_WEIGHT
     exact_sum = sum(exact) + PRIOR_WEIGHT * prior_mu
     exact_squares = sum(y * y for y in exact) + PRIOR_WEIGHT * (prior_sigma**2 + prior_mu**2)

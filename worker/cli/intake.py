@@ -37,7 +37,7 @@ def track(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
 ) -> None:
-    """Register order codes for monitoring; each is polled at once.
+    """Register order codes for monitoring; the scheduler plans each one's first lookup.
 
     Refused codes are printed one per line with the carrier's error code; registering a code
     twice is harmless. Exits with status 1 if any code was refused.

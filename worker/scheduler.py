@@ -241,6 +241,8 @@ def next_poll_at(
     entered = entered or state.registered_at
     polled = state.last_polled_at or state.registered_at
     ceiling = polled + max_interval
+    if max_interval.total_seconds() <= GRID_SECONDS:
+        return ceiling  # a ceiling within one step of the plan's grid leaves nothing to plan
     # The carrier's local hours, at one offset for the whole horizon: the carrier's timezone has
     # no daylight saving, and elsewhere an hour's shift once a season costs little.
     offset = _utc_offset_seconds(polled, model.zone)

@@ -104,7 +104,10 @@ class Settings(BaseSettings):
         "generated into SHIPMON_HOME with the embedded servers, required otherwise.",
     )
     max_poll_interval: int | None = Field(
-        None, gt=0, description="Longest time in seconds between two polls of an open shipment."
+        None,
+        gt=0,
+        description="Longest time in seconds between two polls of an open shipment (24 hours "
+        "when unset), while the key's quota can afford it; else twice what it affords.",
     )
     webhook_allow_private: bool = Field(
         False, description="Allow webhook endpoints on private and loopback addresses."

@@ -117,13 +117,6 @@ class DwellModel:
     # find two or three transitions to report, not one.
     next_shares: Mapping[str, float] = field(default_factory=dict)
 
-    def survival(self, dwell_seconds: float) -> float:
-        """The chance that a shipment's dwell exceeds `dwell_seconds`."""
-        if dwell_seconds <= 0.0:
-            return 1.0
-        z = (math.log(dwell_seconds) - self.log_mu) / (self.log_sigma * math.sqrt(2.0))
-        return 0.5 * math.erfc(z)
-
     def last_active(self, local_seconds: float) -> float:
         """The latest moment not after `local_seconds` when a transition could happen."""
         if self.quiet is None:

@@ -16,7 +16,9 @@ Scenarios: baseline (nothing breaks), sigkill-workers (worker processes SIGKILLe
 redis-wipe (Redis stopped, its data deleted, started again), postgres-restart (PostgreSQL
 stopped for a few seconds), carrier-faults (10% HTTP 500, 5% timeouts, 2% malformed or HTML
 bodies, slow answers), two-beats (a second beat process), webhook-faults (a receiver that hangs,
-answers slowly, answers 500 or closes the connection).
+answers slowly, answers 500 or closes the connection), hostile (a fifth of the carrier's
+answers hostile: NUL bytes, over-long text, huge numbers, Unicode digits, deep nesting, wrong
+types, duplicated keys, 50 MB bodies and gzip bombs).
 
 Columns: transitions (status entries in the carrier's truth), recorded (of those, found in
 status_events), delivered (of those, whose status_changed webhook the receiver accepted), lost,
@@ -87,6 +89,9 @@ HEAVY_FAULTS = {
     "slow_ms": [50, 1500],
     "hang_seconds": 16,
 }
+# Hostile carrier answers (NUL bytes, huge numbers, 50 MB bodies, gzip bombs...); hostile
+# webhook receivers join this scenario through its `behaviour`.
+HOSTILE_FAULTS = {"hostile": 0.2}
 # A lookup of the same order this soon after a failed one would be hammering the carrier.
 HAMMER_S = 0.5
 # A receiver that hangs holds the request past the worker's 15-second attempt timeout.
@@ -586,6 +591,10 @@ def webhook_faults(system: System, rng: random.Random) -> Fault:
     return Fault(continuous=True)
 
 
+def hostile(system: System, rng: random.Random) -> Fault:
+    return Fault(continuous=True, notes=["hostile carrier answers from the first lookup"])
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
@@ -607,6 +616,7 @@ SCENARIOS = [
     Scenario("carrier-faults", carrier_faults, before=lambda s: s.carrier.set_faults(HEAVY_FAULTS)),
     Scenario("two-beats", two_beats, before=System.start_beat),
     Scenario("webhook-faults", webhook_faults, behaviour=troubled_first_attempts),
+    Scenario("hostile", hostile, before=lambda s: s.carrier.set_faults(HOSTILE_FAULTS)),
 ]
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import functools
+import gzip
 import json
 import logging
 import pickle
@@ -14,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, quote_plus
 
@@ -24,8 +27,12 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import worker
 from worker.carrier import (
     ERROR_CLASSES,
+    MAILER_TYPE_LIMIT,
+    MAX_BODY_BYTES,
+    STATUS_LIMIT,
     TRACKING_PATH,
     ApiKeyLimit,
     ApiKeyNotFound,
@@ -42,10 +49,15 @@ from worker.carrier import (
     OrderCodeTooShort,
     TrackingResult,
     UnknownCarrierErrorCode,
+    ascii_integer,
     carrier_error,
     parse_tracking,
 )
 from worker.domain import ErrorCode, Status
+from worker.models import Shipment, StatusEvent
+from worker.poller import APPLY_RETRY_DELAYS, LOOKUP_BUDGET, track_all
+from worker.sandbox import running_sandbox
+from worker.workload import Faults
 
 ORDER = "SGN123456789"
 
@@ -955,3 +967,151 @@ async def test_httpx_failures_map_to_carrier_errors(
     assert caught.value.retryable
     assert route.call_count == 1
     assert client.transport_name == "MockTransport"
+
+
+# --- hostile answers: every value cleaned and bounded ----------------------------------------
+
+
+def _answer(**fields: object) -> bytes:
+    body: dict[str, object] = {
+        "orderCode": "HOSTILE01",
+        "status": "25",
+        "statusName": "DANGDIPHAT",
+        "statuses": [{"time": "2026-11-23T09:00:00+07:00", "status": "25"}],
+    }
+    return json.dumps(body | fields).encode()
+
+
+def test_nul_bytes_are_stripped_from_every_value_and_the_raw_answer() -> None:
+    result = parse_tracking(
+        _answer(trackingName="Đang\u0000 phát", extraField={"k\u0000": ["a\u0000b"]}), "HOSTILE01"
+    )
+    assert result.tracking_name == "Đang phát"
+    assert result.extra == {"extraField": {"k": ["ab"]}}
+    assert "\x00" not in json.dumps(result.raw)
+
+
+@pytest.mark.parametrize(
+    ("field", "attribute", "limit"),
+    [("statusName", "status_name", 40), ("mailerTypeID", "mailer_type", 20)],
+)
+def test_over_long_text_is_cut_to_its_column(field: str, attribute: str, limit: int) -> None:
+    result = parse_tracking(_answer(**{field: "X" * 5000}), "HOSTILE01")
+    assert getattr(result, attribute) == "X" * limit
+
+
+def test_an_over_long_unknown_status_is_cut_to_its_column() -> None:
+    result = parse_tracking(_answer(status="Y" * 500, statusName=None), "HOSTILE01")
+    assert result.status_raw == "Y" * 40
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"status": str(2**31)},
+        {"status": 2**31},
+        {"quantity": 2**31},
+        {"quantity": str(2**40)},
+        {"delayCode": "99999999999"},
+        {"price": 10**30},
+        {"length": 1e300},
+        {"quantity": "٣"},
+        {"quantity": "²"},
+        {"delayCode": "１２"},
+        {"price": "1_000"},
+        {
+            "estimateRoutes": [
+                [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]
+            ]
+        },
+    ],
+)
+def test_numbers_out_of_range_or_not_ascii_are_refused(fields: dict[str, object]) -> None:
+    with pytest.raises(MalformedResponse):
+        parse_tracking(_answer(**fields), "HOSTILE01")
+
+
+def test_a_unicode_digit_status_is_kept_raw_but_is_no_status_id() -> None:
+    result = parse_tracking(_answer(status="²", statusName=None), "HOSTILE01")
+    assert result.status is None
+    assert result.status_raw == "²"
+    assert ascii_integer(result.status_raw) is None
+    assert ascii_integer("٣") is None
+    assert ascii_integer(str(2**31)) is None
+    assert ascii_integer("25") == 25
+
+
+def test_duplicated_keys_keep_the_last_and_keys_differing_in_case_are_refused() -> None:
+    assert parse_tracking(b'{"status":"30",' + _answer()[1:], "HOSTILE01").status_raw == "25"
+    with pytest.raises(MalformedResponse, match="distinct regardless of case"):
+        parse_tracking(b'{"STATUS":"18",' + _answer()[1:], "HOSTILE01")
+
+
+async def _oversized(request: web.Request) -> web.StreamResponse:
+    if request.query["ordercode"] == "GZIPBOMB1":
+        inflated = b'{"orderCode":"' + b"0" * (8 * MAX_BODY_BYTES) + b'"}'
+        return web.Response(
+            body=gzip.compress(inflated),
+            content_type="application/json",
+            headers={"Content-Encoding": "gzip"},
+        )
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    await response.prepare(request)
+    with contextlib.suppress(ConnectionError):
+        for _ in range(50):
+            await response.write(b" " * (1024 * 1024))
+    return response
+
+
+@pytest.mark.parametrize("order_code", ["GZIPBOMB1", "HUGEBODY1"])
+@run_async
+async def test_a_body_past_the_cap_is_malformed_and_not_read_on(order_code: str) -> None:
+    app = web.Application()
+    app.router.add_get(TRACKING_PATH, _oversized)
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with CarrierClient(f"http://127.0.0.1:{port}", timeout=10) as client:
+            with pytest.raises(MalformedResponse, match="over 2097152 bytes"):
+                await client.track(order_code, "KEY-1")
+    finally:
+        await runner.cleanup()
+
+
+@run_async
+async def test_lookups_past_the_batch_budget_become_timeouts() -> None:
+    with running_sandbox(faults=Faults(), seed=3) as sandbox:
+        sandbox.add_account("budget", "KEY-BUDGET")
+        for code in ("BUDGET001", "BUDGET002"):
+            sandbox.add_order("KEY-BUDGET", code, status="DELIVERING")
+        sandbox.set_faults({})
+        async with CarrierClient(sandbox.base_url, timeout=30) as client:
+            answered = await track_all(client, "KEY-BUDGET", ["BUDGET001"], 1, budget=5)
+            sandbox.set_faults({"timeout": 1.0, "hang_seconds": 20})
+            hung = await track_all(client, "KEY-BUDGET", ["BUDGET002"], 1, budget=0.5)
+    assert isinstance(answered[0], TrackingResult)
+    assert isinstance(hung[0], CarrierTimeout)
+    assert "batch's 0.5 s" in hung[0].message
+
+
+def test_a_poll_task_applies_its_lookups_within_its_time_limit() -> None:
+    # Read from the source: importing worker.celery builds the app and resolves the servers.
+    source = Path(worker.__file__).with_name("celery.py").read_text()
+    (POLL_TIME_LIMIT,) = (
+        ast.literal_eval(node.value)
+        for node in ast.parse(source).body
+        if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "POLL_TIME_LIMIT"
+    )
+    # Lookups, then waiting out PostgreSQL, leave time to apply before Celery kills the task.
+    assert LOOKUP_BUDGET + sum(APPLY_RETRY_DELAYS) + 15 <= POLL_TIME_LIMIT
+
+
+def test_text_limits_match_the_columns() -> None:
+    columns = Shipment.__table__.c
+    assert columns.status.type.length == STATUS_LIMIT
+    assert columns.status_code.type.length == STATUS_LIMIT
+    assert StatusEvent.__table__.c.status.type.length == STATUS_LIMIT
+    assert columns.mailer_type.type.length == MAILER_TYPE_LIMIT

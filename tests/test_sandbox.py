@@ -354,3 +354,25 @@ def test_run_sandbox_says_when_its_port_is_taken() -> None:
         port = taken.getsockname()[1]
         with pytest.raises(SystemExit, match=f"cannot listen on 127.0.0.1:{port}"):
             run_sandbox(port=port, seed=1)
+
+
+def test_an_order_created_past_pickup_has_an_accept_date(sandbox: SandboxHandle) -> None:
+    delivering = sandbox.add_order(KEY, "PICKED001", status="DELIVERING")["tracking"]
+    assert delivering["acceptDate"] == delivering["statuses"][0]["time"]
+    assert delivering["acceptDate"].endswith("+07:00")
+    accepted = sandbox.add_order(KEY, "PICKED002", status="ACCEPTED")["tracking"]
+    assert accepted["acceptDate"] is None
+
+
+def test_hostile_faults_are_settable_and_counted(
+    sandbox: SandboxHandle, client: httpx.Client
+) -> None:
+    assert sandbox.set_faults({"hostile": 1.0})["hostile"] == 1.0
+    assert (
+        sandbox.admin.put("/_sandbox/faults", json={"hostile": 0.6, "timeout": 0.5}).status_code
+        == 422
+    )
+    sandbox.add_order(KEY, "HOSTILE01", status="DELIVERING")
+    for _ in range(3):
+        client.get(TRACKING_PATH, params={"ordercode": "HOSTILE01", "apikey": KEY}).read()
+    assert sandbox.stats()["faults"]["hostile"] == 3

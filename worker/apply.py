@@ -34,6 +34,7 @@ from worker.carrier import (
     StatusEntry,
     TrackingEntry,
     TrackingResult,
+    ascii_integer,
 )
 from worker.domain import EventType, Status, delay_reason, parse_status
 from worker.models import Account, OutboxEvent, Shipment, StatusEvent, TrackingEvent
@@ -50,6 +51,8 @@ ERROR_BACKOFF_BASE = timedelta(seconds=30)
 ERROR_BACKOFF_CAP = timedelta(hours=1)
 # An account whose key the carrier does not know stays paused until someone fixes it.
 PAUSED_UNTIL_FIXED = datetime(9999, 1, 1, tzinfo=UTC)
+# shipments.last_error_code's length.
+ERROR_CODE_LIMIT = 60
 
 
 @dataclass(frozen=True)
@@ -264,7 +267,7 @@ def _status_triplet(
     """(name, carrier ID, code) for a status; unknown ones keep the carrier's raw words."""
     if status is not None:
         return status.value, status.carrier_id, status.code
-    return (raw or code), _int_or_none(raw), code
+    return (raw or code), ascii_integer(raw), code
 
 
 def _latest_status(result: TrackingResult) -> StatusEntry | None:
@@ -361,10 +364,6 @@ def _record_statuses(
     return sorted(fresh, key=lambda e: e.time or datetime.min.replace(tzinfo=UTC))
 
 
-def _int_or_none(value: str | None) -> int | None:
-    return int(value) if value is not None and value.isdigit() else None
-
-
 def scan_fingerprint(scan: TrackingEntry) -> str:
     """A scan's natural key: a digest of every field the carrier sends for it."""
     parts = [
@@ -391,7 +390,7 @@ def _record_scans(
         rows[fingerprint] = {
             "shipment_id": shipment.id,
             "fingerprint": fingerprint,
-            "status_id": _int_or_none(scan.status_id),
+            "status_id": ascii_integer(scan.status_id),
             "status_name": scan.status_name,
             "post_office_id": scan.post_office_id,
             "post_office_name": scan.post_office_name,
@@ -454,6 +453,20 @@ def _apply_failure(
     # Not in this account, lookup period over, or a code the carrier can never accept.
     _stop(shipment, recorder, EventType.POLLING_STOPPED, shipment.last_error_code)
     return Applied(recorder.events)
+
+
+def apply_refused(shipment: Shipment, error: Exception, ctx: PollContext) -> Applied:
+    """Count a lookup whose answer the database refused to store, and back off.
+
+    The caller has rolled back what applying it wrote; the shipment keeps everything stored
+    before, and its neighbours in the batch are applied as usual.
+    """
+    shipment.polls_made += 1
+    shipment.last_polled_at = ctx.now
+    shipment.consecutive_errors += 1
+    shipment.last_error_code = f"Unstorable{type(error).__name__}"[:ERROR_CODE_LIMIT]
+    shipment.next_poll_at = ctx.due_in(error_backoff(shipment.consecutive_errors))
+    return Applied([])
 
 
 def error_backoff(consecutive_errors: int) -> timedelta:

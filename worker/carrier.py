@@ -35,6 +35,7 @@ __all__ = [
     "CARRIER_TIMEZONE",
     "DEFAULT_TIMEOUT",
     "ERROR_CLASSES",
+    "MAX_BODY_BYTES",
     "TRACKING_PATH",
     "ApiKeyLimit",
     "ApiKeyNotFound",
@@ -59,6 +60,7 @@ __all__ = [
     "TrackingEntry",
     "TrackingResult",
     "UnknownCarrierErrorCode",
+    "ascii_integer",
     "carrier_error",
     "parse_tracking",
 ]
@@ -67,6 +69,8 @@ TRACKING_PATH = "/api/Order/v1/Tracking"
 # Times the carrier sends without an offset are wall-clock times in Vietnam.
 CARRIER_TIMEZONE = ZoneInfo("Asia/Ho_Chi_Minh")
 DEFAULT_TIMEOUT = httpx.Timeout(15, connect=5)
+# A real answer is a few KB; anything past this (decompressed, so a gzip bomb too) is refused.
+MAX_BODY_BYTES = 2 * 1024 * 1024
 
 _T = TypeVar("_T")
 
@@ -337,6 +341,9 @@ class _Fields:
     def __init__(self, obj: Mapping[str, Any], path: str) -> None:
         self._obj = obj
         self._values = {key.lower(): value for key, value in obj.items()}
+        if len(self._values) != len(obj):
+            # "status" and "Status" in one object: no telling which the carrier meant.
+            raise _FieldError(path or "answer", "keys distinct regardless of case", sorted(obj))
         self._path = path
         self._read: set[str] = set()
 
@@ -358,34 +365,77 @@ def _blank(value: object) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
 
 
-def _text(value: object, path: str) -> str | None:
+# Longest text kept from the carrier, by the database column it lands in: statuses and their
+# codes (shipments.status, status_code; status_events.status, status_code) hold 40,
+# shipments.mailer_type 20; free text is cut at _TEXT_LIMIT so one answer cannot fill a row.
+STATUS_LIMIT = 40
+MAILER_TYPE_LIMIT = 20
+_TEXT_LIMIT = 2000
+# PostgreSQL's integer columns (status_id, delay_code, quantity).
+_INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
+# Amounts and measures beyond this are no parcel's: refused rather than stored.
+_MAGNITUDE_LIMIT = 10**15
+# Python's float() and Decimal() accept Unicode digits ("٣") and underscores; the carrier
+# sends neither, and a value that only Python reads as a number is not one.
+_NUMERIC_TEXT = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+
+
+def _text(value: object, path: str, limit: int = _TEXT_LIMIT) -> str | None:
     if isinstance(value, str):
-        return value.strip() or None
+        return value.strip()[:limit].rstrip() or None
     if value is None:
         return None
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return str(value)
+        return str(value)[:limit]
     raise _FieldError(path, "text", value)
 
 
-def _identifier(value: object, path: str) -> str | None:
+def _text_within(limit: int) -> Callable[[object, str], str | None]:
+    """A text reader that cuts what it reads to `limit` characters (its column's length)."""
+    return lambda value, path: _text(value, path, limit)
+
+
+def _identifier(value: object, path: str, limit: int = _TEXT_LIMIT) -> str | None:
     """An ID the carrier may send as a number or a string, kept as text."""
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    return _text(value, path)
+    return _text(value, path, limit)
 
 
-def _number(value: object, path: str) -> float | None:
+def ascii_integer(text: str | None) -> int | None:
+    """`text` as an integer if it is ASCII digits in PostgreSQL's integer range, else None.
+
+    `str.isdigit` accepts "²", which `int()` refuses; `isdecimal` alone accepts "٣".
+    """
+    if text is None or not (text.isascii() and text.isdecimal()):
+        return None
+    number = int(text)
+    return number if number <= _INT_MAX else None
+
+
+def _numeric(value: object, path: str, expected: str) -> int | float | str | None:
+    """A number or numeric text as the carrier sent it; None when blank."""
     if _blank(value):
         return None
     if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise _FieldError(path, "a number", value)
+        raise _FieldError(path, expected, value)
+    if isinstance(value, str):
+        value = value.strip()
+        if not _NUMERIC_TEXT.fullmatch(value):
+            raise _FieldError(path, expected, value)
+    return value
+
+
+def _number(value: object, path: str) -> float | None:
+    raw = _numeric(value, path, "a number")
+    if raw is None:
+        return None
     try:
-        number = float(value)
+        number = float(raw)
     except (ValueError, OverflowError):
         raise _FieldError(path, "a number", value) from None
-    if not math.isfinite(number):
-        raise _FieldError(path, "a finite number", value)
+    if not math.isfinite(number) or abs(number) >= _MAGNITUDE_LIMIT:
+        raise _FieldError(path, f"a finite number below {_MAGNITUDE_LIMIT:.0e}", value)
     return number
 
 
@@ -395,21 +445,22 @@ def _integer(value: object, path: str) -> int | None:
         return None
     if not number.is_integer():
         raise _FieldError(path, "a whole number", value)
+    if not _INT_MIN <= number <= _INT_MAX:
+        raise _FieldError(path, "a whole number within 32 bits", value)
     return int(number)
 
 
 def _money(value: object, path: str) -> Decimal | None:
-    if _blank(value):
+    raw = _numeric(value, path, "an amount")
+    if raw is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise _FieldError(path, "an amount", value)
     try:
         # repr() of a float is its shortest exact decimal form: 1.1 stays 1.1, not 1.100000...
-        amount = Decimal(repr(value) if isinstance(value, float) else str(value).strip())
+        amount = Decimal(repr(raw) if isinstance(raw, float) else str(raw))
     except InvalidOperation:
         raise _FieldError(path, "an amount", value) from None
-    if not amount.is_finite():
-        raise _FieldError(path, "a finite amount", value)
+    if not amount.is_finite() or abs(amount) >= _MAGNITUDE_LIMIT:
+        raise _FieldError(path, f"a finite amount below {_MAGNITUDE_LIMIT:.0e}", value)
     return amount
 
 
@@ -482,10 +533,18 @@ def _strings(value: object, path: str) -> tuple[str, ...]:
 
 def _status(row: _Fields) -> tuple[Status | None, str | None, str | None]:
     """The status, the raw ID as text and the Vietnamese code; the code decides without an ID."""
-    status_raw = row.read("status", _identifier)
-    status_name = row.read("statusName", _text)
+    status_raw = row.read("status", _status_id)
+    status_name = row.read("statusName", _text_within(STATUS_LIMIT))
     status = parse_status(status_raw if status_raw is not None else status_name)
     return status, status_raw, status_name
+
+
+def _status_id(value: object, path: str) -> str | None:
+    """A status ID as text; digits past 32 bits name no status and are refused."""
+    text = _identifier(value, path, STATUS_LIMIT)
+    if text is not None and text.isascii() and text.isdecimal() and ascii_integer(text) is None:
+        raise _FieldError(path, "a status ID within 32 bits", value)
+    return text
 
 
 def parse_tracking(body: bytes, order_code: str) -> TrackingResult:
@@ -514,7 +573,35 @@ def _decode(body: bytes, order_code: str) -> dict[str, Any]:
         ) from error
     if not isinstance(payload, dict):
         malformed(f"response was a JSON {type(payload).__name__}, not an object")
-    return payload
+    try:
+        cleaned: dict[str, Any] = _cleaned(payload, nul=b"\\u0000" in body)
+    except ValueError as error:
+        raise MalformedResponse(f"response refused: {error}", order_code=order_code) from None
+    return cleaned
+
+
+# Deeper than any real answer (which nests three levels); PostgreSQL's JSONB and json.dumps
+# have limits of their own that a hostile answer would reach first.
+_MAX_DEPTH = 32
+
+
+def _cleaned(value: Any, *, nul: bool, depth: int = 0) -> Any:
+    """`value` with NUL characters removed (PostgreSQL refuses them in text and JSONB),
+    refused if nested deeper than _MAX_DEPTH or holding a non-finite number (not JSON)."""
+    if isinstance(value, str):
+        return value.replace("\x00", "") if nul else value
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("a number too large for JSON")
+    if isinstance(value, dict | list):
+        if depth >= _MAX_DEPTH:
+            raise ValueError(f"JSON nested deeper than {_MAX_DEPTH} levels")
+        if isinstance(value, list):
+            return [_cleaned(item, nul=nul, depth=depth + 1) for item in value]
+        return {
+            _cleaned(key, nul=nul): _cleaned(item, nul=nul, depth=depth + 1)
+            for key, item in value.items()
+        }
+    return value
 
 
 def _reject_constant(name: str) -> NoReturn:
@@ -547,7 +634,7 @@ def _tracking_result(payload: dict[str, Any], order_code: str) -> TrackingResult
         delivery_notes=top.read("deliveryNotes", _text),
         delivery_date=top.read("deliveryDate", _time),
         receiver_name=top.read("receiverName", _text),
-        mailer_type=top.read("mailerTypeID", _text),
+        mailer_type=top.read("mailerTypeID", _text_within(MAILER_TYPE_LIMIT)),
         length=top.read("length", _number),
         width=top.read("width", _number),
         height=top.read("height", _number),
@@ -800,15 +887,18 @@ class CarrierClient:
         secrets = _secret_forms(api_key)
         params = {"ordercode": order_code, "apikey": api_key}
         try:
-            async with asyncio.timeout(self._deadline):
-                response = await http.get(TRACKING_PATH, params=params)
+            async with (
+                asyncio.timeout(self._deadline),
+                http.stream("GET", TRACKING_PATH, params=params) as response,
+            ):
+                body = await _read_body(response, order_code)
         except (httpx.RequestError, aiohttp.ClientError, TimeoutError) as error:
             failure = _transport_failure(error, order_code, secrets, self._deadline)
             raise failure from _scrubbed(error, secrets)
         try:
             if response.is_success:
-                return parse_tracking(response.content, order_code)
-            raise _status_failure(response, order_code)
+                return parse_tracking(body, order_code)
+            raise _status_failure(response, body, order_code)
         except CarrierErrorCode as error:
             # The carrier's errorMessage is its own text; an echo of the key must not travel on.
             if error.carrier_message is not None:
@@ -818,10 +908,25 @@ class CarrierClient:
             raise
 
 
-def _status_failure(response: httpx.Response, order_code: str) -> CarrierError:
+async def _read_body(response: httpx.Response, order_code: str) -> bytes:
+    """The decoded body, read no further than MAX_BODY_BYTES; past that, MalformedResponse."""
+    chunks, size = [], 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise MalformedResponse(
+                f"response body is over {MAX_BODY_BYTES} bytes once decompressed "
+                "(a tracking answer is a few KB); not read further",
+                order_code=order_code,
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _status_failure(response: httpx.Response, body: bytes, order_code: str) -> CarrierError:
     """The error for a non-2xx answer: the carrier's own error code if the body has one."""
     try:
-        parse_tracking(response.content, order_code)
+        parse_tracking(body, order_code)
     except CarrierErrorCode as error:
         return error
     except CarrierError:

@@ -18,12 +18,20 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker import metrics
-from worker.apply import PollContext, apply_outcome, lock_shipments, pause_account
+from worker.apply import (
+    Applied,
+    PollContext,
+    apply_outcome,
+    apply_refused,
+    lock_shipments,
+    pause_account,
+)
 from worker.carrier import (
     ApiKeyLimit,
     CarrierClient,
     CarrierError,
     CarrierErrorCode,
+    CarrierTimeout,
     TrackingResult,
 )
 from worker.crypto import decrypt
@@ -37,6 +45,11 @@ log = logging.getLogger(__name__)
 # Waits before applying a batch again while PostgreSQL is away: about a minute in all, well
 # within a poll task's time limit.
 APPLY_RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+
+# A poll task must apply the lookups it paid for before Celery's hard limit kills it
+# (worker.celery.POLL_TIME_LIMIT, 120 s): the lookups get this long in all, waiting out
+# PostgreSQL the APPLY_RETRY_DELAYS (61 s), and applying the batch what is left.
+LOOKUP_BUDGET = 40.0
 
 Outcome = TrackingResult | CarrierError
 PauseForLimit = Callable[[Session, Account, datetime], object]
@@ -64,9 +77,17 @@ class BatchReport:
 
 
 async def track_all(
-    client: CarrierClient, api_key: str, order_codes: list[str], concurrency: int
+    client: CarrierClient,
+    api_key: str,
+    order_codes: list[str],
+    concurrency: int,
+    budget: float = LOOKUP_BUDGET,
 ) -> list[Outcome]:
-    """The carrier's answer (or the failure) for every order code, in order."""
+    """The carrier's answer (or the failure) for every order code, in order.
+
+    Lookups still waiting for a slot or an answer after `budget` seconds are given up as
+    timeouts, so the answers already received are applied within the task's time limit.
+    """
     gate = asyncio.Semaphore(concurrency)
 
     async def one(code: str) -> Outcome:
@@ -76,7 +97,19 @@ async def track_all(
             except CarrierError as error:
                 return error
 
-    return await asyncio.gather(*(one(code) for code in order_codes))
+    lookups = [asyncio.ensure_future(one(code)) for code in order_codes]
+    if not lookups:
+        return []
+    _, late = await asyncio.wait(lookups, timeout=budget)
+    for lookup in late:
+        lookup.cancel()
+    await asyncio.gather(*late, return_exceptions=True)
+    return [
+        lookup.result()
+        if not lookup.cancelled()
+        else CarrierTimeout(f"no answer within the batch's {budget:g} s", order_code=code)
+        for code, lookup in zip(order_codes, lookups, strict=True)
+    ]
 
 
 async def poll_claim(
@@ -164,11 +197,13 @@ def _apply_all(
         account = session.get(Account, account_id, with_for_update=True)
         assert account is not None
         events = []
+        due = []
         for shipment in lock_shipments(session, list(outcomes)):
             if shipment.next_poll_at != started:
                 done.skipped += 1
                 continue
-            applied = apply_outcome(session, shipment, account, outcomes[shipment.id], ctx)
+            due.append(shipment)
+        for applied in _apply_batch(session, due, account, outcomes, ctx):
             done.polled += 1
             events.extend(applied.events)
             if applied.pause is not None and done.paused is None:
@@ -177,6 +212,46 @@ def _apply_all(
         session.flush()
         done.event_ids = [e.id for e in events]
     return done, events
+
+
+def _apply_batch(
+    session: Session,
+    shipments: list[Shipment],
+    account: Account,
+    outcomes: dict[int, Outcome],
+    ctx: PollContext,
+) -> list[Applied]:
+    """Apply every shipment's outcome in one savepoint; if that fails, each in its own.
+
+    One answer the database still refuses (a value the parser let through) must not roll back
+    its neighbours' answers, paid for like it: that shipment backs off, the others apply. The
+    common case stays one savepoint for the batch.
+    """
+    try:
+        with session.begin_nested():
+            return [apply_outcome(session, s, account, outcomes[s.id], ctx) for s in shipments]
+    except OperationalError:
+        raise  # the database is away: the caller waits for it and applies the batch again
+    except Exception:
+        log.warning("a poll batch did not apply as a whole; applying its shipments one by one")
+    return [_apply_one(session, s, account, outcomes[s.id], ctx) for s in shipments]
+
+
+def _apply_one(
+    session: Session, shipment: Shipment, account: Account, outcome: Outcome, ctx: PollContext
+) -> Applied:
+    try:
+        with session.begin_nested():
+            return apply_outcome(session, shipment, account, outcome, ctx)
+    except OperationalError:
+        raise
+    except Exception as error:
+        log.warning(
+            "order %s: the answer could not be stored (%s: %.300s); backing off",
+            shipment.order_code, type(error).__name__, str(error).replace("\x00", ""),
+            extra={"order_code": shipment.order_code},
+        )  # fmt: skip
+        return apply_refused(shipment, error, ctx)
 
 
 def _pause(

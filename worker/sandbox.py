@@ -2,7 +2,8 @@
 
 It serves the carrier's tracking endpoint from a `Carrier` world (worker.workload) on its own
 clock, which may run faster than real time, injects the transport faults seen in real life
-(HTTP 500, hangs, truncated JSON and HTML error pages, slow answers), and exposes the admin API
+(HTTP 500, hangs, truncated JSON and HTML error pages, slow answers) and hostile answers
+(NUL bytes, huge numbers, bodies of 50 MB or gzip bombs), and exposes the admin API
 of SPEC §5 under `/_sandbox/` so tests and demos can create accounts and orders, move orders
 on, read the truth and change the faults.
 """
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import gzip
 import hashlib
 import json
 import math
@@ -99,7 +102,8 @@ class FaultInjector:
     injected: Counter[str] = field(default_factory=Counter)
 
     def draw(self) -> str | None:
-        """The fault for one request: http_500, timeout, malformed, carrier_exception or None."""
+        """The fault for one request: http_500, timeout, malformed, carrier_exception, hostile
+        or None."""
         faults = self.faults
         roll = self.rng.random()
         for kind, chance in (
@@ -107,6 +111,7 @@ class FaultInjector:
             ("timeout", faults.timeout),
             ("malformed", faults.malformed),
             ("carrier_exception", faults.carrier_exception),
+            ("hostile", faults.hostile),
         ):
             if roll < chance:
                 self.injected[kind] += 1
@@ -204,6 +209,8 @@ async def _track(request: web.Request) -> web.StreamResponse:
         body = state.world.lookup_json(apikey, order_code, now)
     if fault == "malformed":
         return _malformed(body, state.faults.rng)
+    if fault == "hostile":
+        return await _hostile(request, body, state.faults.rng)
     return web.Response(body=body, content_type=_JSON, charset="utf-8")
 
 
@@ -223,6 +230,99 @@ def _malformed(body: bytes, rng: random.Random) -> web.Response:
     if roll < 0.75:
         return web.Response(status=502, text=_GATEWAY_PAGE, content_type="text/html")
     return web.Response(text=_RUNTIME_ERROR_PAGE, content_type="text/html")
+
+
+# The hostile answers: each either means what the true answer means once NUL bytes are
+# stripped and text is cut to its column, or is no tracking answer at all.
+HOSTILE_KINDS = (
+    "nul",
+    "long_text",
+    "huge_number",
+    "unicode_digits",
+    "deep",
+    "wrong_type",
+    "duplicate_keys",
+    "huge_body",
+    "gzip_bomb",
+)
+HUGE_BODY_BYTES = 50 * 1024 * 1024
+GZIP_BOMB_BYTES = 64 * 1024 * 1024
+_CHUNK = 64 * 1024
+
+
+def hostile_body(body: bytes, kind: str, rng: random.Random) -> bytes:
+    """The carrier's answer `body` made hostile in the way `kind` names (not the big ones)."""
+    payload: dict[str, Any] = json.loads(body)
+    if kind == "nul":
+        return _encode_json(_with_nul(payload))
+    if kind == "long_text":
+        payload |= {"statusName": f"{payload.get('statusName') or ''}{'X' * 5000}",
+                    "mailerTypeID": "M" * 500, "receiverName": "R" * 100_000}  # fmt: skip
+    elif kind == "huge_number":
+        field_, value = rng.choice(
+            [("status", str(2**31)), ("quantity", 2**40), ("delayCode", "99999999999"),
+             ("length", 1e300), ("price", 10**30)]
+        )  # fmt: skip
+        payload[field_] = value
+    elif kind == "unicode_digits":
+        field_, value = rng.choice([("quantity", "²"), ("quantity", "٣"), ("delayCode", "１２")])
+        payload[field_] = value
+    elif kind == "deep":
+        depth = rng.choice([40, 100_000])
+        return _encode_json(payload)[:-1] + b',"nested":' + b"[" * depth + b"]" * depth + b"}"
+    elif kind == "wrong_type":
+        field_ = rng.choice(sorted(payload))
+        value = payload[field_]
+        payload[field_] = 12345 if isinstance(value, list) else {"unexpected": [value]}
+    elif kind == "duplicate_keys":
+        # The decoys come first; a JSON reader keeps the last of duplicated keys.
+        decoys = b'{"status":"30","STATUS":"18","statusName":"PHATTHANHCONG",'
+        return decoys + _encode_json(payload)[1:]
+    else:
+        raise ValueError(f"no hostile body of kind {kind!r}")
+    return _encode_json(payload)
+
+
+def _with_nul(value: Any) -> Any:
+    """Every string in `value` with a NUL byte in its middle."""
+    if isinstance(value, str):
+        return f"{value[: len(value) // 2]}\x00{value[len(value) // 2 :]}"
+    if isinstance(value, list):
+        return [_with_nul(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _with_nul(item) for key, item in value.items()}
+    return value
+
+
+def _encode_json(payload: Any) -> bytes:
+    return json.dumps(payload, ensure_ascii=False).encode()
+
+
+@functools.cache
+def gzip_bomb() -> bytes:
+    """A gzip body that inflates to GZIP_BOMB_BYTES of one JSON object (about 64 KB sent)."""
+    inflated = b'{"orderCode":"' + b"0" * (GZIP_BOMB_BYTES - 16) + b'"}'
+    return gzip.compress(inflated, compresslevel=9)
+
+
+async def _hostile(request: web.Request, body: bytes, rng: random.Random) -> web.StreamResponse:
+    kind = rng.choice(HOSTILE_KINDS)
+    if kind == "gzip_bomb":
+        return web.Response(
+            body=gzip_bomb(), content_type=_JSON, headers={"Content-Encoding": "gzip"}
+        )
+    if kind != "huge_body":
+        return web.Response(body=hostile_body(body, kind, rng), content_type=_JSON)
+    # Streamed, so the sandbox never holds 50 MB; the client is expected to stop reading.
+    response = web.StreamResponse(headers={"Content-Type": _JSON})
+    response.content_length = HUGE_BODY_BYTES
+    await response.prepare(request)
+    chunk = b" " * _CHUNK
+    with contextlib.suppress(ConnectionError):
+        for _ in range(HUGE_BODY_BYTES // _CHUNK):
+            await response.write(chunk)
+        await response.write_eof()
+    return response
 
 
 # --- the admin API ---

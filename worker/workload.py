@@ -119,17 +119,24 @@ class Registration(_Model):
     never_found: Probability = 0.0
 
 
+# Statuses an order can be in without the carrier having picked it up.
+_BEFORE_PICKUP = frozenset({Status.ACCEPTED, Status.CANCEL})
+
+
 class Faults(_Model):
     """Transport faults the sandbox injects, each a probability per request.
 
     `carrier_exception` answers the carrier's EXCEPTION error; `hang_seconds` is how long a
-    `timeout` fault holds the connection before dropping it; `slow_ms` is [p50, p99] latency.
+    `timeout` fault holds the connection before dropping it; `slow_ms` is [p50, p99] latency;
+    `hostile` answers a hostile body (NUL bytes, over-long text, huge numbers, Unicode digits,
+    deep nesting, 50 MB and gzip-bomb bodies, wrong types, duplicated keys).
     """
 
     http_500: Probability = 0.0
     timeout: Probability = 0.0
     malformed: Probability = 0.0
     carrier_exception: Probability = 0.0
+    hostile: Probability = 0.0
     slow_ms: tuple[float, float] | None = None
     hang_seconds: float = Field(default=60.0, gt=0)
 
@@ -142,7 +149,8 @@ class Faults(_Model):
 
     @model_validator(mode="after")
     def _at_most_one(self) -> Faults:
-        if self.http_500 + self.timeout + self.malformed + self.carrier_exception > 1.0:
+        chances = (self.http_500, self.timeout, self.malformed, self.carrier_exception)
+        if sum(chances) + self.hostile > 1.0:
             raise ValueError("fault probabilities must sum to at most 1")
         return self
 
@@ -963,7 +971,11 @@ class Carrier:
             price_info.append(
                 {"serviceName": "Phí chuyển hoàn", "serviceID": "CH", "cost": price_fr}
             )
+        # An order created directly in a later status was picked up by then: the carrier's
+        # acceptDate is the pickup, or the first status known if that came after one.
         picked = next((e for e in entries if e.status is Status.PICKED_UP), None)
+        if picked is None and entries[0].status not in _BEFORE_PICKUP:
+            picked = entries[0]
         delivered = current if current.status is Status.DELIVERED else None
         delay = current.delay_code
         return {

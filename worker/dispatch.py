@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
-from worker.models import Account, Shipment
+from worker.models import Account, QuotaUsage, Shipment
 
 # A claimed shipment's next_poll_at is pushed this far ahead: if the worker polling it dies,
 # the shipment comes due again by itself. Longer than a poll task's hard time limit.
@@ -36,12 +36,34 @@ class Claim:
 
 
 def pollable_accounts(session: Session, now: datetime) -> list[Account]:
-    """Accounts not paused at `now`."""
+    """Accounts not paused at `now`, the least served of the current carrier day first.
+
+    Each grant draws from the total of all keys, so the order is what shares the total once it
+    binds: served least-first, a key wanting less than an equal share gets all it wants (within
+    its own line) and the others split the rest evenly. No two keys then drift apart by more than
+    one tick's grant, whatever their ids, however many dispatchers take turns.
+    """
+    # The current carrier day is the latest one with grants within a day of `now`'s UTC date
+    # (every carrier timezone's local date lies in that window), so no timezone is needed here.
+    # Before the first grant of a new day this is still yesterday, which orders as well.
+    day = (
+        select(func.max(QuotaUsage.day))
+        .where(
+            QuotaUsage.day.between(now.date() - timedelta(days=1), now.date() + timedelta(days=1))
+        )
+        .scalar_subquery()
+    )
+    served = (
+        select(QuotaUsage.used)
+        .where(QuotaUsage.account_id == Account.id, QuotaUsage.day == day)
+        .correlate(Account)
+        .scalar_subquery()
+    )
     return list(
         session.scalars(
             select(Account)
             .where((Account.paused_until.is_(None)) | (Account.paused_until <= now))
-            .order_by(Account.id)
+            .order_by(func.coalesce(served, 0), Account.id)
         )
     )
 

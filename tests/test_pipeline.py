@@ -6,8 +6,10 @@ import asyncio
 import secrets
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 
 import pytest
+import redis
 from sqlalchemy import delete, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -16,11 +18,12 @@ from worker.apply import PollContext, apply_outcome
 from worker.carrier import CarrierClient, parse_tracking
 from worker.crypto import encrypt
 from worker.db import session_factory
-from worker.dispatch import Claim, FirstLookup, dispatch
+from worker.dispatch import Claim, FirstLookup, database_now, dispatch
 from worker.domain import EventType, Status
 from worker.learning import PlanCache
 from worker.models import Account, OutboxEvent, Shipment, StatusEvent
 from worker.poller import BatchReport, poll_claim
+from worker.quota import QuotaLimiter
 from worker.sandbox import ManualClock, SandboxHandle, running_sandbox
 from worker.scheduler import LearnedModel
 from worker.workload import Faults
@@ -445,3 +448,48 @@ def test_a_new_shipment_gets_its_planned_first_lookup_once_whatever_way_it_came_
     pipe.clock.advance(timedelta(hours=2))
     assert sorted(len(c.shipment_ids) for c in pipe.claims(first_lookup)) == [2]
     assert len(planned) == 2
+
+
+def test_a_dispatcher_whose_clock_is_hours_ahead_claims_nothing_already_leased(
+    sessions: sessionmaker[Session],
+    account: Account,
+    servers: RunServers,
+    redis_client: redis.Redis[bytes],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import worker.tasks
+
+    with sessions.begin() as s:
+        now = database_now(s)
+        shipments = [
+            Shipment(
+                account_id=account.id,
+                order_code=f"SKEW{i:05d}",
+                registered_at=now - timedelta(hours=2),
+                next_poll_at=now - timedelta(minutes=1),
+            )
+            for i in range(3)
+        ]
+        s.add_all(shipments)
+    sent: list[tuple[int, list[int], str]] = []
+    settings = servers.settings()
+    monkeypatch.setattr(
+        worker.tasks,
+        "process",
+        lambda: SimpleNamespace(
+            sessions=sessions,
+            settings=settings,
+            limiter=QuotaLimiter(redis_client, settings),
+            plans=PlanCache(settings.quota_timezone),
+            max_interval=timedelta(hours=24),
+        ),
+    )
+    monkeypatch.setattr(worker.tasks, "poll", SimpleNamespace(delay=lambda *a: sent.append(a)))
+
+    worker.tasks.dispatch_due()  # an honest dispatcher leases the three shipments
+    leased = sorted(i for a, ids, _ in sent if a == account.id for i in ids)
+    assert leased == sorted(shipment.id for shipment in shipments)
+    sent.clear()
+    monkeypatch.setattr(worker.tasks, "utcnow", lambda: datetime.now(UTC) + timedelta(hours=3))
+    worker.tasks.dispatch_due()  # a second one, on a worker whose clock runs 3 hours ahead
+    assert [ids for a, ids, _ in sent if a == account.id] == []

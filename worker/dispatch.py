@@ -35,6 +35,16 @@ class Claim:
         return self.account_id, self.shipment_ids, self.leased_until.isoformat()
 
 
+def database_now(session: Session) -> datetime:
+    """PostgreSQL's clock: the one every dispatcher leases by, whatever its own clock says.
+
+    A lease is a `next_poll_at` in the future; read on a worker's clock hours ahead, every
+    leased shipment would look due and be claimed, and looked up, a second time.
+    """
+    now: datetime = session.execute(select(func.clock_timestamp())).scalar_one()
+    return now
+
+
 def pollable_accounts(session: Session, now: datetime) -> list[Account]:
     """Accounts not paused at `now`, the least served of the current carrier day first.
 
@@ -158,7 +168,9 @@ def dispatch(
 ) -> list[Claim]:
     """Claim what every unpaused account may poll now, in batches for poll tasks.
 
-    With `first_lookup`, newly registered shipments first get their planned first lookup.
+    `now` decides what is due and when leases end: `database_now` in production, a simulated
+    clock in tests and simulations. With `first_lookup`, newly registered shipments first get
+    their planned first lookup.
     """
     if first_lookup is not None:
         plan_first_lookups(session, now, first_lookup)

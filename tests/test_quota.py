@@ -513,3 +513,26 @@ def test_a_binding_total_is_shared_evenly_whatever_the_account_ids(
     # ...and shared: every key within 10% of an equal share, low ids and high ids alike.
     share = total / keys
     assert all(abs(n - share) <= 0.1 * share for n in served.values()), sorted(served.values())
+
+
+def test_a_held_batch_gives_back_its_unstarted_lookups_once_and_never_more(
+    session: Session, redis_client: redis.Redis[bytes], servers: RunServers
+) -> None:
+    limiter = QuotaLimiter(redis_client, servers.settings())
+    account = make_account(session)
+    now = local(DAY1, 12)
+    assert limiter.acquire(session, account.id, 51_840, 3, now=now) == 3
+    limiter.hold(account.id, "batch-a", 2)
+    limiter.hold(account.id, "batch-b", 1)
+    # Another process (the poll task's) starts batch a with one of its two shipments.
+    other = QuotaLimiter(redis_client, servers.settings())
+    assert other.release(session, account.id, "batch-a", 1) == 1
+    assert other.release(session, account.id, "batch-a", 0) == 0  # delivered again
+    assert recorded(session, account.id, DAY1) == 2
+    assert redis_client.get(counter_key(DAY1, account.id)) == b"2"
+    # A hold lost with Redis gives nothing back: the lookups may have been made.
+    redis_client.delete(*redis_client.keys("shipmon:quota:held:*"))
+    assert other.release(session, account.id, "batch-b", 0) == 0
+    assert recorded(session, account.id, DAY1) == 2
+    with pytest.raises(ValueError, match="no grant"):
+        limiter.hold(make_account(session).id, "batch-c", 1)

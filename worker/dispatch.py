@@ -31,6 +31,11 @@ class Claim:
     shipment_ids: list[int]
     leased_until: datetime
 
+    @property
+    def batch(self) -> str:
+        """What names this batch among the account's: its lease and its first shipment."""
+        return f"{self.leased_until.isoformat()}/{self.shipment_ids[0]}"
+
     def as_task_args(self) -> tuple[int, list[int], str]:
         return self.account_id, self.shipment_ids, self.leased_until.isoformat()
 

@@ -40,6 +40,8 @@ APPLY_RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 
 Outcome = TrackingResult | CarrierError
 PauseForLimit = Callable[[Session, Account, datetime], object]
+Release = Callable[[Session, int, str, int], object]
+"""(session, account id, batch, shipments started) -> gives back the batch's unused grants."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,7 @@ async def poll_claim(
     max_interval: timedelta,
     concurrency: int,
     pause_for_limit: PauseForLimit,
+    release: Release,
     clock: Callable[[], datetime],
 ) -> BatchReport:
     """Poll a claimed batch and apply every answer; returns the outbox events written."""
@@ -113,6 +116,8 @@ async def poll_claim(
             .values(next_poll_at=started)
             .returning(Shipment.id, Shipment.order_code)
         ).all()
+        # Those no longer under the lease will not be looked up here: their grants go back.
+        release(session, claim.account_id, claim.batch, len(rows))
     report.skipped = len(claim.shipment_ids) - len(rows)
     if not rows:
         return report

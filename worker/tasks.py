@@ -117,6 +117,7 @@ def dispatch_due() -> int:
             first_lookup=first_lookup,
         )
     for claim in claims:
+        p.limiter.hold(claim.account_id, claim.batch, len(claim.shipment_ids))
         poll.delay(*claim.as_task_args())
     return len(claims)
 
@@ -136,6 +137,7 @@ def poll(account_id: int, shipment_ids: list[int], leased_until: str) -> int:
             max_interval=p.max_interval,
             concurrency=p.settings.poll_concurrency,
             pause_for_limit=p.limiter.pause_for_limit,
+            release=p.limiter.release,
             clock=utcnow,
         )
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
@@ -55,17 +55,16 @@ def pollable_accounts(session: Session, now: datetime) -> list[Account]:
 
     Each grant draws from the total of all keys, so the order is what shares the total once it
     binds: served least-first, a key wanting less than an equal share gets all it wants (within
-    its own line) and the others split the rest evenly. No two keys then drift apart by more than
-    one tick's grant, whatever their ids, however many dispatchers take turns.
+    its own line) and the others split the rest evenly: no two keys wanting more than they get
+    drift apart by more than one tick's grant, whatever their ids and whichever dispatcher runs.
     """
     # The current carrier day is the latest one with grants within a day of `now`'s UTC date
     # (every carrier timezone's local date lies in that window), so no timezone is needed here.
     # Before the first grant of a new day this is still yesterday, which orders as well.
+    utc_date = now.astimezone(UTC).date()
     day = (
         select(func.max(QuotaUsage.day))
-        .where(
-            QuotaUsage.day.between(now.date() - timedelta(days=1), now.date() + timedelta(days=1))
-        )
+        .where(QuotaUsage.day.between(utc_date - timedelta(days=1), utc_date + timedelta(days=1)))
         .scalar_subquery()
     )
     served = (

@@ -6,8 +6,11 @@ import asyncio
 import secrets
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+from zoneinfo import ZoneInfo
 
 import pytest
+import redis
 from sqlalchemy import delete, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -16,11 +19,12 @@ from worker.apply import PollContext, apply_outcome
 from worker.carrier import CarrierClient, parse_tracking
 from worker.crypto import encrypt
 from worker.db import session_factory
-from worker.dispatch import Claim, FirstLookup, dispatch
+from worker.dispatch import Claim, FirstLookup, database_now, dispatch
 from worker.domain import EventType, Status
 from worker.learning import PlanCache
-from worker.models import Account, OutboxEvent, Shipment, StatusEvent
+from worker.models import Account, OutboxEvent, QuotaUsage, Shipment, StatusEvent
 from worker.poller import BatchReport, poll_claim
+from worker.quota import QuotaLimiter, counter_key
 from worker.sandbox import ManualClock, SandboxHandle, running_sandbox
 from worker.scheduler import LearnedModel
 from worker.workload import Faults
@@ -77,6 +81,8 @@ class Pipeline:
         self.account, self.secret = account, servers.secret_key
         self.plans = PlanCache("Asia/Ho_Chi_Minh")
         self.paused: list[str] = []
+        # Every poll granted, nothing to give back, unless a test hands in a real limiter.
+        self.limiter: QuotaLimiter | None = None
 
     def register(self, *codes: str) -> None:
         with self.sessions.begin() as s:
@@ -96,11 +102,22 @@ class Pipeline:
                 s,
                 self.clock.now(),
                 daily_quota=lambda a: 10**6,
-                grant=lambda s, a, wanted, q: wanted,
-                refund=lambda s, a, n: None,
+                grant=self._grant,
+                refund=lambda s, a, n: self.limiter.refund(s, a, n) if self.limiter else None,
                 first_lookup=first_lookup,
             )
+        if self.limiter is not None:
+            for claim in found:
+                self.limiter.hold(claim.account_id, claim.batch, len(claim.shipment_ids))
         return [c for c in found if c.account_id == self.account.id]
+
+    def _grant(self, session: Session, account_id: int, wanted: int, quota: int) -> int:
+        if self.limiter is None:
+            return wanted
+        return self.limiter.acquire(session, account_id, quota, wanted, now=self.clock.now())
+
+    def _release(self, session: Session, account_id: int, batch: str, started: int) -> object:
+        return self.limiter.release(session, account_id, batch, started) if self.limiter else 0
 
     def poll(self, claim: Claim) -> BatchReport:
         async def run() -> BatchReport:
@@ -114,6 +131,7 @@ class Pipeline:
                     max_interval=timedelta(hours=24),
                     concurrency=8,
                     pause_for_limit=lambda s, a, now: self.paused.append(a.name),
+                    release=self._release,
                     clock=self.clock.now,
                 )
 
@@ -445,3 +463,112 @@ def test_a_new_shipment_gets_its_planned_first_lookup_once_whatever_way_it_came_
     pipe.clock.advance(timedelta(hours=2))
     assert sorted(len(c.shipment_ids) for c in pipe.claims(first_lookup)) == [2]
     assert len(planned) == 2
+
+
+def test_a_dispatcher_whose_clock_is_hours_ahead_claims_nothing_already_leased(
+    sessions: sessionmaker[Session],
+    account: Account,
+    servers: RunServers,
+    redis_client: redis.Redis[bytes],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import worker.tasks
+
+    with sessions.begin() as s:
+        now = database_now(s)
+        shipments = [
+            Shipment(
+                account_id=account.id,
+                order_code=f"SKEW{i:05d}",
+                registered_at=now - timedelta(hours=2),
+                next_poll_at=now - timedelta(minutes=1),
+            )
+            for i in range(3)
+        ]
+        s.add_all(shipments)
+    sent: list[tuple[int, list[int], str]] = []
+    settings = servers.settings()
+    monkeypatch.setattr(
+        worker.tasks,
+        "process",
+        lambda: SimpleNamespace(
+            sessions=sessions,
+            settings=settings,
+            limiter=QuotaLimiter(redis_client, settings),
+            plans=PlanCache(settings.quota_timezone),
+            max_interval=timedelta(hours=24),
+        ),
+    )
+    monkeypatch.setattr(worker.tasks, "poll", SimpleNamespace(delay=lambda *a: sent.append(a)))
+
+    worker.tasks.dispatch_due()  # an honest dispatcher leases the three shipments
+    leased = sorted(i for a, ids, _ in sent if a == account.id for i in ids)
+    assert leased == sorted(shipment.id for shipment in shipments)
+    sent.clear()
+    monkeypatch.setattr(worker.tasks, "utcnow", lambda: datetime.now(UTC) + timedelta(hours=3))
+    worker.tasks.dispatch_due()  # a second one, on a worker whose clock runs 3 hours ahead
+    assert [ids for a, ids, _ in sent if a == account.id] == []
+
+
+def _spent(pipe: Pipeline, redis_client: redis.Redis[bytes]) -> tuple[int, int]:
+    """The account's lookups of the sandbox's carrier day: in PostgreSQL, and in Redis."""
+    day = pipe.clock.now().astimezone(ZoneInfo("Asia/Ho_Chi_Minh")).date()
+    with pipe.sessions.begin() as s:
+        recorded = s.scalar(
+            select(QuotaUsage.used).where(
+                QuotaUsage.account_id == pipe.account.id, QuotaUsage.day == day
+            )
+        )
+    return recorded or 0, int(redis_client.get(counter_key(day, pipe.account.id)) or 0)
+
+
+@pytest.fixture
+def limited(pipe: Pipeline, redis_client: redis.Redis[bytes], servers: RunServers) -> Pipeline:
+    """The pipeline with grants from the real quota limiter, on the sandbox's clock."""
+    pipe.limiter = QuotaLimiter(redis_client, servers.settings())
+    return pipe
+
+
+def test_grants_of_shipments_a_poll_no_longer_holds_come_back_once(
+    limited: Pipeline, redis_client: redis.Redis[bytes]
+) -> None:
+    pipe = limited
+    codes = ["GIVE00001", "GIVE00002", "GIVE00003"]
+    for code in codes:
+        pipe.sandbox.add_order(pipe.account.api_key, code, status="ACCEPTED")  # type: ignore[attr-defined]
+    pipe.register(*codes)
+    [claim] = pipe.claims()
+    assert _spent(pipe, redis_client) == (3, 3)
+    stopped, moved = pipe.shipment(codes[1]), pipe.shipment(codes[2])
+    with pipe.sessions.begin() as s:  # before the task starts, the merchant stops one shipment
+        s.execute(update(Shipment).where(Shipment.id == stopped.id).values(active=False))
+        s.execute(  # and another is leased anew, as if this lease had run out
+            update(Shipment)
+            .where(Shipment.id == moved.id)
+            .values(next_poll_at=claim.leased_until + timedelta(minutes=5))
+        )
+    report = pipe.poll(claim)
+    assert (report.polled, report.skipped) == (1, 2)
+    assert _spent(pipe, redis_client) == (1, 1)  # the two lookups not made are spendable again
+    again = pipe.poll(claim)  # the same task delivered twice: its lookup was made, keep it
+    assert (again.polled, again.skipped) == (0, 3)
+    assert _spent(pipe, redis_client) == (1, 1)
+
+
+def test_a_poll_task_that_waited_past_its_lease_gives_its_grants_back(
+    limited: Pipeline, redis_client: redis.Redis[bytes]
+) -> None:
+    pipe = limited
+    codes = ["LATE00001", "LATE00002"]
+    for code in codes:
+        pipe.sandbox.add_order(pipe.account.api_key, code, status="ACCEPTED")  # type: ignore[attr-defined]
+    pipe.register(*codes)
+    [late] = pipe.claims()
+    pipe.clock.set(late.leased_until)  # the task waits in a backlog until its lease is over
+    [fresh] = pipe.claims()  # the shipments are dispatched, and granted, anew
+    assert fresh.shipment_ids == late.shipment_ids
+    assert _spent(pipe, redis_client) == (4, 4)
+    assert pipe.poll(late).skipped == 2
+    assert _spent(pipe, redis_client) == (2, 2)
+    assert pipe.poll(fresh).polled == 2
+    assert _spent(pipe, redis_client) == (2, 2)

@@ -17,12 +17,13 @@ from zoneinfo import ZoneInfo
 
 import pytest
 import redis
-from sqlalchemy import Engine, delete, select, text
+from sqlalchemy import Engine, delete, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from tests.conftest import REDIS_CLAIM_KEY, ROOT, RunServers, make_account
 from worker.config import Settings
-from worker.models import Account, QuotaUsage
+from worker.dispatch import dispatch
+from worker.models import Account, QuotaUsage, Shipment
 from worker.pacing import allowed_by, elapsed_share, per_second_ceiling
 from worker.quota import (
     PLAN_REGROWTH_SHARE,
@@ -466,3 +467,72 @@ def test_a_lowered_plan_grows_back_a_step_a_day_without_refusals(
     limiter.pause_for_limit(session, account, local(DAY1 + timedelta(days=8), 2))
     assert regrow_plans(session, settings, local(DAY1 + timedelta(days=9), 12)) == []
     assert regrow_plans(session, settings, local(DAY1 + timedelta(days=10), 12)) == [account]
+
+
+def test_a_binding_total_is_shared_evenly_whatever_the_account_ids(
+    session: Session, redis_client: redis.Redis[bytes], servers: RunServers
+) -> None:
+    # 20 keys at the full plan want 4,000,000 a day, the total allows 3,000,000: the total binds.
+    # Each starts the afternoon with an equal part of what the total's line allowed so far, so
+    # from the first tick the total, not any key's own line, holds grants back.
+    settings = servers.settings()
+    limiter = QuotaLimiter(redis_client, settings)
+    day, keys, ticks = date(2025, 9, 15), 20, 100
+    noon = local(day, 12)
+    spent = allowed_by(settings.global_daily_quota, elapsed_share(noon, TZ))
+    assert keys * settings.key_daily_quota > settings.global_daily_quota
+    accounts = [make_account(session) for _ in range(keys)]
+    for account in accounts:
+        session.add(QuotaUsage(account_id=account.id, day=day, used=spent // keys))
+        session.add_all(
+            Shipment(account_id=account.id, order_code=f"FAIR{account.id:06d}{i:04d}")
+            for i in range(2 * per_second_ceiling(settings.key_daily_quota))
+        )
+    session.flush()
+    mine = {a.id for a in accounts}
+    served: dict[int, int] = dict.fromkeys(mine, 0)
+    for tick in range(ticks):
+        now = noon + timedelta(seconds=2 * tick)
+        session.execute(
+            update(Shipment)
+            .where(Shipment.account_id.in_(mine))
+            .values(next_poll_at=now - timedelta(seconds=1))
+        )
+        for claim in dispatch(
+            session,
+            now,
+            daily_quota=lambda a: settings.key_daily_quota,
+            grant=lambda s, a, wanted, q: limiter.acquire(s, a, q, wanted, now=now),  # noqa: B023
+            refund=limiter.refund,
+        ):
+            if claim.account_id in mine:
+                served[claim.account_id] += len(claim.shipment_ids)
+    total = sum(served.values())
+    # The total's line was followed (no key's own line or demand held it back)...
+    assert total >= 0.9 * (ticks - 1) * 2 * settings.global_daily_quota / 86_400
+    # ...and shared: every key within 10% of an equal share, low ids and high ids alike.
+    share = total / keys
+    assert all(abs(n - share) <= 0.1 * share for n in served.values()), sorted(served.values())
+
+
+def test_a_held_batch_gives_back_its_unstarted_lookups_once_and_never_more(
+    session: Session, redis_client: redis.Redis[bytes], servers: RunServers
+) -> None:
+    limiter = QuotaLimiter(redis_client, servers.settings())
+    account = make_account(session)
+    now = local(DAY1, 12)
+    assert limiter.acquire(session, account.id, 51_840, 3, now=now) == 3
+    limiter.hold(account.id, "batch-a", 2)
+    limiter.hold(account.id, "batch-b", 1)
+    # Another process (the poll task's) starts batch a with one of its two shipments.
+    other = QuotaLimiter(redis_client, servers.settings())
+    assert other.release(session, account.id, "batch-a", 1) == 1
+    assert other.release(session, account.id, "batch-a", 0) == 0  # delivered again
+    assert recorded(session, account.id, DAY1) == 2
+    assert redis_client.get(counter_key(DAY1, account.id)) == b"2"
+    # A hold lost with Redis gives nothing back: the lookups may have been made.
+    redis_client.delete(*redis_client.keys("shipmon:quota:held:*"))
+    assert other.release(session, account.id, "batch-b", 0) == 0
+    assert recorded(session, account.id, DAY1) == 2
+    with pytest.raises(ValueError, match="no grant"):
+        limiter.hold(make_account(session).id, "batch-c", 1)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
-from worker.models import Account, Shipment
+from worker.models import Account, QuotaUsage, Shipment
 
 # A claimed shipment's next_poll_at is pushed this far ahead: if the worker polling it dies,
 # the shipment comes due again by itself. Longer than a poll task's hard time limit.
@@ -31,17 +31,53 @@ class Claim:
     shipment_ids: list[int]
     leased_until: datetime
 
+    @property
+    def batch(self) -> str:
+        """What names this batch among the account's: its lease and its first shipment."""
+        return f"{self.leased_until.isoformat()}/{self.shipment_ids[0]}"
+
     def as_task_args(self) -> tuple[int, list[int], str]:
         return self.account_id, self.shipment_ids, self.leased_until.isoformat()
 
 
+def database_now(session: Session) -> datetime:
+    """PostgreSQL's clock: the one every dispatcher leases by, whatever its own clock says.
+
+    A lease is a `next_poll_at` in the future; read on a worker's clock hours ahead, every
+    leased shipment would look due and be claimed, and looked up, a second time.
+    """
+    now: datetime = session.execute(select(func.clock_timestamp())).scalar_one()
+    return now
+
+
 def pollable_accounts(session: Session, now: datetime) -> list[Account]:
-    """Accounts not paused at `now`."""
+    """Accounts not paused at `now`, the least served of the current carrier day first.
+
+    Each grant draws from the total of all keys, so the order is what shares the total once it
+    binds: served least-first, a key wanting less than an equal share gets all it wants (within
+    its own line) and the others split the rest evenly: no two keys wanting more than they get
+    drift apart by more than one tick's grant, whatever their ids and whichever dispatcher runs.
+    """
+    # The current carrier day is the latest one with grants within a day of `now`'s UTC date
+    # (every carrier timezone's local date lies in that window), so no timezone is needed here.
+    # Before the first grant of a new day this is still yesterday, which orders as well.
+    utc_date = now.astimezone(UTC).date()
+    day = (
+        select(func.max(QuotaUsage.day))
+        .where(QuotaUsage.day.between(utc_date - timedelta(days=1), utc_date + timedelta(days=1)))
+        .scalar_subquery()
+    )
+    served = (
+        select(QuotaUsage.used)
+        .where(QuotaUsage.account_id == Account.id, QuotaUsage.day == day)
+        .correlate(Account)
+        .scalar_subquery()
+    )
     return list(
         session.scalars(
             select(Account)
             .where((Account.paused_until.is_(None)) | (Account.paused_until <= now))
-            .order_by(Account.id)
+            .order_by(func.coalesce(served, 0), Account.id)
         )
     )
 
@@ -136,7 +172,9 @@ def dispatch(
 ) -> list[Claim]:
     """Claim what every unpaused account may poll now, in batches for poll tasks.
 
-    With `first_lookup`, newly registered shipments first get their planned first lookup.
+    `now` decides what is due and when leases end: `database_now` in production, a simulated
+    clock in tests and simulations. With `first_lookup`, newly registered shipments first get
+    their planned first lookup.
     """
     if first_lookup is not None:
         plan_first_lookups(session, now, first_lookup)

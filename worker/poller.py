@@ -53,6 +53,8 @@ LOOKUP_BUDGET = 40.0
 
 Outcome = TrackingResult | CarrierError
 PauseForLimit = Callable[[Session, Account, datetime], object]
+Release = Callable[[Session, int, str, int], object]
+"""(session, account id, batch, shipments started) -> gives back the batch's unused grants."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,7 @@ async def poll_claim(
     max_interval: timedelta,
     concurrency: int,
     pause_for_limit: PauseForLimit,
+    release: Release,
     clock: Callable[[], datetime],
 ) -> BatchReport:
     """Poll a claimed batch and apply every answer; returns the outbox events written."""
@@ -146,6 +149,8 @@ async def poll_claim(
             .values(next_poll_at=started)
             .returning(Shipment.id, Shipment.order_code)
         ).all()
+        # Those no longer under the lease will not be looked up here: their grants go back.
+        release(session, claim.account_id, claim.batch, len(rows))
     report.skipped = len(claim.shipment_ids) - len(rows)
     if not rows:
         return report

@@ -7,14 +7,17 @@ enforces, on Redis's own clock:
 - the pace line of `worker.pacing`: never ahead of the day's elapsed share plus a small slack;
 - a per-second ceiling that protects the carrier from bursts.
 
-A grant counts at once, whatever then happens to the HTTP attempt. Grants are also recorded per
-key per day in PostgreSQL, in the caller's transaction: the caller commits before it makes the
-lookups, so PostgreSQL always holds at least every grant that turned into an attempt. When Redis
-has lost a day's counter (a fresh day, a flush, a restart) the script grants nothing until the
-counter is restored from PostgreSQL. Grants take a shared advisory lock and a restore takes it
-exclusively, so a restore never reads PostgreSQL while a grant it must count is uncommitted.
-When Redis comes back with an older snapshot, the key's count recorded in PostgreSQL is a floor
-the script catches up to before it grants anything.
+A grant counts at once, whatever then happens to the HTTP attempt; only what is certain never to be
+attempted is given back: the part of a grant left unclaimed at dispatch (`refund`), and the
+shipments of a leased batch that its poll task no longer finds under the lease (`hold` when the
+batch is sent, `release` when its task starts). Grants are also recorded per key per day in
+PostgreSQL, in the caller's transaction: the caller commits before it makes the lookups, so
+PostgreSQL always holds at least every grant that turned into an attempt. When Redis has lost a
+day's counter (a fresh day, a flush, a restart) the script grants nothing until the counter is
+restored from PostgreSQL. Grants take a shared advisory lock and a restore takes it exclusively, so
+a restore never reads PostgreSQL while a grant it must count is uncommitted. When Redis comes back
+with an older snapshot, the key's count recorded in PostgreSQL is a floor the script catches up to
+before it grants anything.
 
 `APIKEY_LIMIT` from the carrier pauses the key until the carrier's next midnight and lowers its
 plan for the days after: someone else is probably using the same key.
@@ -223,6 +226,10 @@ def _pause_key(day: date, account_id: int) -> str:
     return f"{PREFIX}:{day.isoformat()}:paused:{account_id}"
 
 
+def _held_key(account_id: int, batch: str) -> str:
+    return f"{PREFIX}:held:{account_id}:{batch}"
+
+
 def _minutes_key(account_id: int | None) -> str:
     return f"{PREFIX}:minutes:{'global' if account_id is None else f'key:{account_id}'}"
 
@@ -428,21 +435,60 @@ class QuotaLimiter:
         if grant is None or unused == 0:
             return
         self._grants[account_id] = replace(grant, outstanding=outstanding - unused)
+        self._give_back(session, account_id, grant.day, grant.minute, unused)
+
+    def hold(self, account_id: int, batch: str, shipments: int) -> None:
+        """Remember a leased batch of the key's latest grant, for its poll task to `release`.
+
+        Call it before the batch's poll task is sent. Kept as long as the day's counters are.
+        """
+        grant = self._grants.get(account_id)
+        if grant is None:
+            raise ValueError(f"account {account_id} has no grant to hold a batch of")
+        self.redis.set(
+            _held_key(account_id, batch),
+            f"{grant.day.isoformat()} {grant.minute} {shipments}",
+            ex=COUNTER_GRACE_SECONDS,
+        )
+
+    def release(self, session: Session, account_id: int, batch: str, started: int) -> int:
+        """Give back the lookups of a held batch that its poll task found no longer leased.
+
+        Its shipments were stopped, or their lease ran out while the task waited and they were
+        dispatched, and granted, anew. Only the first delivery of the task takes the hold: one
+        delivered again (its worker died) gives nothing back, since the first may have made the
+        lookups. A hold lost with Redis gives nothing back either: never more than was unused.
+        Returns the lookups given back; like `acquire`, in `session`'s transaction.
+        """
+        held = self.redis.getdel(_held_key(account_id, batch))
+        if held is None:
+            return 0
+        day, minute, shipments = held.decode().split()
+        unused = int(shipments) - started
+        if unused <= 0:
+            return 0
+        self._give_back(session, account_id, date.fromisoformat(day), int(minute), unused)
+        return unused
+
+    def _give_back(
+        self, session: Session, account_id: int, day: date, minute: int, unused: int
+    ) -> None:
+        """Lower the key's count of `day`, in PostgreSQL and then Redis, by `unused` lookups."""
         session.execute(select(func.pg_advisory_xact_lock_shared(RESTORE_LOCK)))
         recorded = session.scalar(
             update(QuotaUsage)
-            .where(QuotaUsage.account_id == account_id, QuotaUsage.day == grant.day)
+            .where(QuotaUsage.account_id == account_id, QuotaUsage.day == day)
             .values(used=func.greatest(QuotaUsage.used - unused, 0), updated_at=func.now())
             .returning(QuotaUsage.used)
         )
         self._refund(
             keys=[
-                counter_key(grant.day, account_id),
-                counter_key(grant.day, None),
+                counter_key(day, account_id),
+                counter_key(day, None),
                 _minutes_key(account_id),
                 _minutes_key(None),
             ],
-            args=[unused, recorded or 0, grant.minute],
+            args=[unused, recorded or 0, minute],
         )
 
     def pause_for_limit(

@@ -20,7 +20,7 @@ from worker.carrier import CarrierClient
 from worker.celery import POLL_TIME_LIMIT, TASK_TIME_LIMIT, app
 from worker.config import Settings, get_settings
 from worker.db import session_factory
-from worker.dispatch import Claim, dispatch, pollable_accounts
+from worker.dispatch import Claim, database_now, dispatch, pollable_accounts
 from worker.embedded import Servers, resolve
 from worker.intake import register_orders as register
 from worker.learning import PlanCache, relearn, update_prices
@@ -96,8 +96,8 @@ def register_orders(account: str, order_codes: list[str]) -> dict[str, Any]:
 def dispatch_due() -> int:
     """Claim what may be polled now and hand it to poll tasks; returns the batches sent."""
     p = process()
-    now = utcnow()
     with p.sessions.begin() as session:
+        now = database_now(session)
         model = p.plans.current(session)
 
         def first_lookup(account_id: int, registered: datetime) -> datetime:
@@ -117,6 +117,7 @@ def dispatch_due() -> int:
             first_lookup=first_lookup,
         )
     for claim in claims:
+        p.limiter.hold(claim.account_id, claim.batch, len(claim.shipment_ids))
         poll.delay(*claim.as_task_args())
     return len(claims)
 
@@ -136,6 +137,7 @@ def poll(account_id: int, shipment_ids: list[int], leased_until: str) -> int:
             max_interval=p.max_interval,
             concurrency=p.settings.poll_concurrency,
             pause_for_limit=p.limiter.pause_for_limit,
+            release=p.limiter.release,
             clock=utcnow,
         )
     )

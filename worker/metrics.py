@@ -145,7 +145,7 @@ def _create_metrics() -> _Metrics:
         ),
         endpoints_disabled=quota(
             "shipmon_webhook_endpoints_disabled",
-            "Webhook endpoints of an account disabled after failing for too long.",
+            "Webhook endpoints of an account that are disabled, by hand or after failing too long.",
             ["account"],
         ),
         transitions=Counter(

@@ -1,10 +1,10 @@
 """Prometheus metrics of the worker, summed across Celery's prefork processes.
 
 Every worker process started with `PROMETHEUS_MULTIPROC_DIR` set writes its samples to files
-in that folder, and `shipmon metrics` serves their sum on one port. Without the variable the
-samples stay in the process that made them (tests, one-off commands). The metrics are created
-on first use, so a process that only imports this module (a health check, a CLI command) leaves
-no files behind.
+in that folder, and `shipmon metrics` serves their sum on one port, beside a `/healthz` that
+reads none of them. Without the variable the samples stay in the process that made them
+(tests, one-off commands). The metrics are created on first use, so a process that only imports
+this module (a health check, a CLI command) leaves no files behind.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def _create_metrics() -> _Metrics:
     # Gauges refreshed by whichever process ran the periodic refresh last: its value counts.
     latest: Literal["mostrecent"] = "mostrecent"
 
-    def quota(name: str, what: str, labels: Sequence[str] = ()) -> Gauge:
+    def refreshed(name: str, what: str, labels: Sequence[str] = ()) -> Gauge:
         return Gauge(name, what, labels, multiprocess_mode=latest)
 
     return _Metrics(
@@ -114,36 +114,36 @@ def _create_metrics() -> _Metrics:
             "Unix time of the dispatcher's last completed tick.",
             multiprocess_mode="max",
         ),
-        quota_used=quota(
+        quota_used=refreshed(
             "shipmon_quota_used_lookups", "Lookups spent today by an account's key.", ["account"]
         ),
-        quota_left=quota(
+        quota_left=refreshed(
             "shipmon_quota_left_lookups", "Lookups an account's key has left today.", ["account"]
         ),
-        quota_allowed=quota(
+        quota_allowed=refreshed(
             "shipmon_quota_allowed_lookups",
             "The pace line: lookups an account's key may have spent by now.",
             ["account"],
         ),
-        quota_all_used=quota(
+        quota_all_used=refreshed(
             "shipmon_quota_all_keys_used_lookups", "Lookups spent today by all keys together."
         ),
-        quota_all_left=quota(
+        quota_all_left=refreshed(
             "shipmon_quota_all_keys_left_lookups", "Lookups all keys together have left today."
         ),
-        quota_all_allowed=quota(
+        quota_all_allowed=refreshed(
             "shipmon_quota_all_keys_allowed_lookups",
             "The pace line: lookups all keys together may have spent by now.",
         ),
-        due_backlog=quota(
+        due_backlog=refreshed(
             "shipmon_due_backlog", "Open shipments of an account whose poll is due.", ["account"]
         ),
-        stalled=quota(
+        stalled=refreshed(
             "shipmon_stalled_shipments",
             "Open shipments of an account silent for longer than is normal.",
             ["account"],
         ),
-        endpoints_disabled=quota(
+        endpoints_disabled=refreshed(
             "shipmon_webhook_endpoints_disabled",
             "Webhook endpoints of an account that are disabled, by hand or after failing too long.",
             ["account"],

@@ -1,9 +1,9 @@
 # One image for every shipmon process: migrate, worker, beat, the metrics exporter, the sandbox.
 # Two stages: the first resolves uv.lock into /opt/venv; the second carries that environment and
 # the code, without uv or its cache. Needs BuildKit (Docker Engine 23+, `docker compose` v2).
-ARG PYTHON_IMAGE=python:3.11-slim
+# Both stages start from the same image: the environment's interpreter is the base image's.
 
-FROM ${PYTHON_IMAGE} AS build
+FROM python:3.11-slim AS build
 # A pinned uv, the release that writes this uv.lock, copied from its official image.
 COPY --from=ghcr.io/astral-sh/uv:0.13.9 /uv /usr/local/bin/uv
 # The base image's Python, never a downloaded one: the run stage has the same one at the same
@@ -25,7 +25,7 @@ RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev \
     && python -m compileall -q worker migrations
 
-FROM ${PYTHON_IMAGE}
+FROM python:3.11-slim
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     SHIPMON_HOME=/var/lib/shipmon

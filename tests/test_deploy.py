@@ -1,8 +1,5 @@
-"""What `deploy/`, the Dockerfile and docker-compose.yml promise: alert rules that parse and fire
-as described, a dashboard and rules naming only metrics shipmon exports, pinned images.
-
-Docker itself cannot run here; the compose file and the Dockerfile are checked as text.
-"""
+"""What `deploy/` promises: alert rules that parse and fire as described, a dashboard and rules
+naming only metrics shipmon exports."""
 
 from __future__ import annotations
 
@@ -135,39 +132,3 @@ def test_the_exposition_passes_promtools_naming_lint() -> None:
         timeout=120,
     )
     assert done.returncode == 0 and not done.stdout.strip(), done.stdout + done.stderr
-
-
-def test_compose_pins_postgres_and_redis_and_checks_they_serve() -> None:
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    services = compose["services"]
-    assert re.fullmatch(r"postgres:16\.\d+", services["postgres"]["image"])
-    assert re.fullmatch(r"redis:7\.\d+\.\d+", services["redis"]["image"])
-    for name in ("postgres", "redis"):
-        check = services[name]["healthcheck"]
-        assert check["test"][0] in ("CMD", "CMD-SHELL") and check["start_period"]
-    for service in services.values():
-        image = service.get("image", "")
-        assert not image.endswith(":latest") or image.startswith("${SHIPMON_IMAGE"), image
-
-
-def test_the_image_is_built_in_stages_with_a_pinned_uv_as_a_user_with_a_healthcheck() -> None:
-    lines = [
-        line.strip()
-        for line in (ROOT / "Dockerfile").read_text().replace("\\\n", " ").splitlines()
-        if line.strip() and not line.lstrip().startswith("#")
-    ]
-    stages = [i for i, line in enumerate(lines) if line.startswith("FROM ")]
-    assert len(stages) >= 2
-    final = lines[stages[-1] :]
-    assert any(
-        re.match(r"COPY --from=ghcr\.io/astral-sh/uv:\d+\.\d+\.\d+ ", line) for line in lines
-    )
-    assert not any("pip install" in line and "uv" in line for line in lines)
-    # uv's cache stays out of every layer.
-    for line in lines:
-        if "uv sync" in line:
-            assert "--mount=type=cache" in line or "--no-cache" in line, line
-    assert not any(line.startswith("COPY --from=ghcr.io/astral-sh/uv") for line in final)
-    users = [line.split()[1] for line in final if line.startswith("USER ")]
-    assert users and users[-1] not in ("root", "0")
-    assert any(line.startswith("HEALTHCHECK ") for line in final)

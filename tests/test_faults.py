@@ -199,7 +199,7 @@ errors = []
 def record():
     start.wait()
     try:
-        metrics.record_delivery("succeeded")
+        metrics.record_webhook_attempt("succeeded")
     except Exception as error:
         errors.append(error)
 
@@ -221,4 +221,4 @@ def test_threads_recording_at_once_create_the_metrics_once() -> None:
         [sys.executable, "-c", RACE], capture_output=True, text=True, env=env, timeout=60
     )
     assert done.returncode == 0, done.stderr
-    assert 'shipmon_webhook_deliveries_total{result="succeeded"} 8.0' in done.stdout
+    assert 'shipmon_webhook_attempts_total{result="succeeded"} 8.0' in done.stdout

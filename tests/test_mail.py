@@ -22,11 +22,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 from sqlalchemy import Select, select
 
 from tests import test_outbox
 from tests.test_outbox import T0, Receiver, World, always
+from worker import metrics
 from worker.config import Settings
 from worker.domain import EventType, delay_reason
 from worker.mail import MailError, send_message, send_ops_alert, smtp_server
@@ -210,6 +212,30 @@ def test_a_password_never_travels_without_tls(smtp: Callable[..., tuple[Mailbox,
         send_message(settings, plain_message())
     assert mailbox.logins == []
     assert mailbox.messages == []
+
+
+def test_emails_sent_and_failed_are_counted(smtp: Callable[..., tuple[Mailbox, int]]) -> None:
+    def counted() -> dict[str, float]:
+        return {
+            s.labels["result"]: s.value
+            for family in text_string_to_metric_families(metrics.exposition().decode())
+            if family.name == "shipmon_emails"
+            for s in family.samples
+            if s.name == "shipmon_emails_total"
+        }
+
+    before = counted()
+    mailbox, port = smtp()
+    settings = Settings(smtp_url=f"smtp://127.0.0.1:{port}")
+    send_message(settings, plain_message())
+    mailbox.refuse = "554 5.7.1 Message rejected"
+    for _ in range(2):
+        with pytest.raises(MailError):
+            send_message(settings, plain_message())
+
+    after = counted()
+    assert after["sent"] - before.get("sent", 0) == 1
+    assert after["failed"] - before.get("failed", 0) == 2
 
 
 def test_an_unreachable_server_is_a_mail_error() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -12,6 +13,7 @@ import sys
 import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +25,14 @@ from typer.testing import CliRunner
 
 from tests.conftest import ROOT, RunServers, make_account
 from worker import metrics
+from worker.carrier import CarrierClient
 from worker.cli import app
 from worker.logs import configure_logging
-from worker.models import Shipment
+from worker.models import Shipment, WebhookEndpoint
+from worker.poller import track_all
 from worker.quota import KeyStatus
+from worker.sandbox import running_sandbox
+from worker.workload import Faults
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -52,8 +58,9 @@ def test_counters_and_histograms_are_exposed_by_label() -> None:
     metrics.record_transition(None, "ACCEPTED")
     metrics.record_transition("IN_TRANSIT", "DELIVERING")
     metrics.record_delay(12)
-    metrics.record_delivery("succeeded")
-    metrics.record_delivery("failed")
+    metrics.record_webhook_attempt("succeeded")
+    metrics.record_webhook_attempt("failed")
+    metrics.record_webhook_attempt("dead")
     metrics.observe_detection_delay(90)
     metrics.observe_detection_delay(4000)
     metrics.observe_delivery_latency(0.3)
@@ -70,7 +77,13 @@ def test_counters_and_histograms_are_exposed_by_label() -> None:
     assert delta("shipmon_polls_total", result="ORDERCODE_NOT_FOUND") == 1
     assert delta("shipmon_transitions_total", **{"from": "", "to": "ACCEPTED"}) == 1
     assert delta("shipmon_delays_total", code="12") == 1
-    assert delta("shipmon_webhook_deliveries_total", result="failed") == 1
+    # A dead delivery's last attempt failed too; a failed one that will be retried is no
+    # finished delivery.
+    assert delta("shipmon_webhook_attempts_total", result="succeeded") == 1
+    assert delta("shipmon_webhook_attempts_total", result="failed") == 2
+    assert delta("shipmon_webhook_deliveries_total", result="delivered") == 1
+    assert delta("shipmon_webhook_deliveries_total", result="dead") == 1
+    assert delta("shipmon_webhook_deliveries_total", result="failed") == 0
     detection = "shipmon_detection_delay_seconds"
     assert delta(f"{detection}_count") == 2
     assert delta(f"{detection}_sum") == 4090
@@ -79,6 +92,46 @@ def test_counters_and_histograms_are_exposed_by_label() -> None:
     latency = "shipmon_webhook_delivery_latency_seconds"
     assert delta(f"{latency}_bucket", le="0.25") == 0
     assert delta(f"{latency}_bucket", le="0.5") == 1
+    assert value(after, "shipmon_build_info", version=version("shipmon")) == 1
+
+
+def test_every_carrier_lookup_is_timed_errors_too() -> None:
+    lookups = "shipmon_carrier_lookup_duration_seconds_count"
+    before = value(samples(metrics.exposition()), lookups)
+
+    async def lookup(base_url: str) -> None:
+        async with CarrierClient(base_url) as client:
+            # A key the carrier does not know: it answers, with an error, and that is a lookup.
+            await track_all(client, "NO-SUCH-KEY", ["ABC12345", "ABC12346"], concurrency=2)
+
+    with running_sandbox(faults=Faults()) as sandbox:
+        asyncio.run(lookup(sandbox.base_url))
+
+    assert value(samples(metrics.exposition()), lookups) - before == 2
+
+
+DISPATCH = """
+from worker import metrics, tasks
+
+tasks.dispatch_due()
+print(metrics.exposition().decode())
+"""
+
+
+def test_a_dispatch_tick_sets_the_heartbeat(servers: RunServers) -> None:
+    env = {k: v for k, v in servers.env().items() if k != metrics.MULTIPROC_DIR}
+    started = datetime.now(UTC).timestamp()
+    done = subprocess.run(
+        [sys.executable, "-c", DISPATCH],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    beat = value(samples(done.stdout.encode()), "shipmon_dispatch_last_tick_timestamp_seconds")
+    assert started <= beat <= datetime.now(UTC).timestamp()
 
 
 def test_gauges_show_quota_per_account_and_the_due_backlog(session: Session) -> None:
@@ -88,6 +141,11 @@ def test_gauges_show_quota_per_account_and_the_due_backlog(session: Session) -> 
         session.add(Shipment(account_id=busy.id, order_code=secrets.token_hex(4), next_poll_at=due))
     session.add(Shipment(account_id=busy.id, order_code=secrets.token_hex(4), active=False,
                          next_poll_at=now - timedelta(hours=1)))  # fmt: skip
+    session.add(Shipment(account_id=idle.id, order_code=secrets.token_hex(4),
+                         next_poll_at=now + timedelta(hours=1), stalled_at=now))  # fmt: skip
+    for enabled in (True, False):
+        session.add(WebhookEndpoint(account_id=busy.id, url="https://shop.example/hook",
+                                    secret_encrypted="x", enabled=enabled))  # fmt: skip
     session.flush()
     status = [
         KeyStatus(busy.name, "wxyz", 1000, 17, 300, 5, 200, None, None),
@@ -101,10 +159,16 @@ def test_gauges_show_quota_per_account_and_the_due_backlog(session: Session) -> 
     assert value(found, "shipmon_due_backlog", account=busy.name) == 2
     assert value(found, "shipmon_due_backlog", account=idle.name) == 0
     assert f'shipmon_due_backlog{{account="{idle.name}"}} 0.0'.encode() in exposed
-    assert value(found, "shipmon_quota_used", account=busy.name) == 17
-    assert value(found, "shipmon_quota_left", account=busy.name) == 983
-    assert value(found, "shipmon_quota_all_keys_used") == 40
-    assert value(found, "shipmon_quota_all_keys_left") == 2_999_960
+    assert value(found, "shipmon_stalled_shipments", account=idle.name) == 1
+    assert value(found, "shipmon_stalled_shipments", account=busy.name) == 0
+    assert value(found, "shipmon_webhook_endpoints_disabled", account=busy.name) == 1
+    assert f'shipmon_webhook_endpoints_disabled{{account="{idle.name}"}} 0.0'.encode() in exposed
+    assert value(found, "shipmon_quota_used_lookups", account=busy.name) == 17
+    assert value(found, "shipmon_quota_left_lookups", account=busy.name) == 983
+    assert value(found, "shipmon_quota_allowed_lookups", account=busy.name) == 300
+    assert value(found, "shipmon_quota_all_keys_used_lookups") == 40
+    assert value(found, "shipmon_quota_all_keys_left_lookups") == 2_999_960
+    assert value(found, "shipmon_quota_all_keys_allowed_lookups") == 900_000
     assert b"wxyz" not in exposed
 
 
@@ -186,11 +250,27 @@ def test_shipmon_metrics_serves_the_sum_of_prefork_children(
     assert value(found, "shipmon_transitions_total", **moved) == 2
     assert value(found, "shipmon_detection_delay_seconds_count") == 2
     assert value(found, "shipmon_detection_delay_seconds_bucket", le="300.0") == 2
-    assert value(found, "shipmon_quota_used", account=account) == 7
+    assert value(found, "shipmon_quota_used_lookups", account=account) == 7
     # Only the two children wrote files: neither the parent, which only imported the
     # metrics, nor the exporter.
     writers = {p.stem.rsplit("_", 1)[1] for p in folder.glob("*.db")}
     assert len(writers) == 2
+
+
+def test_shipmon_metrics_answers_healthz_and_names_its_release(
+    exporter: tuple[subprocess.Popen[str], Path],
+) -> None:
+    process, _ = exporter
+    assert process.stdout is not None
+    page = process.stdout.readline().split()[-1]
+    base = page.removesuffix("/metrics")
+
+    with urllib.request.urlopen(f"{base}/healthz", timeout=30) as response:
+        assert (response.status, response.read()) == (200, b"ok")
+        assert response.headers["Content-Type"].startswith("text/plain")
+    with urllib.request.urlopen(page, timeout=30) as response:
+        found = samples(response.read())
+    assert value(found, "shipmon_build_info", version=version("shipmon")) == 1
 
 
 def test_shipmon_metrics_needs_the_workers_folder(servers: RunServers) -> None:

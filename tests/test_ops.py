@@ -671,7 +671,49 @@ def test_the_image_installs_the_locked_dependencies_and_copies_what_exists() -> 
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert dockerfile.startswith("#") and "FROM python:3.11-slim" in dockerfile
     assert "uv sync --frozen --no-dev" in dockerfile
-    copies = [line.split()[1:-1] for line in dockerfile.splitlines() if line.startswith("COPY ")]
+    lines = [line.strip() for line in dockerfile.replace("\\\n", " ").splitlines()]
+    stages = [line.split()[-1] for line in lines if line.startswith("FROM ") and " AS " in line]
+    copies = [line.split()[1:-1] for line in lines if line.startswith("COPY ")]
     assert copies
     for sources in copies:
-        assert all((ROOT / source).exists() for source in sources), sources
+        if sources[0].startswith("--from="):
+            # From an earlier stage, or from an image pinned to a release.
+            origin = sources[0].removeprefix("--from=")
+            assert origin in stages or re.fullmatch(r"[\w./-]+:\d+\.\d+\.\d+", origin), origin
+        else:
+            assert all((ROOT / source).exists() for source in sources), sources
+
+
+def test_the_image_is_built_in_stages_with_a_pinned_uv_as_a_user_with_a_healthcheck() -> None:
+    lines = [
+        line.strip()
+        for line in (ROOT / "Dockerfile").read_text().replace("\\\n", " ").splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    starts = [i for i, line in enumerate(lines) if line.startswith("FROM ")]
+    assert len(starts) >= 2
+    final = lines[starts[-1] :]
+    pinned_uv = re.compile(r"COPY --from=ghcr\.io/astral-sh/uv:\d+\.\d+\.\d+ ")
+    assert any(pinned_uv.match(line) for line in lines)
+    assert not any("pip install" in line and "uv" in line for line in lines)
+    # uv's cache stays out of every layer, and uv out of the image that runs.
+    for line in lines:
+        if "uv sync" in line:
+            assert "--mount=type=cache" in line or "--no-cache" in line, line
+    assert not any(line.startswith("COPY --from=ghcr.io/astral-sh/uv") for line in final)
+    users = [line.split()[1] for line in final if line.startswith("USER ")]
+    assert users and users[-1] not in ("root", "0")
+    assert any(line.startswith("HEALTHCHECK ") for line in final)
+
+
+def test_compose_pins_postgres_and_redis_and_checks_they_serve() -> None:
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    assert re.fullmatch(r"postgres:16\.\d+", services["postgres"]["image"])
+    assert re.fullmatch(r"redis:7\.\d+\.\d+", services["redis"]["image"])
+    # Over TCP (the first start's initialising server listens on the socket only), and only a
+    # PONG counts (a loading Redis answers LOADING).
+    assert "-h 127.0.0.1" in services["postgres"]["healthcheck"]["test"][1]
+    assert "PONG" in services["redis"]["healthcheck"]["test"][1]
+    for service in services.values():
+        image = service.get("image", "")
+        assert not image.endswith(":latest") or image.startswith("${SHIPMON_IMAGE"), image

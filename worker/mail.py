@@ -22,6 +22,7 @@ from urllib.parse import unquote, urlsplit
 
 import jinja2
 
+from worker import metrics
 from worker.config import Settings
 from worker.domain import EventType, delay_reason
 from worker.models import OutboxEvent, Shipment, TrackingEvent
@@ -102,6 +103,7 @@ def smtp_server(settings: Settings) -> SmtpServer | None:
     )
 
 
+@metrics.counting_emails
 def send_message(
     settings: Settings,
     message: EmailMessage,

@@ -469,7 +469,7 @@ def _record(
         waited = _waited(session, delivery) if result.succeeded else None
         alert = _endpoint_health(session, claim.destination.endpoint_id, result, now)
     # Counted once the transaction has committed: a metrics failure must not undo a delivery.
-    metrics.record_delivery(outcome)
+    metrics.record_webhook_attempt(outcome)
     if waited is not None:
         metrics.observe_delivery_latency(waited)
     return alert

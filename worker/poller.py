@@ -95,7 +95,8 @@ async def track_all(
     async def one(code: str) -> Outcome:
         async with gate:
             try:
-                return await client.track(code, api_key)
+                with metrics.timing_lookup():
+                    return await client.track(code, api_key)
             except CarrierError as error:
                 return error
 

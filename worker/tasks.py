@@ -25,7 +25,7 @@ from worker.embedded import Servers, resolve
 from worker.intake import register_orders as register
 from worker.learning import PlanCache, relearn, update_prices
 from worker.mail import MailError, send_ops_alert
-from worker.metrics import refresh_gauges
+from worker.metrics import record_dispatch_tick, refresh_gauges
 from worker.ops import PURGE_BATCH, detect_stalled, purge_finished
 from worker.outbox import fan_out_and_deliver_async
 from worker.poller import poll_claim
@@ -116,6 +116,7 @@ def dispatch_due() -> int:
             refund=lambda s, account_id, n: p.limiter.refund(s, account_id, n),
             first_lookup=first_lookup,
         )
+    record_dispatch_tick(now)
     for claim in claims:
         p.limiter.hold(claim.account_id, claim.batch, len(claim.shipment_ids))
         poll.delay(*claim.as_task_args())

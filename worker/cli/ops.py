@@ -225,7 +225,7 @@ def _print_stats(result: Stats, data: dict[str, Any]) -> None:
 
 
 def metrics(
-    port: Annotated[int, typer.Option(help="Port to serve /metrics on (0: any free port).")] = 9808,
+    port: Annotated[int, typer.Option(help="Port of /metrics and /healthz (0: any).")] = 9808,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
 ) -> None:
     """Serve the worker processes' Prometheus metrics, summed from PROMETHEUS_MULTIPROC_DIR."""

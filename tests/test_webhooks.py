@@ -293,6 +293,14 @@ def test_a_response_is_kept_up_to_twenty_kilobytes() -> None:
     assert result.response_excerpt.startswith("éé")
 
 
+def test_a_nul_byte_in_an_answer_is_replaced_so_the_attempt_can_be_stored() -> None:
+    async def nul(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=500, body=b"broken\x00here\xff")
+
+    result, _ = attempt(nul)
+    assert result.response_excerpt == "broken\ufffdhere\ufffd"
+
+
 def test_an_attempt_that_takes_too_long_fails_at_the_deadline() -> None:
     async def hang(request: web.Request) -> web.StreamResponse:
         await asyncio.Event().wait()

@@ -46,10 +46,13 @@ from worker.models import (
 )
 from worker.webhooks import (
     DISABLE_AFTER,
+    ERROR_LIMIT,
     HELD,
     AttemptResult,
     Resolver,
     WebhookSender,
+    clean_text,
+    describe_error,
     event_body,
     retry_delay,
     set_endpoint_enabled,
@@ -86,6 +89,9 @@ DEFAULT_CONCURRENCY = 32
 # Rows per INSERT when one fan-out makes many deliveries.
 INSERT_CHUNK = 1000
 SCANS_IN_EMAIL = 5
+# How a delivery or an endpoint is locked to change it: FOR NO KEY UPDATE, which a fan-out
+# inserting deliveries (KEY SHARE on their endpoint, by the foreign key) never waits for.
+NO_KEY_UPDATE: dict[str, Any] = {"key_share": True}
 
 
 def _wall_clock() -> datetime:
@@ -191,7 +197,7 @@ def _queue_behind_retries(session: Session, created: Sequence[Delivery], now: da
             Delivery.id.not_in([d.id for d in created]),
         )
         .order_by(Delivery.id)
-        .with_for_update()
+        .with_for_update(key_share=True)
     ).scalars()
     due_at: dict[Line, list[tuple[int, datetime]]] = {}
     for earlier in waiting:
@@ -304,7 +310,7 @@ def _claim(
             .where(Delivery.state == "pending", Delivery.next_attempt_at <= now, _is_head())
             .order_by(Delivery.next_attempt_at)
             .limit(count)
-            .with_for_update(skip_locked=True, of=Delivery)
+            .with_for_update(skip_locked=True, of=Delivery, key_share=True)
         )
         deliveries = session.scalars(
             update(Delivery)
@@ -428,7 +434,8 @@ def _attempt_row(delivery_id: int, at: datetime, result: AttemptResult) -> dict[
         "attempted_at": at,
         "status_code": result.status_code,
         "duration_ms": result.duration_ms,
-        "error": result.error,
+        # Errors come from receivers, mail servers and templates; any may carry a NUL.
+        "error": None if result.error is None else clean_text(result.error, ERROR_LIMIT),
         "response_excerpt": result.response_excerpt,
     }
 
@@ -443,11 +450,16 @@ def _record(
 ) -> _Alert | None:
     """Store an attempt and decide the delivery's future; returns an alert to send, if any."""
     with session_factory.begin() as session:
+        # Locks in one order everywhere, delivery then endpoint, and never stronger than NO KEY
+        # UPDATE: a fan-out inserting deliveries holds KEY SHARE on their endpoint (the foreign
+        # key) while it waits for this delivery, and FOR UPDATE would wait for it in turn.
+        delivery = session.get(Delivery, claim.delivery_id, with_for_update=NO_KEY_UPDATE)
+        if delivery is None:
+            return None
         session.execute(
             insert(DeliveryAttempt).values(_attempt_row(claim.delivery_id, attempted_at, result))
         )
-        delivery = session.get(Delivery, claim.delivery_id, with_for_update=True)
-        if delivery is None or delivery.state != "pending" or delivery.attempts != claim.attempts:
+        if delivery.state != "pending" or delivery.attempts != claim.attempts:
             # Our lease ran out and another worker claimed it again: its record decides.
             return None
         delivery.last_attempt_at = attempted_at
@@ -489,7 +501,7 @@ def _endpoint_health(
     session: Session, endpoint_id: int, result: AttemptResult, now: datetime
 ) -> _Alert | None:
     """Track how long an endpoint has been failing; disable it on 410 or after DISABLE_AFTER."""
-    endpoint = session.get_one(WebhookEndpoint, endpoint_id, with_for_update=True)
+    endpoint = session.get_one(WebhookEndpoint, endpoint_id, with_for_update=NO_KEY_UPDATE)
     if result.succeeded:
         if endpoint.failing_since is not None:
             endpoint.failing_since = None
@@ -540,11 +552,36 @@ async def _attempt(
     clock: Clock,
     rng: random.Random | None,
 ) -> None:
+    """Make one attempt and record it; whatever goes wrong is this attempt's alone.
+
+    An exception here would end the delivery loop and cancel every other attempt in flight,
+    so each failure becomes a failed attempt of this delivery, which then backs off as any
+    failed attempt does.
+    """
     attempted_at = clock()
-    result = await _send(claim, settings, sender)
-    alert = await asyncio.to_thread(
-        _record, session_factory, claim, result, attempted_at, clock(), rng
-    )
+    try:
+        result = await _send(claim, settings, sender)
+    except Exception as error:
+        log.exception("attempt at delivery %s failed", claim.delivery_id)
+        result = AttemptResult(False, 0, error=f"internal error: {describe_error(error)}")
+    try:
+        alert = await asyncio.to_thread(
+            _record, session_factory, claim, result, attempted_at, clock(), rng
+        )
+    except Exception as error:
+        log.exception("cannot record attempt at delivery %s", claim.delivery_id)
+        # Without what the receiver said, which is what could not be stored.
+        bare = AttemptResult(
+            False, result.duration_ms, error=f"answer not recorded: {describe_error(error)}"
+        )
+        try:
+            alert = await asyncio.to_thread(
+                _record, session_factory, claim, bare, attempted_at, clock(), rng
+            )
+        except Exception:
+            # The database itself is failing: the claim's lease runs out and it comes due again.
+            log.exception("cannot record attempt at delivery %s", claim.delivery_id)
+            return
     if alert is not None:
         await asyncio.to_thread(_send_alert, settings, alert)
 
@@ -736,13 +773,14 @@ def _record_replay(
     session_factory: SessionFactory, claim: _Claim, result: AttemptResult, at: datetime
 ) -> None:
     with session_factory.begin() as session:
+        # The same lock order as `_record`.
+        delivery = session.get(Delivery, claim.delivery_id, with_for_update=NO_KEY_UPDATE)
+        if delivery is None:
+            return
         session.execute(insert(DeliveryAttempt).values(_attempt_row(claim.delivery_id, at, result)))
         # A replay that gets through completes the delivery; one that fails changes nothing
         # about its schedule.
-        if not result.succeeded:
-            return
-        delivery = session.get(Delivery, claim.delivery_id, with_for_update=True)
-        if delivery is None or delivery.state == "succeeded":
+        if not result.succeeded or delivery.state == "succeeded":
             return
         was_pending = delivery.state == "pending"
         delivery.state = "succeeded"

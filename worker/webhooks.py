@@ -44,6 +44,7 @@ __all__ = [
     "ATTEMPT_TIMEOUT",
     "CONNECT_TIMEOUT",
     "DISABLE_AFTER",
+    "ERROR_LIMIT",
     "EXCERPT_LIMIT",
     "HELD",
     "RETRY_DELAYS",
@@ -58,6 +59,8 @@ __all__ = [
     "add_endpoint",
     "check_address",
     "check_url",
+    "clean_text",
+    "describe_error",
     "event_body",
     "get_endpoint",
     "new_secret",
@@ -79,6 +82,8 @@ ATTEMPT_TIMEOUT = 15.0
 MAX_URL_LENGTH = 2048
 # Enough of a response body to see what went wrong, without storing a page of HTML per try.
 EXCERPT_LIMIT = 20 * 1024
+# An error's text is one line for ops, never a dump.
+ERROR_LIMIT = 1000
 # Waits before the 2nd, 3rd, ... 8th attempt, each counted from the previous attempt.
 RETRY_DELAYS: tuple[timedelta, ...] = (
     timedelta(seconds=5),
@@ -406,7 +411,7 @@ class WebhookSender:
                 False, elapsed(), error=f"no answer within {self._attempt_timeout:g} s"
             )
         except (httpx.HTTPError, aiohttp.ClientError, OSError) as error:
-            return AttemptResult(False, elapsed(), error=_describe(error))
+            return AttemptResult(False, elapsed(), error=describe_error(error))
         retry_after = None
         if response.status_code in (429, 503):
             retry_after = _retry_after(response.headers.get("retry-after"), datetime.now(UTC))
@@ -419,6 +424,15 @@ class WebhookSender:
         )
 
 
+def clean_text(text: str, limit: int) -> str:
+    """`text` as PostgreSQL can store it: NUL bytes replaced, cut to `limit` characters.
+
+    A receiver chooses every byte of its answer, and a text column refuses a NUL; one such
+    answer must not make its attempt impossible to record.
+    """
+    return text[:limit].replace("\x00", "\N{REPLACEMENT CHARACTER}")
+
+
 async def _read_excerpt(response: httpx.Response) -> str:
     chunks: list[bytes] = []
     size = 0
@@ -427,10 +441,11 @@ async def _read_excerpt(response: httpx.Response) -> str:
         size += len(chunk)
         if size >= EXCERPT_LIMIT:
             break
-    return b"".join(chunks)[:EXCERPT_LIMIT].decode(errors="replace")
+    return clean_text(b"".join(chunks)[:EXCERPT_LIMIT].decode(errors="replace"), EXCERPT_LIMIT)
 
 
-def _describe(error: BaseException) -> str:
+def describe_error(error: BaseException) -> str:
+    """An exception as one line for an attempt's record: its kind and what it says."""
     text = str(error).strip()
     name = type(error).__name__
     return f"{name}: {text}" if text else name
@@ -489,7 +504,11 @@ def add_endpoint(
 def get_endpoint(session: Session, endpoint_id: int) -> WebhookEndpoint:
     """The endpoint with this id, locked for update; raises UnknownEndpoint."""
     endpoint = session.scalar(
-        select(WebhookEndpoint).where(WebhookEndpoint.id == endpoint_id).with_for_update()
+        select(WebhookEndpoint)
+        .where(WebhookEndpoint.id == endpoint_id)
+        # NO KEY UPDATE: a fan-out inserting deliveries for it (KEY SHARE, by the foreign key)
+        # never has to wait for an operator.
+        .with_for_update(key_share=True)
     )
     if endpoint is None:
         raise UnknownEndpoint(

@@ -49,6 +49,7 @@ __all__ = [
     "HELD",
     "RETRY_DELAYS",
     "ROTATION_OVERLAP",
+    "SPECIAL_BLOCKS",
     "USER_AGENT",
     "AttemptResult",
     "IPAddress",
@@ -195,16 +196,86 @@ def system_resolver(host: str) -> list[IPAddress]:
     return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
 
 
+def _blocks(
+    table: dict[str, str],
+) -> list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str]]:
+    return [(ipaddress.ip_network(cidr), name) for cidr, name in table.items()]
+
+
+# Every block of the IANA IPv4 and IPv6 special-purpose address registries (as of 2024), with
+# multicast and the deprecated site-local block. A merchant's receiver is a web server on a
+# public unicast address, so even the blocks the registries call globally reachable (anycast
+# relays, AS112 DNS servers) are refused. The IPv6 forms that carry an IPv4 address a packet
+# is delivered to are not listed: `_embedded_ipv4` finds that address, and it decides.
+SPECIAL_BLOCKS = _blocks(
+    {
+        "0.0.0.0/8": "this network",
+        "10.0.0.0/8": "private use",
+        "100.64.0.0/10": "shared address space",
+        "127.0.0.0/8": "loopback",
+        "169.254.0.0/16": "link-local",
+        "172.16.0.0/12": "private use",
+        "192.0.0.0/24": "IETF protocol assignments",
+        "192.0.2.0/24": "documentation",
+        "192.31.196.0/24": "AS112 DNS",
+        "192.52.193.0/24": "AMT relays",
+        "192.88.99.0/24": "6to4 relay anycast",
+        "192.168.0.0/16": "private use",
+        "192.175.48.0/24": "AS112 DNS",
+        "198.18.0.0/15": "benchmarking",
+        "198.51.100.0/24": "documentation",
+        "203.0.113.0/24": "documentation",
+        "224.0.0.0/4": "multicast",
+        "240.0.0.0/4": "reserved",
+        "::/128": "unspecified",
+        "::1/128": "loopback",
+        "::/96": "IPv4-compatible (deprecated)",
+        "::ffff:0:0:0/96": "IPv4-translated",
+        "64:ff9b:1::/48": "local-use IPv4/IPv6 translation",
+        "100::/64": "discard-only",
+        "100:0:0:1::/64": "dummy prefix",
+        "2001::/23": "IETF protocol assignments, Teredo included",
+        "2001:db8::/32": "documentation",
+        "2620:4f:8000::/48": "AS112 DNS",
+        "3fff::/20": "documentation",
+        "5f00::/16": "segment routing",
+        "fc00::/7": "unique local",
+        "fe80::/10": "link-local",
+        "fec0::/10": "site-local (deprecated)",
+        "ff00::/8": "multicast",
+    }
+)
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_SIX_TO_FOUR = ipaddress.IPv6Network("2002::/16")
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address a packet to `address` ends up at: mapped, NAT64 or 6to4."""
+    if address in _IPV4_MAPPED or address in _NAT64:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if address in _SIX_TO_FOUR:
+        return ipaddress.IPv4Address((int(address) >> 80) & 0xFFFFFFFF)
+    return None
+
+
 def check_address(address: IPAddress, *, allow_private: bool) -> None:
     """Refuse an address that is not on the public internet, unless private ones are allowed."""
     if allow_private:
         return
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    if not address.is_global or address.is_multicast:
+    shown = str(address)
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = _embedded_ipv4(address)
+        if embedded is not None:
+            shown = f"{address} (IPv4 {embedded})"
+            address = embedded
+    # Python's own view as well, for what a newer registry adds before this table knows it.
+    block = next((name for net, name in SPECIAL_BLOCKS if address in net), None)
+    if block is not None or not address.is_global:
         raise UnsafeDestination(
-            f"{address} is a private, loopback, link-local or reserved address; webhooks go "
-            "only to public addresses (set SHIPMON_WEBHOOK_ALLOW_PRIVATE=true for a test setup)"
+            f"{shown} is a private, loopback, link-local or reserved address "
+            f"({block or 'not global'}); webhooks go only to public addresses "
+            "(set SHIPMON_WEBHOOK_ALLOW_PRIVATE=true for a test setup)"
         )
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, insert, or_, select, update
+from sqlalchemy import and_, case, exists, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
@@ -61,9 +61,12 @@ from worker.webhooks import (
 )
 
 __all__ = [
+    "CIRCUIT_AFTER",
+    "CIRCUIT_REST",
     "DEFAULT_CONCURRENCY",
     "DEFAULT_LEASE",
     "DEFAULT_LIMIT",
+    "ENDPOINT_IN_FLIGHT",
     "Clock",
     "ReplayOutcome",
     "deliver_due",
@@ -86,6 +89,13 @@ DEFAULT_LEASE = timedelta(seconds=60)
 DEFAULT_LIMIT = 1000
 # Attempts in flight at once.
 DEFAULT_CONCURRENCY = 32
+# Attempts in flight at once to one endpoint, over every worker: a receiver that tarpits holds
+# this many slots and no more.
+ENDPOINT_IN_FLIGHT = 8
+# Attempts in a row that end with no answer (timeout, reset, refused) before the endpoint rests
+# for CIRCUIT_REST; its deliveries wait, their attempts uncounted, and then one goes first.
+CIRCUIT_AFTER = 5
+CIRCUIT_REST = timedelta(minutes=1)
 # Rows per INSERT when one fan-out makes many deliveries.
 INSERT_CHUNK = 1000
 SCANS_IN_EMAIL = 5
@@ -271,8 +281,11 @@ class _Claim:
     destination: _Webhook | _Email
 
 
-def _is_head() -> Any:
-    """True for a delivery that is next in line for its shipment and destination."""
+def _is_head(now: datetime) -> Any:
+    """True for a delivery that is next in line for its shipment and destination.
+
+    An endpoint whose circuit is open has no delivery next in line until it closes.
+    """
     earlier = aliased(Delivery)
     earlier_pending = exists().where(
         earlier.shipment_id == Delivery.shipment_id,
@@ -288,7 +301,14 @@ def _is_head() -> Any:
         OutboxEvent.fanned_out_at.is_(None),
     )
     destination_enabled = or_(
-        exists().where(WebhookEndpoint.id == Delivery.endpoint_id, WebhookEndpoint.enabled),
+        exists().where(
+            WebhookEndpoint.id == Delivery.endpoint_id,
+            WebhookEndpoint.enabled,
+            or_(
+                WebhookEndpoint.circuit_open_until.is_(None),
+                WebhookEndpoint.circuit_open_until <= now,
+            ),
+        ),
         exists().where(EmailRecipient.id == Delivery.recipient_id, EmailRecipient.enabled),
     )
     return and_(~earlier_pending, ~earlier_unfanned, destination_enabled)
@@ -302,12 +322,76 @@ def _claim(
     now: datetime,
     lease: timedelta,
 ) -> tuple[list[_Claim], int]:
-    """Claim up to `count` due deliveries; returns those to send, and how many were claimed."""
+    """Claim up to `count` due deliveries; returns those to send, and how many were claimed.
+
+    No endpoint gets more than its share of attempts in flight, counted over every worker, so
+    one that is slow to answer holds a few slots, never all of them.
+    """
     with session_factory.begin() as session:
+        in_flight = (
+            select(Delivery.endpoint_id, func.count().label("attempts"))
+            .where(Delivery.leased_until > now, Delivery.endpoint_id.is_not(None))
+            .group_by(Delivery.endpoint_id)
+            .subquery()
+        )
+        # Right after its circuit closes, an endpoint gets one attempt to show it answers.
+        cap = case((WebhookEndpoint.unanswered >= CIRCUIT_AFTER, 1), else_=ENDPOINT_IN_FLIGHT)
+        full = (
+            select(in_flight.c.endpoint_id)
+            .join(WebhookEndpoint, WebhookEndpoint.id == in_flight.c.endpoint_id)
+            .where(in_flight.c.attempts >= cap)
+        )
+        # The most overdue deliveries next in line, of destinations with room; a few times what
+        # is wanted, as some endpoints have room for fewer than they have waiting. The limit
+        # lets the scan stop early however many are due; materialized, it runs once.
+        candidates = (
+            select(Delivery.id, Delivery.endpoint_id, Delivery.next_attempt_at)
+            .where(
+                Delivery.state == "pending",
+                Delivery.next_attempt_at <= now,
+                or_(Delivery.endpoint_id.is_(None), Delivery.endpoint_id.not_in(full)),
+                _is_head(now),
+            )
+            .order_by(Delivery.next_attempt_at)
+            .limit(count * 4)
+            .cte("candidates")
+            .prefix_with("MATERIALIZED")
+        )
+        ranked = (
+            select(
+                candidates.c.id,
+                candidates.c.endpoint_id,
+                func.row_number()
+                .over(
+                    partition_by=candidates.c.endpoint_id,
+                    order_by=(candidates.c.next_attempt_at, candidates.c.id),
+                )
+                .label("rank"),
+            )
+        ).subquery()
+        allowed = (
+            select(ranked.c.id)
+            .outerjoin(WebhookEndpoint, WebhookEndpoint.id == ranked.c.endpoint_id)
+            .outerjoin(in_flight, in_flight.c.endpoint_id == ranked.c.endpoint_id)
+            .where(
+                or_(
+                    ranked.c.endpoint_id.is_(None),
+                    ranked.c.rank <= cap - func.coalesce(in_flight.c.attempts, 0),
+                )
+            )
+            .cte("allowed")
+            .prefix_with("MATERIALIZED")
+        )
         # SKIP LOCKED: deliveries another worker is claiming right now are its own; wait for none.
+        # Claims running at once may each see the same attempts in flight: the cap holds per
+        # claim, and overall to within the number of workers claiming at that moment.
         due = (
             select(Delivery.id)
-            .where(Delivery.state == "pending", Delivery.next_attempt_at <= now, _is_head())
+            .where(
+                Delivery.id.in_(select(allowed.c.id)),
+                Delivery.state == "pending",
+                Delivery.next_attempt_at <= now,
+            )
             .order_by(Delivery.next_attempt_at)
             .limit(count)
             .with_for_update(skip_locked=True, of=Delivery, key_share=True)
@@ -315,7 +399,11 @@ def _claim(
         deliveries = session.scalars(
             update(Delivery)
             .where(Delivery.id.in_(due.scalar_subquery()))
-            .values(next_attempt_at=now + lease, attempts=Delivery.attempts + 1)
+            .values(
+                next_attempt_at=now + lease,
+                leased_until=now + lease,
+                attempts=Delivery.attempts + 1,
+            )
             .returning(Delivery),
             execution_options={"synchronize_session": False},
         ).all()
@@ -338,7 +426,7 @@ def _claim(
             session.execute(
                 update(Delivery)
                 .where(Delivery.id.in_([d.id for d in emails]))
-                .values(state="skipped", completed_at=now)
+                .values(state="skipped", completed_at=now, leased_until=None)
             )
         else:
             claims += [_email_claim(d, events[d.event_id], session, settings) for d in emails]
@@ -463,6 +551,7 @@ def _record(
             # Our lease ran out and another worker claimed it again: its record decides.
             return None
         delivery.last_attempt_at = attempted_at
+        delivery.leased_until = None
         delay = (
             None if result.succeeded else retry_delay(delivery.attempts, result.retry_after, rng)
         )
@@ -500,8 +589,21 @@ def _waited(session: Session, delivery: Delivery) -> float | None:
 def _endpoint_health(
     session: Session, endpoint_id: int, result: AttemptResult, now: datetime
 ) -> _Alert | None:
-    """Track how long an endpoint has been failing; disable it on 410 or after DISABLE_AFTER."""
+    """Track how long an endpoint has been failing; disable it on 410 or after DISABLE_AFTER.
+
+    Also opens its circuit after CIRCUIT_AFTER attempts in a row without an answer, and closes
+    it on any answer.
+    """
     endpoint = session.get_one(WebhookEndpoint, endpoint_id, with_for_update=NO_KEY_UPDATE)
+    if result.status_code is not None:
+        endpoint.unanswered = 0
+        endpoint.circuit_open_until = None
+    else:
+        endpoint.unanswered += 1
+        resting = endpoint.circuit_open_until is not None and endpoint.circuit_open_until > now
+        if endpoint.unanswered >= CIRCUIT_AFTER and not resting:
+            endpoint.circuit_open_until = now + CIRCUIT_REST
+            log.warning("webhook endpoint %s does not answer; resting it", endpoint.id)
     if result.succeeded:
         if endpoint.failing_since is not None:
             endpoint.failing_since = None
@@ -610,7 +712,9 @@ async def deliver_due_async(
     try:
         while True:
             free = min(concurrency - len(running), limit - attempted)
-            if not drained and free > 0:
+            # A claim gives each endpoint no more than its room, so claim again while claims
+            # find something: the slots left go to the next endpoints in line.
+            while not drained and free > 0:
                 claims, claimed = await asyncio.to_thread(
                     _claim, session_factory, settings, secret_key, free, clock(), lease
                 )
@@ -620,6 +724,7 @@ async def deliver_due_async(
                     for c in claims
                 }
                 drained = claimed == 0
+                free = min(concurrency - len(running), limit - attempted)
             if not running:
                 return attempted
             done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)

@@ -600,7 +600,10 @@ def set_endpoint_enabled(
     endpoint.enabled = enabled
     endpoint.disabled_reason = None if enabled else reason
     if enabled:
+        # An operator who enables it vouches for it: no failure streak, no circuit open.
         endpoint.failing_since = None
+        endpoint.unanswered = 0
+        endpoint.circuit_open_until = None
     session.execute(
         update(Delivery)
         .where(Delivery.endpoint_id == endpoint.id, Delivery.state == "pending")

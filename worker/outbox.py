@@ -96,6 +96,9 @@ ENDPOINT_IN_FLIGHT = 8
 # for CIRCUIT_REST; its deliveries wait, their attempts uncounted, and then one goes first.
 CIRCUIT_AFTER = 5
 CIRCUIT_REST = timedelta(minutes=1)
+# How many due deliveries a claim looks at for each one it wants: some endpoints have room for
+# fewer than they have waiting, and the rest of the slots go to those further down the line.
+CANDIDATES_PER_CLAIM = 4
 # Rows per INSERT when one fan-out makes many deliveries.
 INSERT_CHUNK = 1000
 SCANS_IN_EMAIL = 5
@@ -341,9 +344,8 @@ def _claim(
             .join(WebhookEndpoint, WebhookEndpoint.id == in_flight.c.endpoint_id)
             .where(in_flight.c.attempts >= cap)
         )
-        # The most overdue deliveries next in line, of destinations with room; a few times what
-        # is wanted, as some endpoints have room for fewer than they have waiting. The limit
-        # lets the scan stop early however many are due; materialized, it runs once.
+        # The most overdue deliveries next in line, of destinations with room. The limit lets
+        # the scan stop early however many are due; materialized, it runs once.
         candidates = (
             select(Delivery.id, Delivery.endpoint_id, Delivery.next_attempt_at)
             .where(
@@ -353,7 +355,7 @@ def _claim(
                 _is_head(now),
             )
             .order_by(Delivery.next_attempt_at)
-            .limit(count * 4)
+            .limit(count * CANDIDATES_PER_CLAIM)
             .cte("candidates")
             .prefix_with("MATERIALIZED")
         )

@@ -49,7 +49,6 @@ __all__ = [
     "HELD",
     "RETRY_DELAYS",
     "ROTATION_OVERLAP",
-    "SPECIAL_BLOCKS",
     "USER_AGENT",
     "AttemptResult",
     "IPAddress",
@@ -207,7 +206,7 @@ def _blocks(
 # public unicast address, so even the blocks the registries call globally reachable (anycast
 # relays, AS112 DNS servers) are refused. The IPv6 forms that carry an IPv4 address a packet
 # is delivered to are not listed: `_embedded_ipv4` finds that address, and it decides.
-SPECIAL_BLOCKS = _blocks(
+_SPECIAL_BLOCKS = _blocks(
     {
         "0.0.0.0/8": "this network",
         "10.0.0.0/8": "private use",
@@ -270,7 +269,7 @@ def check_address(address: IPAddress, *, allow_private: bool) -> None:
             shown = f"{address} (IPv4 {embedded})"
             address = embedded
     # Python's own view as well, for what a newer registry adds before this table knows it.
-    block = next((name for net, name in SPECIAL_BLOCKS if address in net), None)
+    block = next((name for net, name in _SPECIAL_BLOCKS if address in net), None)
     if block is not None or not address.is_global:
         raise UnsafeDestination(
             f"{shown} is a private, loopback, link-local or reserved address "

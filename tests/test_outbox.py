@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 from standardwebhooks import Webhook, WebhookVerificationError
 from typer.testing import CliRunner
@@ -44,8 +44,22 @@ from worker.models import (
     Shipment,
     WebhookEndpoint,
 )
-from worker.outbox import DEFAULT_LEASE, fan_out, fan_out_and_deliver, replay
-from worker.webhooks import RETRY_DELAYS, add_endpoint, set_endpoint_enabled
+from worker.outbox import (
+    DEFAULT_LEASE,
+    _claim,
+    _record,
+    fan_out,
+    fan_out_and_deliver,
+    fan_out_and_deliver_async,
+    replay,
+)
+from worker.webhooks import (
+    RETRY_DELAYS,
+    AttemptResult,
+    WebhookSender,
+    add_endpoint,
+    set_endpoint_enabled,
+)
 
 T0 = datetime.now(UTC).replace(microsecond=0)
 
@@ -552,6 +566,46 @@ def test_an_earlier_event_not_yet_fanned_out_holds_the_later_one(
     assert receiver.sequences(code) == [1, 2]
 
 
+class _BrokenFor(WebhookSender):
+    """A sender whose attempts at one URL fail in a way no attempt should (a bug, say)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(allow_private=True)
+        self.url = url
+
+    async def send(self, url: str, *args: Any) -> AttemptResult:
+        if url == self.url:
+            raise RuntimeError("unexpected\x00failure")
+        return await super().send(url, *args)
+
+
+def test_an_attempt_that_fails_unexpectedly_is_recorded_and_stops_no_other(
+    world: World, receivers: Callable[..., Receiver]
+) -> None:
+    broken, healthy = receivers(), receivers()
+    account, other = world.account(), world.account()
+    broken_id = world.endpoint(account, broken)
+    world.endpoint(other, healthy)
+    for owner in (account, other):
+        shipment, _ = world.shipment(owner)
+        for _ in range(3):
+            world.event(shipment)
+
+    async def run() -> int:
+        async with _BrokenFor(broken.url) as sender:
+            return await fan_out_and_deliver_async(
+                world.sessions, world.settings, sender, secret_key=world.secret_key, now=T0
+            )
+
+    assert asyncio.run(run()) == 4
+    assert len(healthy.received) == 3
+    first = world.deliveries(broken_id)[0]
+    assert first.state == "pending"
+    assert T0 + RETRY_DELAYS[0] * 0.8 <= first.next_attempt_at <= T0 + RETRY_DELAYS[0] * 1.2
+    (failure,) = world.attempts(first.id)
+    assert failure.error == "internal error: RuntimeError: unexpected\ufffdfailure"
+
+
 # --- At least once ---------------------------------------------------------------------------
 
 CHILD = """
@@ -608,6 +662,69 @@ def test_a_worker_killed_mid_delivery_loses_nothing(
     (delivery,) = world.deliveries(endpoint)
     assert delivery.state == "succeeded"
     assert receiver.rejected == []
+
+
+# --- Locks -----------------------------------------------------------------------------------
+
+
+def _blocked_or_done(sessions: sessionmaker[Session], thread: threading.Thread) -> None:
+    """Wait until another connection of this database waits for a lock, or `thread` ends."""
+    deadline = datetime.now(UTC) + timedelta(seconds=30)
+    with sessions() as s:
+        while thread.is_alive() and datetime.now(UTC) < deadline:
+            waiting = s.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+            )
+            if waiting:
+                return
+            thread.join(0.02)
+
+
+def test_recording_an_attempt_never_deadlocks_with_a_fan_out(
+    world: World, receivers: Callable[..., Receiver]
+) -> None:
+    # The interleaving seen in the fault runs, on two real connections: a fan-out has inserted
+    # a delivery for the endpoint (KEY SHARE on it, by the foreign key) when an attempt at
+    # another delivery of that endpoint is recorded; then the fan-out, for a later event of the
+    # recorded delivery's shipment, locks that delivery to queue behind it.
+    receiver = receivers()
+    account = world.account()
+    endpoint = world.endpoint(account, receiver)
+    shipment, _ = world.shipment(account)
+    other_shipment, _ = world.shipment(account)
+    world.event(shipment)
+    with world.sessions.begin() as s:
+        fan_out(s, now=T0)
+    (claim,), _ = _claim(world.sessions, world.settings, world.secret_key, 1, T0, DEFAULT_LEASE)
+    other_event, _ = world.event(other_shipment)
+    later_event, _ = world.event(shipment)
+
+    errors: list[BaseException] = []
+
+    def record() -> None:
+        try:
+            _record(world.sessions, claim, AttemptResult(False, 5, status_code=500), T0, T0, None)
+        except BaseException as error:
+            errors.append(error)
+
+    with world.sessions.begin() as fanning:
+        fan_out(fanning, [other_event], now=T0)
+        recorder = threading.Thread(target=record)
+        recorder.start()
+        _blocked_or_done(world.sessions, recorder)
+        fan_out(fanning, [later_event], now=T0)
+    recorder.join(30)
+
+    assert errors == []
+    first, later = world.deliveries(endpoint)[:2]
+    assert (first.sequence, first.state, first.attempts) == (1, "pending", 1)
+    assert [a.status_code for a in world.attempts(first.id)] == [500]
+    # Queued behind the retry it was fanned out behind.
+    assert later.sequence == 2
+    assert later.next_attempt_at == first.next_attempt_at > T0 + timedelta(seconds=3)
 
 
 # --- Replays ---------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from worker.webhooks import (
     UnsafeDestination,
     WebhookSender,
     add_endpoint,
+    check_address,
     check_url,
     event_body,
     new_secret,
@@ -167,6 +168,56 @@ def test_registration_refuses_private_addresses(url: str) -> None:
         check_url(url, allow_private=False, resolver=resolver_of({}))
 
 
+# Every block of the IANA special-purpose registries (IPv4 and IPv6, as of 2024), multicast
+# and the deprecated site-local block: the first and last address of each is refused.
+SPECIAL_PURPOSE = [
+    "0.0.0.0/8", "0.0.0.0/32", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8",
+    "169.254.0.0/16", "172.16.0.0/12", "192.0.0.0/24", "192.0.0.0/29", "192.0.0.8/32",
+    "192.0.0.9/32", "192.0.0.10/32", "192.0.0.170/32", "192.0.0.171/32", "192.0.2.0/24",
+    "192.31.196.0/24", "192.52.193.0/24", "192.88.99.0/24", "192.88.99.2/32",
+    "192.168.0.0/16", "192.175.48.0/24", "198.18.0.0/15", "198.51.100.0/24",
+    "203.0.113.0/24", "240.0.0.0/4", "255.255.255.255/32", "224.0.0.0/4",
+    "::1/128", "::/128", "::ffff:0:0/96", "64:ff9b:1::/48", "100::/64",
+    "100:0:0:1::/64", "2001::/23", "2001::/32", "2001:1::1/128", "2001:1::2/128",
+    "2001:1::3/128", "2001:2::/48", "2001:3::/32", "2001:4:112::/48", "2001:10::/28",
+    "2001:20::/28", "2001:30::/28", "2001:db8::/32", "2620:4f:8000::/48", "3fff::/20",
+    "5f00::/16", "fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8",
+]  # fmt: skip
+# IPv6 forms that carry an IPv4 address: refused when it is not public, whatever the prefix.
+EMBEDDED_PRIVATE = [
+    "::ffff:127.0.0.1", "::ffff:10.1.2.3", "64:ff9b::7f00:1", "64:ff9b::a9fe:a9fe",
+    "64:ff9b::192.168.0.1", "2002:7f00:1::1", "2002:a00:1:2::3", "2002:c0a8:101::1",
+    "::127.0.0.1", "::10.0.0.1", "::93.184.216.34", "64:ff9b:1::5db8:d822",
+    "2001:0:4136:e378:8000:63bf:3fff:fdd2", "2001:0:5db8:d822::ffff:ffff",
+]  # fmt: skip
+PUBLIC = [
+    "93.184.216.34", "8.8.8.8", "1.1.1.1", "2606:2800:220:1::1", "2a00:1450:4001:82b::200e",
+    "::ffff:93.184.216.34", "64:ff9b::5db8:d822", "2002:5db8:d822::1",
+]  # fmt: skip
+
+
+def _ends(cidr: str) -> list[str]:
+    network = ipaddress.ip_network(cidr)
+    return [str(network[0]), str(network[-1])]
+
+
+@pytest.mark.parametrize(
+    "address", [a for cidr in SPECIAL_PURPOSE for a in _ends(cidr)] + EMBEDDED_PRIVATE
+)
+def test_every_special_purpose_or_embedded_private_address_is_refused(address: str) -> None:
+    resolver = resolver_of({"hooks.shop.example": address})
+    with pytest.raises(UnsafeDestination, match="public addresses"):
+        check_url("https://hooks.shop.example/in", allow_private=False, resolver=resolver)
+    literal = f"[{address}]" if ":" in address else address
+    with pytest.raises(UnsafeDestination, match="public addresses"):
+        check_url(f"https://{literal}/in", allow_private=False, resolver=resolver_of({}))
+
+
+@pytest.mark.parametrize("address", PUBLIC)
+def test_public_addresses_pass_even_inside_an_ipv6_translation_prefix(address: str) -> None:
+    check_address(ipaddress.ip_address(address), allow_private=False)
+
+
 def test_registration_refuses_a_name_that_resolves_to_a_private_address() -> None:
     resolver = resolver_of({"hooks.shop.example": "10.0.0.1"})
     with pytest.raises(UnsafeDestination, match=r"10\.0\.0\.1"):
@@ -293,6 +344,14 @@ def test_a_response_is_kept_up_to_twenty_kilobytes() -> None:
     assert result.response_excerpt.startswith("éé")
 
 
+def test_a_nul_byte_in_an_answer_is_replaced_so_the_attempt_can_be_stored() -> None:
+    async def nul(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=500, body=b"broken\x00here\xff")
+
+    result, _ = attempt(nul)
+    assert result.response_excerpt == "broken\ufffdhere\ufffd"
+
+
 def test_an_attempt_that_takes_too_long_fails_at_the_deadline() -> None:
     async def hang(request: web.Request) -> web.StreamResponse:
         await asyncio.Event().wait()
@@ -350,6 +409,10 @@ def test_the_connection_recorder_sees_connections(no_connections: list[object]) 
         ("http://169.254.169.254/latest/meta-data/", {}),
         ("http://[::1]/hook", {}),
         ("http://hooks.shop.example/hook", {"hooks.shop.example": "10.0.0.1"}),
+        ("http://hooks.shop.example/hook", {"hooks.shop.example": "64:ff9b::a9fe:a9fe"}),
+        ("http://hooks.shop.example/hook", {"hooks.shop.example": "2002:7f00:1::1"}),
+        ("http://[64:ff9b::7f00:1]/hook", {}),
+        ("http://[fec0::1]/hook", {}),
     ],
 )
 def test_delivery_refuses_private_addresses_before_connecting(

@@ -244,6 +244,10 @@ class WebhookEndpoint(Base):
     enabled: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
     disabled_reason: Mapped[str | None] = mapped_column(Text)
     failing_since: Mapped[datetime | None]
+    # Attempts in a row that ended with no answer at all (timeout, reset, refused); enough of
+    # them open the circuit: the endpoint is skipped until `circuit_open_until`.
+    unanswered: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    circuit_open_until: Mapped[datetime | None]
     created_at: Mapped[datetime] = _now()
 
 
@@ -277,6 +281,13 @@ class Delivery(Base):
         # and deleting them with their endpoint or recipient without a scan of the whole table.
         Index("ix_deliveries_endpoint_id_state", "endpoint_id", "state"),
         Index("ix_deliveries_recipient_id", "recipient_id"),
+        # The few deliveries in flight, counted per endpoint by every claim.
+        Index(
+            "ix_deliveries_in_flight",
+            "endpoint_id",
+            "leased_until",
+            postgresql_where=text("leased_until IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
@@ -293,6 +304,8 @@ class Delivery(Base):
     state: Mapped[str] = mapped_column(String(20), server_default=text("'pending'"))
     attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     next_attempt_at: Mapped[datetime] = _now()
+    # While an attempt is on its way: when its claim runs out. Cleared when it is recorded.
+    leased_until: Mapped[datetime | None]
     last_attempt_at: Mapped[datetime | None]
     completed_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = _now()

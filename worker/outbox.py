@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, insert, or_, select, update
+from sqlalchemy import and_, case, exists, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
@@ -46,10 +46,13 @@ from worker.models import (
 )
 from worker.webhooks import (
     DISABLE_AFTER,
+    ERROR_LIMIT,
     HELD,
     AttemptResult,
     Resolver,
     WebhookSender,
+    clean_text,
+    describe_error,
     event_body,
     retry_delay,
     set_endpoint_enabled,
@@ -58,9 +61,12 @@ from worker.webhooks import (
 )
 
 __all__ = [
+    "CIRCUIT_AFTER",
+    "CIRCUIT_REST",
     "DEFAULT_CONCURRENCY",
     "DEFAULT_LEASE",
     "DEFAULT_LIMIT",
+    "ENDPOINT_IN_FLIGHT",
     "Clock",
     "ReplayOutcome",
     "deliver_due",
@@ -83,9 +89,22 @@ DEFAULT_LEASE = timedelta(seconds=60)
 DEFAULT_LIMIT = 1000
 # Attempts in flight at once.
 DEFAULT_CONCURRENCY = 32
+# Attempts in flight at once to one endpoint, over every worker: a receiver that tarpits holds
+# this many slots and no more.
+ENDPOINT_IN_FLIGHT = 8
+# Attempts in a row that end with no answer (timeout, reset, refused) before the endpoint rests
+# for CIRCUIT_REST; its deliveries wait, their attempts uncounted, and then one goes first.
+CIRCUIT_AFTER = 5
+CIRCUIT_REST = timedelta(minutes=1)
+# How many due deliveries a claim looks at for each one it wants: some endpoints have room for
+# fewer than they have waiting, and the rest of the slots go to those further down the line.
+CANDIDATES_PER_CLAIM = 4
 # Rows per INSERT when one fan-out makes many deliveries.
 INSERT_CHUNK = 1000
 SCANS_IN_EMAIL = 5
+# How a delivery or an endpoint is locked to change it: FOR NO KEY UPDATE, which a fan-out
+# inserting deliveries (KEY SHARE on their endpoint, by the foreign key) never waits for.
+NO_KEY_UPDATE: dict[str, Any] = {"key_share": True}
 
 
 def _wall_clock() -> datetime:
@@ -191,7 +210,7 @@ def _queue_behind_retries(session: Session, created: Sequence[Delivery], now: da
             Delivery.id.not_in([d.id for d in created]),
         )
         .order_by(Delivery.id)
-        .with_for_update()
+        .with_for_update(key_share=True)
     ).scalars()
     due_at: dict[Line, list[tuple[int, datetime]]] = {}
     for earlier in waiting:
@@ -265,8 +284,11 @@ class _Claim:
     destination: _Webhook | _Email
 
 
-def _is_head() -> Any:
-    """True for a delivery that is next in line for its shipment and destination."""
+def _is_head(now: datetime) -> Any:
+    """True for a delivery that is next in line for its shipment and destination.
+
+    An endpoint whose circuit is open has no delivery next in line until it closes.
+    """
     earlier = aliased(Delivery)
     earlier_pending = exists().where(
         earlier.shipment_id == Delivery.shipment_id,
@@ -282,7 +304,14 @@ def _is_head() -> Any:
         OutboxEvent.fanned_out_at.is_(None),
     )
     destination_enabled = or_(
-        exists().where(WebhookEndpoint.id == Delivery.endpoint_id, WebhookEndpoint.enabled),
+        exists().where(
+            WebhookEndpoint.id == Delivery.endpoint_id,
+            WebhookEndpoint.enabled,
+            or_(
+                WebhookEndpoint.circuit_open_until.is_(None),
+                WebhookEndpoint.circuit_open_until <= now,
+            ),
+        ),
         exists().where(EmailRecipient.id == Delivery.recipient_id, EmailRecipient.enabled),
     )
     return and_(~earlier_pending, ~earlier_unfanned, destination_enabled)
@@ -296,20 +325,87 @@ def _claim(
     now: datetime,
     lease: timedelta,
 ) -> tuple[list[_Claim], int]:
-    """Claim up to `count` due deliveries; returns those to send, and how many were claimed."""
+    """Claim up to `count` due deliveries; returns those to send, and how many were claimed.
+
+    No endpoint gets more than its share of attempts in flight, counted over every worker, so
+    one that is slow to answer holds a few slots, never all of them.
+    """
     with session_factory.begin() as session:
+        in_flight = (
+            select(Delivery.endpoint_id, func.count().label("attempts"))
+            .where(Delivery.leased_until > now, Delivery.endpoint_id.is_not(None))
+            .group_by(Delivery.endpoint_id)
+            .subquery()
+        )
+        # Right after its circuit closes, an endpoint gets one attempt to show it answers.
+        cap = case((WebhookEndpoint.unanswered >= CIRCUIT_AFTER, 1), else_=ENDPOINT_IN_FLIGHT)
+        full = (
+            select(in_flight.c.endpoint_id)
+            .join(WebhookEndpoint, WebhookEndpoint.id == in_flight.c.endpoint_id)
+            .where(in_flight.c.attempts >= cap)
+        )
+        # The most overdue deliveries next in line, of destinations with room. The limit lets
+        # the scan stop early however many are due; materialized, it runs once.
+        candidates = (
+            select(Delivery.id, Delivery.endpoint_id, Delivery.next_attempt_at)
+            .where(
+                Delivery.state == "pending",
+                Delivery.next_attempt_at <= now,
+                or_(Delivery.endpoint_id.is_(None), Delivery.endpoint_id.not_in(full)),
+                _is_head(now),
+            )
+            .order_by(Delivery.next_attempt_at)
+            .limit(count * CANDIDATES_PER_CLAIM)
+            .cte("candidates")
+            .prefix_with("MATERIALIZED")
+        )
+        ranked = (
+            select(
+                candidates.c.id,
+                candidates.c.endpoint_id,
+                func.row_number()
+                .over(
+                    partition_by=candidates.c.endpoint_id,
+                    order_by=(candidates.c.next_attempt_at, candidates.c.id),
+                )
+                .label("rank"),
+            )
+        ).subquery()
+        allowed = (
+            select(ranked.c.id)
+            .outerjoin(WebhookEndpoint, WebhookEndpoint.id == ranked.c.endpoint_id)
+            .outerjoin(in_flight, in_flight.c.endpoint_id == ranked.c.endpoint_id)
+            .where(
+                or_(
+                    ranked.c.endpoint_id.is_(None),
+                    ranked.c.rank <= cap - func.coalesce(in_flight.c.attempts, 0),
+                )
+            )
+            .cte("allowed")
+            .prefix_with("MATERIALIZED")
+        )
         # SKIP LOCKED: deliveries another worker is claiming right now are its own; wait for none.
+        # Claims running at once may each see the same attempts in flight: the cap holds per
+        # claim, and overall to within the number of workers claiming at that moment.
         due = (
             select(Delivery.id)
-            .where(Delivery.state == "pending", Delivery.next_attempt_at <= now, _is_head())
+            .where(
+                Delivery.id.in_(select(allowed.c.id)),
+                Delivery.state == "pending",
+                Delivery.next_attempt_at <= now,
+            )
             .order_by(Delivery.next_attempt_at)
             .limit(count)
-            .with_for_update(skip_locked=True, of=Delivery)
+            .with_for_update(skip_locked=True, of=Delivery, key_share=True)
         )
         deliveries = session.scalars(
             update(Delivery)
             .where(Delivery.id.in_(due.scalar_subquery()))
-            .values(next_attempt_at=now + lease, attempts=Delivery.attempts + 1)
+            .values(
+                next_attempt_at=now + lease,
+                leased_until=now + lease,
+                attempts=Delivery.attempts + 1,
+            )
             .returning(Delivery),
             execution_options={"synchronize_session": False},
         ).all()
@@ -332,7 +428,7 @@ def _claim(
             session.execute(
                 update(Delivery)
                 .where(Delivery.id.in_([d.id for d in emails]))
-                .values(state="skipped", completed_at=now)
+                .values(state="skipped", completed_at=now, leased_until=None)
             )
         else:
             claims += [_email_claim(d, events[d.event_id], session, settings) for d in emails]
@@ -428,7 +524,8 @@ def _attempt_row(delivery_id: int, at: datetime, result: AttemptResult) -> dict[
         "attempted_at": at,
         "status_code": result.status_code,
         "duration_ms": result.duration_ms,
-        "error": result.error,
+        # Errors come from receivers, mail servers and templates; any may carry a NUL.
+        "error": None if result.error is None else clean_text(result.error, ERROR_LIMIT),
         "response_excerpt": result.response_excerpt,
     }
 
@@ -443,14 +540,20 @@ def _record(
 ) -> _Alert | None:
     """Store an attempt and decide the delivery's future; returns an alert to send, if any."""
     with session_factory.begin() as session:
+        # Locks in one order everywhere, delivery then endpoint, and never stronger than NO KEY
+        # UPDATE: a fan-out inserting deliveries holds KEY SHARE on their endpoint (the foreign
+        # key) while it waits for this delivery, and FOR UPDATE would wait for it in turn.
+        delivery = session.get(Delivery, claim.delivery_id, with_for_update=NO_KEY_UPDATE)
+        if delivery is None:
+            return None
         session.execute(
             insert(DeliveryAttempt).values(_attempt_row(claim.delivery_id, attempted_at, result))
         )
-        delivery = session.get(Delivery, claim.delivery_id, with_for_update=True)
-        if delivery is None or delivery.state != "pending" or delivery.attempts != claim.attempts:
+        if delivery.state != "pending" or delivery.attempts != claim.attempts:
             # Our lease ran out and another worker claimed it again: its record decides.
             return None
         delivery.last_attempt_at = attempted_at
+        delivery.leased_until = None
         delay = (
             None if result.succeeded else retry_delay(delivery.attempts, result.retry_after, rng)
         )
@@ -488,8 +591,21 @@ def _waited(session: Session, delivery: Delivery) -> float | None:
 def _endpoint_health(
     session: Session, endpoint_id: int, result: AttemptResult, now: datetime
 ) -> _Alert | None:
-    """Track how long an endpoint has been failing; disable it on 410 or after DISABLE_AFTER."""
-    endpoint = session.get_one(WebhookEndpoint, endpoint_id, with_for_update=True)
+    """Track how long an endpoint has been failing; disable it on 410 or after DISABLE_AFTER.
+
+    Also opens its circuit after CIRCUIT_AFTER attempts in a row without an answer, and closes
+    it on any answer.
+    """
+    endpoint = session.get_one(WebhookEndpoint, endpoint_id, with_for_update=NO_KEY_UPDATE)
+    if result.status_code is not None:
+        endpoint.unanswered = 0
+        endpoint.circuit_open_until = None
+    else:
+        endpoint.unanswered += 1
+        resting = endpoint.circuit_open_until is not None and endpoint.circuit_open_until > now
+        if endpoint.unanswered >= CIRCUIT_AFTER and not resting:
+            endpoint.circuit_open_until = now + CIRCUIT_REST
+            log.warning("webhook endpoint %s does not answer; resting it", endpoint.id)
     if result.succeeded:
         if endpoint.failing_since is not None:
             endpoint.failing_since = None
@@ -540,11 +656,36 @@ async def _attempt(
     clock: Clock,
     rng: random.Random | None,
 ) -> None:
+    """Make one attempt and record it; whatever goes wrong is this attempt's alone.
+
+    An exception here would end the delivery loop and cancel every other attempt in flight,
+    so each failure becomes a failed attempt of this delivery, which then backs off as any
+    failed attempt does.
+    """
     attempted_at = clock()
-    result = await _send(claim, settings, sender)
-    alert = await asyncio.to_thread(
-        _record, session_factory, claim, result, attempted_at, clock(), rng
-    )
+    try:
+        result = await _send(claim, settings, sender)
+    except Exception as error:
+        log.exception("attempt at delivery %s failed", claim.delivery_id)
+        result = AttemptResult(False, 0, error=f"internal error: {describe_error(error)}")
+    try:
+        alert = await asyncio.to_thread(
+            _record, session_factory, claim, result, attempted_at, clock(), rng
+        )
+    except Exception as error:
+        log.exception("cannot record attempt at delivery %s", claim.delivery_id)
+        # Without what the receiver said, which is what could not be stored.
+        bare = AttemptResult(
+            False, result.duration_ms, error=f"answer not recorded: {describe_error(error)}"
+        )
+        try:
+            alert = await asyncio.to_thread(
+                _record, session_factory, claim, bare, attempted_at, clock(), rng
+            )
+        except Exception:
+            # The database itself is failing: the claim's lease runs out and it comes due again.
+            log.exception("cannot record attempt at delivery %s", claim.delivery_id)
+            return
     if alert is not None:
         await asyncio.to_thread(_send_alert, settings, alert)
 
@@ -573,7 +714,9 @@ async def deliver_due_async(
     try:
         while True:
             free = min(concurrency - len(running), limit - attempted)
-            if not drained and free > 0:
+            # A claim gives each endpoint no more than its room, so claim again while claims
+            # find something: the slots left go to the next endpoints in line.
+            while not drained and free > 0:
                 claims, claimed = await asyncio.to_thread(
                     _claim, session_factory, settings, secret_key, free, clock(), lease
                 )
@@ -583,6 +726,7 @@ async def deliver_due_async(
                     for c in claims
                 }
                 drained = claimed == 0
+                free = min(concurrency - len(running), limit - attempted)
             if not running:
                 return attempted
             done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
@@ -736,13 +880,14 @@ def _record_replay(
     session_factory: SessionFactory, claim: _Claim, result: AttemptResult, at: datetime
 ) -> None:
     with session_factory.begin() as session:
+        # The same lock order as `_record`.
+        delivery = session.get(Delivery, claim.delivery_id, with_for_update=NO_KEY_UPDATE)
+        if delivery is None:
+            return
         session.execute(insert(DeliveryAttempt).values(_attempt_row(claim.delivery_id, at, result)))
         # A replay that gets through completes the delivery; one that fails changes nothing
         # about its schedule.
-        if not result.succeeded:
-            return
-        delivery = session.get(Delivery, claim.delivery_id, with_for_update=True)
-        if delivery is None or delivery.state == "succeeded":
+        if not result.succeeded or delivery.state == "succeeded":
             return
         was_pending = delivery.state == "pending"
         delivery.state = "succeeded"

@@ -44,6 +44,7 @@ __all__ = [
     "ATTEMPT_TIMEOUT",
     "CONNECT_TIMEOUT",
     "DISABLE_AFTER",
+    "ERROR_LIMIT",
     "EXCERPT_LIMIT",
     "HELD",
     "RETRY_DELAYS",
@@ -58,6 +59,8 @@ __all__ = [
     "add_endpoint",
     "check_address",
     "check_url",
+    "clean_text",
+    "describe_error",
     "event_body",
     "get_endpoint",
     "new_secret",
@@ -79,6 +82,8 @@ ATTEMPT_TIMEOUT = 15.0
 MAX_URL_LENGTH = 2048
 # Enough of a response body to see what went wrong, without storing a page of HTML per try.
 EXCERPT_LIMIT = 20 * 1024
+# An error's text is one line for ops, never a dump.
+ERROR_LIMIT = 1000
 # Waits before the 2nd, 3rd, ... 8th attempt, each counted from the previous attempt.
 RETRY_DELAYS: tuple[timedelta, ...] = (
     timedelta(seconds=5),
@@ -190,16 +195,86 @@ def system_resolver(host: str) -> list[IPAddress]:
     return [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
 
 
+def _blocks(
+    table: dict[str, str],
+) -> list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str]]:
+    return [(ipaddress.ip_network(cidr), name) for cidr, name in table.items()]
+
+
+# Every block of the IANA IPv4 and IPv6 special-purpose address registries (as of 2024), with
+# multicast and the deprecated site-local block. A merchant's receiver is a web server on a
+# public unicast address, so even the blocks the registries call globally reachable (anycast
+# relays, AS112 DNS servers) are refused. The IPv6 forms that carry an IPv4 address a packet
+# is delivered to are not listed: `_embedded_ipv4` finds that address, and it decides.
+_SPECIAL_BLOCKS = _blocks(
+    {
+        "0.0.0.0/8": "this network",
+        "10.0.0.0/8": "private use",
+        "100.64.0.0/10": "shared address space",
+        "127.0.0.0/8": "loopback",
+        "169.254.0.0/16": "link-local",
+        "172.16.0.0/12": "private use",
+        "192.0.0.0/24": "IETF protocol assignments",
+        "192.0.2.0/24": "documentation",
+        "192.31.196.0/24": "AS112 DNS",
+        "192.52.193.0/24": "AMT relays",
+        "192.88.99.0/24": "6to4 relay anycast",
+        "192.168.0.0/16": "private use",
+        "192.175.48.0/24": "AS112 DNS",
+        "198.18.0.0/15": "benchmarking",
+        "198.51.100.0/24": "documentation",
+        "203.0.113.0/24": "documentation",
+        "224.0.0.0/4": "multicast",
+        "240.0.0.0/4": "reserved",
+        "::/128": "unspecified",
+        "::1/128": "loopback",
+        "::/96": "IPv4-compatible (deprecated)",
+        "::ffff:0:0:0/96": "IPv4-translated",
+        "64:ff9b:1::/48": "local-use IPv4/IPv6 translation",
+        "100::/64": "discard-only",
+        "100:0:0:1::/64": "dummy prefix",
+        "2001::/23": "IETF protocol assignments, Teredo included",
+        "2001:db8::/32": "documentation",
+        "2620:4f:8000::/48": "AS112 DNS",
+        "3fff::/20": "documentation",
+        "5f00::/16": "segment routing",
+        "fc00::/7": "unique local",
+        "fe80::/10": "link-local",
+        "fec0::/10": "site-local (deprecated)",
+        "ff00::/8": "multicast",
+    }
+)
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_SIX_TO_FOUR = ipaddress.IPv6Network("2002::/16")
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address a packet to `address` ends up at: mapped, NAT64 or 6to4."""
+    if address in _IPV4_MAPPED or address in _NAT64:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if address in _SIX_TO_FOUR:
+        return ipaddress.IPv4Address((int(address) >> 80) & 0xFFFFFFFF)
+    return None
+
+
 def check_address(address: IPAddress, *, allow_private: bool) -> None:
     """Refuse an address that is not on the public internet, unless private ones are allowed."""
     if allow_private:
         return
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    if not address.is_global or address.is_multicast:
+    shown = str(address)
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = _embedded_ipv4(address)
+        if embedded is not None:
+            shown = f"{address} (IPv4 {embedded})"
+            address = embedded
+    # Python's own view as well, for what a newer registry adds before this table knows it.
+    block = next((name for net, name in _SPECIAL_BLOCKS if address in net), None)
+    if block is not None or not address.is_global:
         raise UnsafeDestination(
-            f"{address} is a private, loopback, link-local or reserved address; webhooks go "
-            "only to public addresses (set SHIPMON_WEBHOOK_ALLOW_PRIVATE=true for a test setup)"
+            f"{shown} is a private, loopback, link-local or reserved address "
+            f"({block or 'not global'}); webhooks go only to public addresses "
+            "(set SHIPMON_WEBHOOK_ALLOW_PRIVATE=true for a test setup)"
         )
 
 
@@ -406,7 +481,7 @@ class WebhookSender:
                 False, elapsed(), error=f"no answer within {self._attempt_timeout:g} s"
             )
         except (httpx.HTTPError, aiohttp.ClientError, OSError) as error:
-            return AttemptResult(False, elapsed(), error=_describe(error))
+            return AttemptResult(False, elapsed(), error=describe_error(error))
         retry_after = None
         if response.status_code in (429, 503):
             retry_after = _retry_after(response.headers.get("retry-after"), datetime.now(UTC))
@@ -419,6 +494,15 @@ class WebhookSender:
         )
 
 
+def clean_text(text: str, limit: int) -> str:
+    """`text` as PostgreSQL can store it: NUL bytes replaced, cut to `limit` characters.
+
+    A receiver chooses every byte of its answer, and a text column refuses a NUL; one such
+    answer must not make its attempt impossible to record.
+    """
+    return text[:limit].replace("\x00", "\N{REPLACEMENT CHARACTER}")
+
+
 async def _read_excerpt(response: httpx.Response) -> str:
     chunks: list[bytes] = []
     size = 0
@@ -427,10 +511,11 @@ async def _read_excerpt(response: httpx.Response) -> str:
         size += len(chunk)
         if size >= EXCERPT_LIMIT:
             break
-    return b"".join(chunks)[:EXCERPT_LIMIT].decode(errors="replace")
+    return clean_text(b"".join(chunks)[:EXCERPT_LIMIT].decode(errors="replace"), EXCERPT_LIMIT)
 
 
-def _describe(error: BaseException) -> str:
+def describe_error(error: BaseException) -> str:
+    """An exception as one line for an attempt's record: its kind and what it says."""
     text = str(error).strip()
     name = type(error).__name__
     return f"{name}: {text}" if text else name
@@ -489,7 +574,11 @@ def add_endpoint(
 def get_endpoint(session: Session, endpoint_id: int) -> WebhookEndpoint:
     """The endpoint with this id, locked for update; raises UnknownEndpoint."""
     endpoint = session.scalar(
-        select(WebhookEndpoint).where(WebhookEndpoint.id == endpoint_id).with_for_update()
+        select(WebhookEndpoint)
+        .where(WebhookEndpoint.id == endpoint_id)
+        # NO KEY UPDATE: a fan-out inserting deliveries for it (KEY SHARE, by the foreign key)
+        # never has to wait for an operator.
+        .with_for_update(key_share=True)
     )
     if endpoint is None:
         raise UnknownEndpoint(
@@ -510,7 +599,10 @@ def set_endpoint_enabled(
     endpoint.enabled = enabled
     endpoint.disabled_reason = None if enabled else reason
     if enabled:
+        # An operator who enables it vouches for it: no failure streak, no circuit open.
         endpoint.failing_since = None
+        endpoint.unanswered = 0
+        endpoint.circuit_open_until = None
     session.execute(
         update(Delivery)
         .where(Delivery.endpoint_id == endpoint.id, Delivery.state == "pending")

@@ -5,12 +5,13 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
+import worker.learning
 from tests.conftest import make_account
 from worker.domain import Status
-from worker.learning import PlanCache, recorded_stays, relearn, update_prices
+from worker.learning import PlanCache, planned_rates, recorded_stays, relearn, update_prices
 from worker.models import SchedulerState, Shipment, StatusEvent
 
 NOW = datetime(2026, 11, 27, 3, 0, tzinfo=UTC)
@@ -103,3 +104,31 @@ def test_prices_rise_when_the_planned_polls_exceed_the_quota(session: Session) -
     # 50 open shipments on 100 lookups a day: a 6-hour ceiling cannot be kept, 24 hours can.
     assert cache.max_interval(account.id, timedelta(hours=6)) == timedelta(days=1)
     assert cache.max_interval(account.id, timedelta(days=2)) == timedelta(days=2)
+
+
+def test_a_large_table_prices_from_a_sample_close_to_the_full_sum(
+    session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    account = make_account(session)
+    # 30,000 open shipments, alternately planned every hour and every six hours.
+    session.execute(
+        text(
+            """
+            INSERT INTO shipments (account_id, order_code, registered_at, last_polled_at,
+                                   next_poll_at)
+            SELECT :account, 'PRC' || lpad(i::text, 8, '0'), :now, :now,
+                   :now + CASE WHEN i % 2 = 0 THEN interval '1 hour' ELSE interval '6 hours' END
+            FROM generate_series(1, 30000) AS i
+            """
+        ),
+        {"account": account.id, "now": NOW},
+    )
+    session.execute(text("ANALYZE shipments"))
+    planned, open_shipments = planned_rates(session)
+    assert planned[account.id] == pytest.approx(15_000 * 24 + 15_000 * 4)
+    assert open_shipments[account.id] == 30_000
+
+    monkeypatch.setattr(worker.learning, "PRICE_SAMPLE_ROWS", 5_000)
+    planned, open_shipments = planned_rates(session)
+    assert planned[account.id] == pytest.approx(15_000 * 24 + 15_000 * 4, rel=0.05)
+    assert open_shipments[account.id] == pytest.approx(30_000, rel=0.05)

@@ -5,13 +5,22 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
+import worker.learning
 from tests.conftest import make_account
 from worker.domain import Status
-from worker.learning import PlanCache, recorded_stays, relearn, update_prices
+from worker.learning import (
+    PlanCache,
+    planned_rates,
+    recorded_stays,
+    relearn,
+    stay_statistics,
+    update_prices,
+)
 from worker.models import SchedulerState, Shipment, StatusEvent
+from worker.scheduler import fit_model, fit_statistics, summarise_stays
 
 NOW = datetime(2026, 11, 27, 3, 0, tzinfo=UTC)
 ZONE = "Asia/Ho_Chi_Minh"
@@ -103,3 +112,85 @@ def test_prices_rise_when_the_planned_polls_exceed_the_quota(session: Session) -
     # 50 open shipments on 100 lookups a day: a 6-hour ceiling cannot be kept, 24 hours can.
     assert cache.max_interval(account.id, timedelta(hours=6)) == timedelta(days=1)
     assert cache.max_interval(account.id, timedelta(days=2)) == timedelta(days=2)
+
+
+def test_a_large_table_prices_from_a_sample_close_to_the_full_sum(
+    session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    account = make_account(session)
+    # 30,000 open shipments, alternately planned every hour and every six hours.
+    session.execute(
+        text(
+            """
+            INSERT INTO shipments (account_id, order_code, registered_at, last_polled_at,
+                                   next_poll_at)
+            SELECT :account, 'PRC' || lpad(i::text, 8, '0'), :now, :now,
+                   :now + CASE WHEN i % 2 = 0 THEN interval '1 hour' ELSE interval '6 hours' END
+            FROM generate_series(1, 30000) AS i
+            """
+        ),
+        {"account": account.id, "now": NOW},
+    )
+    session.execute(text("ANALYZE shipments"))
+    planned, open_shipments = planned_rates(session)
+    assert planned[account.id] == pytest.approx(15_000 * 24 + 15_000 * 4)
+    assert open_shipments[account.id] == 30_000
+
+    monkeypatch.setattr(worker.learning, "PRICE_SAMPLE_ROWS", 5_000)
+    planned, open_shipments = planned_rates(session)
+    assert planned[account.id] == pytest.approx(15_000 * 24 + 15_000 * 4, rel=0.05)
+    assert open_shipments[account.id] == pytest.approx(30_000, rel=0.05)
+
+
+def test_the_model_fitted_in_sql_equals_the_one_fitted_from_every_stay(session: Session) -> None:
+    account = make_account(session)
+    # A recorded history long enough to be sampled: 12,000 shipments over four days, entering
+    # ACCEPTED, PICKED_UP after a varying stay, then IN_TRANSIT or DELIVERED or an unknown
+    # status, some still waiting to be found by the carrier.
+    session.execute(
+        text(
+            """
+            INSERT INTO shipments (account_id, order_code, registered_at, found_at, active,
+                                   last_polled_at, next_poll_at)
+            SELECT :account, 'REF' || lpad(i::text, 8, '0'),
+                   :now - (i % 90) * interval '1 hour' - (i % 53) * interval '1 minute',
+                   CASE WHEN i % 11 <> 0 THEN :now - (i % 90) * interval '1 hour'
+                        - (i % 53) * interval '1 minute' + interval '25 minutes' END,
+                   i % 17 <> 0,
+                   :now - (i % 7) * interval '1 minute',
+                   :now + interval '1 hour'
+            FROM generate_series(1, 12000) AS i
+            """
+        ),
+        {"account": account.id, "now": NOW},
+    )
+    session.execute(
+        text(
+            """
+            INSERT INTO status_events (shipment_id, status, occurred_at)
+            SELECT s.id, step.status, s.found_at + step.after
+            FROM shipments s
+            CROSS JOIN LATERAL (VALUES
+                ('ACCEPTED', interval '0'),
+                ('PICKED_UP', (s.id % 97) * interval '9 minutes'),
+                (CASE s.id % 5 WHEN 0 THEN 'DELIVERED' WHEN 1 THEN '99' ELSE 'IN_TRANSIT' END,
+                 (s.id % 97) * interval '9 minutes' + (s.id % 31) * interval '1 hour')
+            ) AS step(status, after)
+            WHERE s.account_id = :account AND s.found_at IS NOT NULL
+              AND s.found_at + step.after <= :now
+            """
+        ),
+        {"account": account.id, "now": NOW},
+    )
+    since = NOW - timedelta(days=4)
+    previous = fit_model(recorded_stays(session, since - timedelta(days=1)), ZONE)
+
+    statistics = stay_statistics(session, since)
+
+    assert max(s.count for s in statistics.values()) > 8000  # sampled, not read in full
+    assert statistics == summarise_stays(recorded_stays(session, since))
+    expected = fit_model(recorded_stays(session, since), ZONE, previous)
+    assert fit_statistics(statistics, ZONE, previous) == expected
+    stored = relearn(session, ZONE, NOW)
+    assert stored.dwell.keys() == expected.dwell.keys()
+    assert stored.dwell[Status.PICKED_UP.value].next_shares

@@ -132,6 +132,8 @@ def plan_first_lookups(session: Session, now: datetime, first_lookup: FirstLooku
     A new row is due at its registration (both columns default to the same moment), so every
     way in (the Celery task, `shipmon track`, a plain INSERT) passes here before its first
     lookup can be claimed. A first lookup planned for now or earlier is claimed at once.
+    The WHERE clause is the predicate of `ix_shipments_unplanned`, which holds only the rows
+    still to plan: a tick reads those, however long the backlog of due rows.
     """
     rows = session.execute(
         text(
@@ -139,6 +141,7 @@ def plan_first_lookups(session: Session, now: datetime, first_lookup: FirstLooku
             SELECT id, account_id, registered_at FROM shipments
             WHERE active AND last_polled_at IS NULL AND next_poll_at = registered_at
               AND next_poll_at <= :now
+            ORDER BY registered_at
             LIMIT :limit
             FOR UPDATE SKIP LOCKED
             """

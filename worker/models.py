@@ -98,6 +98,24 @@ class Shipment(Base):
         ),
         Index("ix_shipments_active_next_poll_at", "next_poll_at", postgresql_where=text("active")),
         Index("ix_shipments_status", "status"),
+        # New rows not yet given their planned first lookup; planning moves a row out, so a
+        # dispatch tick reads only these, however long the due backlog.
+        Index(
+            "ix_shipments_unplanned",
+            "registered_at",
+            postgresql_where=text(
+                "active AND last_polled_at IS NULL AND next_poll_at = registered_at"
+            ),
+        ),
+        # Stalled detection: per status, the open shipments silent since before its limit.
+        Index(
+            "ix_shipments_silent_since",
+            "status",
+            text("greatest(status_changed_at, last_scan_at)"),
+            postgresql_where=text("active AND stalled_at IS NULL"),
+        ),
+        # The price update counts each account's registrations since it last looked.
+        Index("ix_shipments_account_id_registered_at", "account_id", "registered_at"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)

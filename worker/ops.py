@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, is_dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, delete, func, literal, or_, select, text
+from sqlalchemy import and_, delete, func, or_, select, text
 from sqlalchemy.orm import Session
 
 from worker.apply import EventRecorder
@@ -518,6 +518,23 @@ def normal_stays(
     return {status: timedelta(seconds=float(seconds)) for status, seconds in rows}
 
 
+# The statuses of open shipments not yet stalled, one index probe each (a skip scan of
+# ix_shipments_silent_since), so the candidates can be read status by status, by range.
+_WATCHED_STATUSES = """
+    WITH RECURSIVE watched(status) AS (
+        (SELECT status FROM shipments
+         WHERE active AND stalled_at IS NULL AND status IS NOT NULL
+         ORDER BY status LIMIT 1)
+        UNION ALL
+        SELECT (SELECT s.status FROM shipments s
+                WHERE s.active AND s.stalled_at IS NULL AND s.status > watched.status
+                ORDER BY s.status LIMIT 1)
+        FROM watched WHERE watched.status IS NOT NULL
+    )
+    SELECT status FROM watched WHERE status IS NOT NULL
+"""
+
+
 def detect_stalled(
     session: Session, now: datetime, floor: timedelta, window: timedelta = NORMAL_STAY_WINDOW
 ) -> list[int]:
@@ -527,33 +544,39 @@ def detect_stalled(
     `last_scan_at`; the limit is the status's normal stay (`normal_stays`), never below `floor`.
     Each stall sets `stalled_at` and writes one `shipment.stalled` event; a shipment already
     stalled is left alone until a change clears `stalled_at`. Returns the new events' ids.
+    Candidates are found per status by a range scan of `ix_shipments_silent_since`, so the
+    cost follows the shipments past their limit, not all open ones.
     """
     normal = normal_stays(session, now, window)
-    seconds = {status: max(stay, floor).total_seconds() for status, stay in normal.items()}
-    limit = (
-        case(seconds, value=Shipment.status, else_=floor.total_seconds())
-        if seconds
-        else literal(floor.total_seconds())
-    )
+    terminal = {s.value for s in TERMINAL_STATUSES}
+    limits = {
+        status: max(normal.get(status, floor), floor)
+        for status in session.scalars(text(_WATCHED_STATUSES))
+        if status not in terminal
+    }
+    if not limits:
+        return []
     last_change = func.greatest(Shipment.status_changed_at, Shipment.last_scan_at)
-    candidates = session.execute(
-        select(Shipment, Account, last_change, limit)
-        .join(Account)
-        .where(
-            Shipment.active,
-            Shipment.stalled_at.is_(None),
-            Shipment.status.not_in([s.value for s in TERMINAL_STATUSES]),
-            func.extract("epoch", literal(now, Shipment.registered_at.type) - last_change) > limit,
+    past_limit = [
+        and_(
+            Shipment.status == status,
+            last_change < now - limit,
             # Silence only counts once a poll has seen it: a paused key or a quota-starved
             # account has not looked, and the shipment may well have moved.
-            func.extract("epoch", Shipment.last_polled_at - last_change) >= limit,
+            Shipment.last_polled_at >= last_change + limit,
         )
+        for status, limit in limits.items()
+    ]
+    candidates = session.execute(
+        select(Shipment, Account, last_change)
+        .join(Account)
+        .where(Shipment.active, Shipment.stalled_at.is_(None), or_(*past_limit))
         .order_by(Shipment.id)
         # SKIP LOCKED: a shipment a poll is applying right now is judged on the next run.
         .with_for_update(of=Shipment, skip_locked=True)
     ).all()
     events: list[OutboxEvent] = []
-    for shipment, account, changed, limit_seconds in candidates:
+    for shipment, account, changed in candidates:
         shipment.stalled_at = now
         stay = normal.get(shipment.status or "")
         recorder = EventRecorder(session, shipment, account, now)
@@ -562,7 +585,7 @@ def detect_stalled(
             None,
             stalled={
                 "last_change_at": _iso(changed),
-                "limit_hours": round(float(limit_seconds) / 3600, 2),
+                "limit_hours": round(limits[shipment.status or ""].total_seconds() / 3600, 2),
                 "normal_hours": round(stay.total_seconds() / 3600, 2) if stay else None,
             },
         )

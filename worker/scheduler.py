@@ -20,7 +20,7 @@ with their own clock.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -266,6 +266,40 @@ def _utc_offset_seconds(moment: datetime, zone: ZoneInfo) -> float:
 # Learning from observed stays
 
 
+@dataclass(frozen=True)
+class StayStatistics:
+    """What fitting one status needs of its stays, however many there were.
+
+    `sample` is every `sample_stride(count)`-th stay in order of entry; `next_counts` counts
+    the statuses the ended ones left for. The database computes these in SQL (`learning`),
+    the simulator from a list of stays (`summarise_stays`); both fit alike.
+    """
+
+    count: int
+    next_counts: Mapping[str, int]
+    sample: Sequence[Stay]
+
+
+def sample_stride(count: int) -> int:
+    """One stay in how many a fit reads to learn quiet hours and dwell: at most a few thousand."""
+    return max(1, math.ceil(count / MAX_STAYS_FOR_QUIET_HOURS))
+
+
+def summarise_stays(stays: Iterable[Stay]) -> dict[str, StayStatistics]:
+    """The statistics of each status's stays, given in order of entry."""
+    groups: dict[str, list[Stay]] = {}
+    for stay in stays:
+        groups.setdefault(_key(stay.status), []).append(stay)
+    statistics = {}
+    for key, group in groups.items():
+        counts: dict[str, int] = {}
+        for stay in group:
+            if stay.next_status is not None:
+                counts[stay.next_status.value] = counts.get(stay.next_status.value, 0) + 1
+        statistics[key] = StayStatistics(len(group), counts, group[:: sample_stride(len(group))])
+    return statistics
+
+
 def fit_model(
     stays: Iterable[Stay], timezone: str, previous: LearnedModel | None = None
 ) -> LearnedModel:
@@ -274,25 +308,25 @@ def fit_model(
     Pass stays that entered their status within a recent window (a few days), whether or not they
     have ended: that choice keeps the fit unbiased. `previous` only speeds convergence up.
     """
+    return fit_statistics(summarise_stays(stays), timezone, previous)
+
+
+def fit_statistics(
+    statistics: Mapping[str, StayStatistics], timezone: str, previous: LearnedModel | None = None
+) -> LearnedModel:
+    """`fit_model` from the statistics of the stays rather than the stays themselves."""
     clock = _LocalClock(ZoneInfo(timezone))
-    groups: dict[str, list[Stay]] = {}
-    for stay in stays:
-        groups.setdefault(_key(stay.status), []).append(stay)
     dwell = {}
-    for key, group in groups.items():
+    for key, group in statistics.items():
         prior = NOT_FOUND_PRIOR if key == NOT_FOUND else PRIOR
         start = previous.dwell.get(key, prior) if previous is not None else prior
         fitted = _fit_status(group, clock, start, prior)
-        dwell[key] = replace(fitted, next_shares=_next_shares(group))
+        dwell[key] = replace(fitted, next_shares=_next_shares(group.next_counts))
     return LearnedModel(timezone=timezone, dwell=dwell)
 
 
-def _next_shares(stays: list[Stay]) -> dict[str, float]:
+def _next_shares(counts: Mapping[str, int]) -> dict[str, float]:
     """The share of each next status among the ended stays; none until enough have ended."""
-    counts: dict[str, int] = {}
-    for stay in stays:
-        if stay.next_status is not None:
-            counts[stay.next_status.value] = counts.get(stay.next_status.value, 0) + 1
     ended = sum(counts.values())
     if ended < MIN_ENDED_FOR_NEXT:
         return {}
@@ -316,10 +350,10 @@ class _LocalClock:
 
 
 def _fit_status(
-    stays: list[Stay], clock: _LocalClock, start: DwellModel, prior: DwellModel
+    stays: StayStatistics, clock: _LocalClock, start: DwellModel, prior: DwellModel
 ) -> DwellModel:
     spans: list[tuple[float, float, bool]] = []  # (entered, ended or last seen, ended?)
-    for stay in stays[:: max(1, math.ceil(len(stays) / MAX_STAYS_FOR_QUIET_HOURS))]:
+    for stay in stays.sample:
         entered = clock.seconds(stay.entered_at)
         if stay.exited_at is not None:
             spans.append((entered, clock.seconds(stay.exited_at), True))
@@ -345,7 +379,7 @@ def _fit_status(
         else:
             exact.append(math.log(max(ended - entered, 1.0)))
     mu, sigma = _fit_lognormal(exact, bounded, start.log_mu, start.log_sigma, prior)
-    return DwellModel(mu, sigma, quiet, len(stays))
+    return DwellModel(mu, sigma, quiet, stays.count)
 
 
 def _learn_quiet(spans: list[tuple[float, float, bool]]) -> tuple[int, int] | None:

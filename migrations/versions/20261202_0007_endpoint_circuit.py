@@ -8,7 +8,7 @@ without an answer several times in a row is skipped until `circuit_open_until`. 
 columns and one with a constant default take no table rewrite; the partial index covers only
 the few deliveries in flight.
 
-Revision ID: 0008
+Revision ID: 0007
 Revises: 0006
 Create Date: 2026-12-02 18:30:00.000000
 """
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0008"
+revision: str = "0007"
 down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None

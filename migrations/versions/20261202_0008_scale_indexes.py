@@ -8,8 +8,8 @@ rows not yet planned, one on each open shipment's status and last change, and on
 accounts' registrations answer each with a range scan. Built CONCURRENTLY, outside a
 transaction, so polls writing shipments are never blocked while they build.
 
-Revision ID: 0011
-Revises: 0006
+Revision ID: 0008
+Revises: 0007
 Create Date: 2026-12-02 18:30:00.000000
 """
 
@@ -18,8 +18,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0011"
-down_revision: str | None = "0006"
+revision: str = "0008"
+down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -15,8 +15,8 @@ from typing import Any
 from sqlalchemy import case, delete, func, literal, or_, select, text
 from sqlalchemy.orm import Session
 
-from worker.apply import EventRecorder
-from worker.domain import TERMINAL_STATUSES, EventType
+from worker.apply import EventRecorder, stop_polling
+from worker.domain import TERMINAL_STATUSES, EventType, parse_status
 from worker.models import (
     Account,
     Delivery,
@@ -41,6 +41,8 @@ RECENT = timedelta(hours=24)
 STALLED_SHOWN = 20
 # Finished shipments deleted per call of `purge_finished`, so each transaction stays short.
 PURGE_BATCH = 500
+# Why polling stopped when the merchant asked for it, over the API or the command line.
+STOPPED_BY_MERCHANT = "stopped_by_merchant"
 
 
 class ShipmentNotFound(LookupError):
@@ -302,6 +304,53 @@ def _notifications(session: Session, events: Sequence[OutboxEvent]) -> list[Noti
         NotificationRecord(e.event_id, e.type, e.sequence, e.created_at, deliveries.get(e.id, []))
         for e in events
     ]
+
+
+def list_shipments(
+    session: Session,
+    account_id: int,
+    *,
+    status: str | None,
+    changed_since: datetime | None,
+    after: str | None,
+    limit: int,
+) -> list[dict[str, Any]]:
+    """One page of an account's shipments, by order code, after the order code `after`.
+
+    Keyset order on the account's unique order codes: a page never repeats or skips a row that
+    existed when the listing began, whatever is inserted meanwhile. `status` takes any of the
+    carrier's spellings; `changed_since` matches registration, a status change or a scan.
+    """
+    query = select(Shipment).where(Shipment.account_id == account_id)
+    if status is not None:
+        known = parse_status(status)
+        query = query.where(Shipment.status == (known.value if known else status))
+    if changed_since is not None:
+        changed = func.greatest(
+            Shipment.registered_at, Shipment.status_changed_at, Shipment.last_scan_at
+        )
+        query = query.where(changed >= changed_since)
+    if after is not None:
+        query = query.where(Shipment.order_code > after)
+    rows = session.scalars(query.order_by(Shipment.order_code).limit(limit))
+    return [{"order_code": s.order_code} | _jsonable(_current(s)) for s in rows]
+
+
+def stop_tracking(
+    session: Session, order_code: str, account: str | None, now: datetime
+) -> list[int]:
+    """Stop polling a shipment at the merchant's request, announcing it with
+    `shipment.polling_stopped`; returns the event ids to deliver (none if already stopped)."""
+    shipment = find_shipment(session, order_code, account)
+    # A poll applying its answer right now holds the row; stop after it, never under it.
+    session.refresh(shipment, with_for_update=True)
+    if not shipment.active:
+        return []
+    owner = session.get_one(Account, shipment.account_id)
+    recorder = EventRecorder(session, shipment, owner, now)
+    stop_polling(shipment, recorder, EventType.POLLING_STOPPED, STOPPED_BY_MERCHANT)
+    session.flush()
+    return [e.id for e in recorder.events]
 
 
 # -- the system at a glance ----------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from worker.cli.accounts import account_app, db_app
+from worker.cli.api import api
 from worker.cli.intake import track
 from worker.cli.notifications import email_app, endpoint_app, webhooks_app
 from worker.cli.ops import metrics, show, stats
@@ -32,6 +33,7 @@ app.add_typer(token_app, name="token")
 app.command()(run)
 app.command()(sandbox)
 app.command()(demo)
+app.command()(api)
 
 
 def main() -> None:

@@ -25,8 +25,9 @@ from worker.api.tokens import create_token, revoke_token
 from worker.crypto import encrypt
 from worker.db import transaction
 from worker.intake import register_orders
-from worker.models import Account, OutboxEvent, Shipment
+from worker.models import Account, ApiToken, OutboxEvent, Shipment, WebhookEndpoint
 from worker.ops import shipment_story
+from worker.webhooks import add_endpoint
 
 RATE_LIMIT = 40
 # Bounded so the suite stays quick; benchmarks/api.py --fuzz runs longer.
@@ -391,3 +392,84 @@ def test_the_api_conforms_to_its_own_openapi(api: Api, merchants: list[Merchant]
             )
 
         conforms()
+
+
+def _cli(servers: RunServers, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args], env=servers.env(), cwd=ROOT, capture_output=True, text=True, check=False
+    )
+
+
+def test_token_cli_shows_a_token_once_lists_without_it_and_revokes(
+    api: Api, merchants: list[Merchant]
+) -> None:
+    shop = merchants[0]
+    created = _cli(api.servers, "token", "create", shop.name, "--name", "erp")
+    assert created.returncode == 0, created.stderr
+    token = created.stdout.strip().splitlines()[-1]
+    assert token.startswith("shm_")
+    with api.client(token) as client:
+        assert client.get("/v1/shipments").status_code == 200
+    listed = _cli(api.servers, "token", "list", shop.name, "--json")
+    rows = json.loads(listed.stdout)
+    assert [r["name"] for r in rows] == ["test", "erp"]
+    assert token not in listed.stdout
+    with transaction(api.servers.database_url) as s:
+        assert s.scalar(select(ApiToken.token_hash).where(ApiToken.id == rows[1]["id"])) != token
+    assert _cli(api.servers, "token", "revoke", str(rows[1]["id"])).returncode == 0
+    with api.client(token) as client:
+        _is_problem(client.get("/v1/shipments"), 401, "UNAUTHORIZED")
+    unknown = _cli(api.servers, "token", "revoke", "999999999")
+    assert unknown.returncode != 0
+    assert "shipmon token list" in unknown.stderr
+
+
+def test_untrack_stops_polling_as_the_api_delete_does(api: Api, merchants: list[Merchant]) -> None:
+    shop = merchants[0]
+    with transaction(api.servers.database_url) as s:
+        register_orders(s, shop.name, ["UNTR00001", "UNTR00002"])
+    done = _cli(api.servers, "untrack", "--account", shop.name, "UNTR00001")
+    assert done.returncode == 0, done.stderr
+    missing = _cli(api.servers, "untrack", "--account", shop.name, "UNTR00002", "UNTR09999")
+    assert missing.returncode == 1
+    with transaction(api.servers.database_url) as s:
+        rows = dict(
+            s.execute(
+                select(Shipment.order_code, Shipment.stopped_reason).where(
+                    Shipment.order_code.in_(["UNTR00001", "UNTR00002"])
+                )
+            ).all()
+        )
+        # All or nothing: the unknown code kept UNTR00002 tracked.
+        assert rows == {"UNTR00001": "stopped_by_merchant", "UNTR00002": None}
+        reasons = s.scalars(
+            select(OutboxEvent.data["reason"].astext)
+            .join(Shipment, Shipment.id == OutboxEvent.shipment_id)
+            .where(Shipment.order_code == "UNTR00001")
+        ).all()
+        assert reasons == ["stopped_by_merchant"]
+
+
+def test_an_endpoint_and_an_account_can_be_removed(api: Api, merchants: list[Merchant]) -> None:
+    shop = merchants[0]
+    with transaction(api.servers.database_url) as s:
+        account = s.scalars(select(Account).where(Account.name == shop.name)).one()
+        endpoint, _ = add_endpoint(
+            s,
+            account,
+            "http://127.0.0.1:9/hooks",
+            None,
+            secret_key=TEST_SECRET_KEY,
+            allow_private=True,
+        )
+        endpoint_id = endpoint.id
+        register_orders(s, shop.name, ["GONE00001"])
+    assert _cli(api.servers, "endpoint", "remove", str(endpoint_id)).returncode == 0
+    assert _cli(api.servers, "endpoint", "remove", str(endpoint_id)).returncode != 0
+    assert _cli(api.servers, "account", "remove", shop.name, "--yes").returncode == 0
+    with transaction(api.servers.database_url) as s:
+        assert s.get(WebhookEndpoint, endpoint_id) is None
+        assert s.scalar(select(Account.id).where(Account.name == shop.name)) is None
+        assert s.scalar(select(Shipment.id).where(Shipment.order_code == "GONE00001")) is None
+    with api.client(shop.token) as client:
+        _is_problem(client.get("/v1/shipments"), 401, "UNAUTHORIZED")

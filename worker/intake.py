@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -53,6 +53,15 @@ def account_by_name(session: Session, name: str) -> Account:
     if account is None:
         raise UnknownAccount(name)
     return account
+
+
+def remove_account(session: Session, name: str) -> None:
+    """Delete an account and all it owns: shipments and their history, outbox and deliveries,
+    endpoints, email recipients, API tokens and quota rows (the foreign keys cascade)."""
+    account = account_by_name(session, name)
+    # A bulk DELETE: the ORM would load every shipment first to cascade by itself.
+    session.execute(delete(Account).where(Account.id == account.id))
+    session.expunge(account)
 
 
 def register_orders(

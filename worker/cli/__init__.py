@@ -6,7 +6,7 @@ import typer
 
 from worker.cli.accounts import account_app, db_app
 from worker.cli.api import api
-from worker.cli.intake import track
+from worker.cli.intake import track, untrack
 from worker.cli.notifications import email_app, endpoint_app, webhooks_app
 from worker.cli.ops import metrics, show, stats
 from worker.cli.quota import quota
@@ -22,6 +22,7 @@ app = typer.Typer(
 app.add_typer(db_app, name="db")
 app.add_typer(account_app, name="account")
 app.command()(track)
+app.command()(untrack)
 app.command()(quota)
 app.command()(show)
 app.command()(stats)

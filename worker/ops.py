@@ -192,6 +192,10 @@ def _current(shipment: Shipment) -> dict[str, Any]:
 
 def find_shipment(session: Session, order_code: str, account: str | None = None) -> Shipment:
     """The shipment with this order code, in `account` when the code is in several accounts."""
+    return _find_shipment(session, order_code, account)[0]
+
+
+def _find_shipment(session: Session, order_code: str, account: str | None) -> tuple[Shipment, str]:
     query = select(Shipment, Account.name).join(Account).where(Shipment.order_code == order_code)
     if account is not None:
         query = query.where(Account.name == account)
@@ -207,14 +211,13 @@ def find_shipment(session: Session, order_code: str, account: str | None = None)
         raise ShipmentNotFound(
             f"{order_code!r} is in several accounts ({names}); choose one with --account NAME"
         )
-    shipment: Shipment = found[0][0]
-    return shipment
+    shipment, name = found[0]
+    return shipment, name
 
 
 def shipment_story(session: Session, order_code: str, account: str | None = None) -> ShipmentStory:
     """The shipment's current state, full status and scan history, delays and notifications."""
-    shipment = find_shipment(session, order_code, account)
-    account_name = session.scalar(select(Account.name).where(Account.id == shipment.account_id))
+    shipment, account_name = _find_shipment(session, order_code, account)
     statuses = [
         StatusRecord(
             e.status, e.status_id, e.status_code, e.tracking_name, e.occurred_at, e.seen_at
@@ -260,7 +263,7 @@ def shipment_story(session: Session, order_code: str, account: str | None = None
         if e.type == EventType.DELAYED.value and e.data.get("delay")
     ]
     return ShipmentStory(
-        account=account_name or "",
+        account=account_name,
         order_code=shipment.order_code,
         current=_current(shipment),
         statuses=statuses,
@@ -271,6 +274,8 @@ def shipment_story(session: Session, order_code: str, account: str | None = None
 
 
 def _notifications(session: Session, events: Sequence[OutboxEvent]) -> list[NotificationRecord]:
+    if not events:
+        return []  # most shipments: two queries saved on every `show`
     ids = [e.id for e in events]
     rows = session.execute(
         select(Delivery, WebhookEndpoint.url, EmailRecipient.address)

@@ -11,7 +11,8 @@ constant JSON body of about the same size: the ceiling the API is compared with.
 
 A throwaway database is created on the given PostgreSQL (dropped at the end), filled with
 `--rows` shipments of one account. The load generator is an aiohttp client in a process of its
-own (wrk is used instead when it is installed). The last line printed is one JSON object.
+own, or wrk (C) when it is installed (`apt-get install wrk`). The last line printed is one JSON
+object with the figures.
 """
 
 from __future__ import annotations
@@ -200,14 +201,38 @@ def load(urls: list[str], headers: dict[str, str], seconds: float) -> dict[str, 
 
 
 def wrk(urls: list[str], headers: dict[str, str], seconds: float) -> dict[str, Any]:
-    args = ["wrk", "-t2", f"-c{CONNECTIONS}", f"-d{int(seconds)}s", "--latency"]
+    """wrk (C), two threads, each request for a path drawn from `urls`."""
+    base = urls[0].split("/", 3)
+    paths = ", ".join(json.dumps("/" + u.split("/", 3)[3]) for u in urls)
+    script = ROOT / ".shipmon" / f"wrk-{os.getpid()}.lua"
+    script.parent.mkdir(exist_ok=True)
+    script.write_text(
+        f"local paths = {{{paths}}}\n"
+        "request = function() return wrk.format('GET', paths[math.random(#paths)]) end\n"
+        "done = function(summary, latency, requests)\n"
+        "  for _, p in ipairs({50, 95, 99}) do\n"
+        "    io.write(string.format('P%d %d\\n', p, latency:percentile(p)))\n"
+        "  end\n"
+        "end\n"
+    )
+    args = ["wrk", "-t2", f"-c{CONNECTIONS}", f"-d{int(seconds)}s", "-s", str(script)]
     for name, value in headers.items():
         args += ["-H", f"{name}: {value}"]
-    out = subprocess.run([*args, urls[0]], capture_output=True, text=True, check=True).stdout
-    figures: dict[str, Any] = {"load_generator": "wrk (one URL)", "raw": out}
+    try:
+        out = subprocess.run(
+            [*args, "/".join(base[:3])], capture_output=True, text=True, check=True
+        ).stdout
+    finally:
+        script.unlink()
+    figures: dict[str, Any] = {"load_generator": "wrk -t2"}
     for line in out.splitlines():
+        words = line.split()
         if line.strip().startswith("Requests/sec:"):
-            figures["requests_per_s"] = round(float(line.split()[-1]))
+            figures["requests_per_s"] = round(float(words[-1]))
+        elif len(words) == 2 and words[0] in ("P50", "P95", "P99"):
+            figures[f"p{words[0][1:]}_ms"] = round(int(words[1]) / 1000, 2)  # from microseconds
+        elif "Non-2xx" in line:
+            figures["non_200"] = int(words[-1])
     return figures
 
 

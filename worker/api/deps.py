@@ -28,7 +28,8 @@ class ApiState:
     limiter: RateLimiter
 
 
-def get_state(request: Request) -> ApiState:
+async def get_state(request: Request) -> ApiState:
+    # Async, though it awaits nothing: FastAPI would run a plain def in its threadpool.
     state: ApiState = request.app.state.shipmon
     return state
 

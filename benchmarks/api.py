@@ -36,7 +36,7 @@ from typing import Any
 
 import httpx
 import psycopg
-from fastapi import FastAPI
+from fastapi import FastAPI, Header
 
 ROOT = Path(__file__).resolve().parent.parent
 CONNECTIONS = 32
@@ -58,6 +58,39 @@ CONSTANT: dict[str, Any] = {
 @baseline.get("/constant")
 async def constant() -> dict[str, Any]:
     return CONSTANT
+
+
+def async_variant() -> FastAPI:
+    """The alternative design, for comparison: the same read on an async engine (psycopg's
+    async mode), the same domain functions run through `AsyncSession.run_sync`, the same token
+    check and Redis rate counter, and no threadpool."""
+    import redis.asyncio
+    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+    from worker.api.tokens import verify_token
+    from worker.ops import shipment_story
+
+    engine = create_async_engine(os.environ["SHIPMON_DATABASE_URL"], pool_size=5, max_overflow=10)
+    sessions = async_sessionmaker(engine)
+    counter = redis.asyncio.Redis.from_url(os.environ["SHIPMON_REDIS_URL"])
+    app = FastAPI()
+
+    @app.get("/v1/shipments/{order_code}")
+    async def read(order_code: str, authorization: str = Header()) -> dict[str, Any]:
+        async with sessions() as session:
+            principal = await session.run_sync(verify_token, authorization.removeprefix("Bearer "))
+            assert principal is not None
+            key = f"shipmon:api:rate:{principal.token_id}:{int(time.time())}"
+            async with counter.pipeline(transaction=False) as pipe:
+                await pipe.incr(key).expire(key, 2).execute()
+            story = await session.run_sync(shipment_story, order_code, principal.account)
+            return story.as_dict()
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app
 
 
 def free_port() -> int:
@@ -288,11 +321,19 @@ def main(args: argparse.Namespace) -> None:
             print("GET /v1/shipments/{code}", figures["get_shipment"], flush=True)
             figures["post_10000_codes_s"] = post_codes(api, token, args.posts)
             print("POST 10,000 codes, seconds per call", figures["post_10000_codes_s"])
+        port = free_port()
+        variant = f"http://127.0.0.1:{port}"
+        server = [sys.executable, "-m", "uvicorn", "--app-dir", "benchmarks", "--factory"]
+        server += ["api:async_variant", "--port", str(port), "--workers", str(args.workers)]
+        with serve([*server, "--log-level", "warning"], env, f"{variant}/healthz"):
+            urls = [f"{variant}/v1/shipments/{code}" for code in codes]
+            figures["get_shipment_async_engine"] = load(urls, headers, args.seconds)
+            print("the same on an async engine", figures["get_shipment_async_engine"], flush=True)
         rate = figures["get_shipment"]["requests_per_s"]
         figures["share_of_baseline"] = round(rate / figures["baseline"]["requests_per_s"], 2)
         figures["load_average"] = [round(x, 2) for x in os.getloadavg()]
         figures["cores"] = os.cpu_count()
-        figures["database"] = "sync SQLAlchemy (psycopg 3) in FastAPI's threadpool"
+        figures["database"] = "shipmon api: sync SQLAlchemy (psycopg 3) in FastAPI's threadpool"
     print(json.dumps(figures))
 
 

@@ -160,8 +160,10 @@ def install(app: FastAPI) -> None:
 
 
 def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """The OpenAPI description of a route's error answers."""
+    """The OpenAPI description of a route's error answers (`model` puts Problem in the
+    components; FastAPI lists it under application/json too)."""
+    schema = {"schema": {"$ref": "#/components/schemas/Problem"}}
     return {
-        s: {"model": Problem, "content": {PROBLEM_JSON: {}}, "description": _TITLES[s]}
+        s: {"model": Problem, "content": {PROBLEM_JSON: schema}, "description": _TITLES[s]}
         for s in statuses
     }

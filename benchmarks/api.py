@@ -12,7 +12,8 @@ constant JSON body of about the same size: the ceiling the API is compared with.
 A throwaway database is created on the given PostgreSQL (dropped at the end), filled with
 `--rows` shipments of one account. The load generator is an aiohttp client in a process of its
 own, or wrk (C) when it is installed (`apt-get install wrk`). The last line printed is one JSON
-object with the figures.
+object with the figures. `--fuzz N --rows 1000` instead runs schemathesis against the API's own
+OpenAPI with N examples per operation (the test suite runs 30).
 """
 
 from __future__ import annotations
@@ -285,6 +286,24 @@ def post_codes(api: str, token: str, calls: int) -> list[float]:
     return seconds
 
 
+# What the suite's bounded property test checks, here with many more examples.
+FUZZ_CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,"
+FUZZ_CHECKS += "response_schema_conformance"
+
+
+def fuzz(api: str, token: str, examples: int) -> int:
+    """schemathesis over every operation of the API's own OpenAPI; its exit status."""
+    return subprocess.run(
+        [
+            *(sys.executable, "-m", "schemathesis.cli", "run", f"{api}/openapi.json"),
+            *("--max-examples", str(examples), "--checks", FUZZ_CHECKS),
+            *("--header", f"Authorization: Bearer {token}", "--phases", "examples,fuzzing"),
+        ],
+        cwd=ROOT,
+        check=False,
+    ).returncode
+
+
 def main(args: argparse.Namespace) -> None:
     secret_key = secrets.token_urlsafe(48)
     with database(args.database_url) as database_url:
@@ -299,6 +318,12 @@ def main(args: argparse.Namespace) -> None:
             SHIPMON_API_RATE_LIMIT=str(10**9),
             SHIPMON_LOG_LEVEL="WARNING",
         )
+        if args.fuzz:
+            port = free_port()
+            api = f"http://127.0.0.1:{port}"
+            shipmon = [sys.executable, "-m", "worker", "api", "--port", str(port)]
+            with serve(shipmon, env, f"{api}/healthz"):
+                raise SystemExit(fuzz(api, token, args.fuzz))
         codes = [f"BENCH{random.randint(1, args.rows):08d}" for _ in range(1000)]
         figures: dict[str, Any] = {"rows": args.rows, "workers": args.workers}
 
@@ -345,6 +370,9 @@ if __name__ == "__main__":
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--posts", type=int, default=3)
+    parser.add_argument(
+        "--fuzz", type=int, metavar="N", help="Instead: schemathesis, N examples per operation."
+    )
     parser.add_argument("--load-generator", help=argparse.SUPPRESS)
     parsed = parser.parse_args()
     if parsed.load_generator:

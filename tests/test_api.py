@@ -30,7 +30,7 @@ from worker.ops import shipment_story
 from worker.webhooks import add_endpoint
 
 RATE_LIMIT = 40
-# Bounded so the suite stays quick; benchmarks/api.py --fuzz runs longer.
+# Bounded so the suite stays quick; `benchmarks/api.py --fuzz N` runs longer.
 EXAMPLES_PER_OPERATION = 30
 PROBLEM = "application/problem+json"
 CLI = [sys.executable, "-m", "worker"]
@@ -311,6 +311,10 @@ def test_errors_are_problems_with_an_error_code(api: Api, merchants: list[Mercha
             422,
             "VALIDATION_ERROR",
         )
+        not_utf8 = client.post(
+            "/v1/shipments", content=b"S,\xff\xfe", headers={"content-type": "application/json"}
+        )
+        _is_problem(not_utf8, 422, "VALIDATION_ERROR")
         too_many = {"order_codes": [f"MANY{i:06d}" for i in range(10_001)]}
         _is_problem(client.post("/v1/shipments", json=too_many), 422, "VALIDATION_ERROR")
         _is_problem(client.get("/v1/shipments", params={"limit": 501}), 422, "VALIDATION_ERROR")

@@ -122,12 +122,15 @@ async def _api_problem(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    code = _CODES.get(exc.status_code, ApiErrorCode.VALIDATION_ERROR)
+    # FastAPI's 400 is a body it could not decode: a validation error like any other.
+    status = 422 if exc.status_code == 400 else exc.status_code
+    code = _CODES.get(status, ApiErrorCode.VALIDATION_ERROR)
     detail = {
         404: f"nothing at {request.url.path}; see /docs for the API's routes",
         405: f"{request.method} is not allowed on {request.url.path}; see /docs",
-    }.get(exc.status_code, str(exc.detail))
-    return problem_response(exc.status_code, code, detail, exc.headers)
+        422: "the body is not JSON in UTF-8; see the schema at /docs",
+    }.get(status, str(exc.detail))
+    return problem_response(status, code, detail, exc.headers)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

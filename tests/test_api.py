@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -25,7 +26,14 @@ from worker.api.tokens import create_token, revoke_token
 from worker.crypto import encrypt
 from worker.db import transaction
 from worker.intake import register_orders
-from worker.models import Account, ApiToken, OutboxEvent, Shipment, WebhookEndpoint
+from worker.models import (
+    Account,
+    ApiToken,
+    OutboxEvent,
+    Shipment,
+    StatusEvent,
+    WebhookEndpoint,
+)
 from worker.ops import shipment_story
 from worker.webhooks import add_endpoint
 
@@ -156,14 +164,46 @@ def test_a_token_registers_reads_lists_and_stops_its_shipments(
             "already_registered": [],
             "refused": [{"order_code": "x", "error": "ORDERCODE_MIN_LENGTH"}],
         }
+        with transaction(api.servers.database_url) as s:
+            # What a poll would have recorded: a status with its history, an estimate, a proof.
+            shipment = s.scalars(select(Shipment).where(Shipment.order_code == "APIA00001")).one()
+            shipment.status, shipment.status_id, shipment.status_code = (
+                "DELIVERED",
+                30,
+                "PHATTHANHCONG",
+            )
+            shipment.status_changed_at = datetime(2026, 12, 1, 9, 30, tzinfo=UTC)
+            shipment.estimate_routes = [{"from": "HCM", "to": "HN", "days": 2}]
+            shipment.confirm_images = ["https://img.247express.vn/proof.jpg"]
+            s.add(
+                StatusEvent(
+                    shipment_id=shipment.id,
+                    status="DELIVERED",
+                    status_id=30,
+                    status_code="PHATTHANHCONG",
+                    occurred_at=shipment.status_changed_at,
+                )
+            )
         one = client.get("/v1/shipments/APIA00001")
         assert one.status_code == 200
         with transaction(api.servers.database_url) as s:
             assert one.json() == shipment_story(s, "APIA00001", shop.name).as_dict()
+        current = one.json()["current"]
+        assert current["status"]["name"] == "DELIVERED"
+        assert current["estimate_routes"] == [{"from": "HCM", "to": "HN", "days": 2}]
+        assert current["confirm_images"] == ["https://img.247express.vn/proof.jpg"]
+        assert [e["status"] for e in one.json()["statuses"]] == ["DELIVERED"]
         page = client.get("/v1/shipments").json()
         assert [s["order_code"] for s in page["shipments"]] == ["APIA00001", "APIA00002"]
         assert page["next_cursor"] is None
-        assert client.get("/v1/shipments", params={"status": "DELIVERED"}).json()["shipments"] == []
+        delivered = client.get("/v1/shipments", params={"status": "30"}).json()["shipments"]
+        assert [s["order_code"] for s in delivered] == ["APIA00001"]
+        # Registered, changed or scanned since: nothing has happened after now.
+        later = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+        assert client.get("/v1/shipments", params={"changed_since": later}).json() == {
+            "shipments": [],
+            "next_cursor": None,
+        }
 
         stopped = client.delete("/v1/shipments/APIA00002")
         assert stopped.status_code == 200

@@ -176,6 +176,8 @@ def _current(shipment: Shipment) -> dict[str, Any]:
         "delivery_date": shipment.delivery_date,
         "delivery_notes": shipment.delivery_notes,
         "confirm_images": shipment.confirm_images or [],
+        # The carrier's estimated delivery, as it sent it (its shape is not documented).
+        "estimate_routes": shipment.estimate_routes,
         "active": shipment.active,
         "stopped_reason": shipment.stopped_reason,
         "stalled_at": shipment.stalled_at,

@@ -62,6 +62,9 @@ class CurrentState(BaseModel):
     delivery_date: Timestamp | None
     delivery_notes: str | None
     confirm_images: list[Any] = Field(description="Delivery proof: the carrier's image URLs.")
+    estimate_routes: Any = Field(
+        description="The carrier's estimated delivery (`estimateRoutes`), as it sent it."
+    )
     active: bool = Field(description="Still polled; false once finished or stopped.")
     stopped_reason: str | None
     stalled_at: Timestamp | None

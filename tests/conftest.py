@@ -59,6 +59,8 @@ class RunServers:
             SHIPMON_DATABASE_URL=self.database_url,
             SHIPMON_REDIS_URL=self.redis_url,
             SHIPMON_SECRET_KEY=self.secret_key,
+            # Any free port: runs on one machine must not race for the API's default one.
+            SHIPMON_API_PORT="0",
         )
         env.update(extra)
         return env

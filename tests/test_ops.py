@@ -634,7 +634,8 @@ def test_the_compose_file_runs_every_process_with_health_checks_and_settings() -
     services = compose["services"]
 
     assert set(services) == {
-        "postgres", "redis", "migrate", "worker", "notify", "beat", "metrics", "flower", "mailpit",
+        "postgres", "redis", "migrate", "worker", "notify", "beat", "api", "metrics", "flower",
+        "mailpit",
         "sandbox",
     }  # fmt: skip
     for name, service in services.items():
@@ -651,11 +652,13 @@ def test_the_compose_file_runs_every_process_with_health_checks_and_settings() -
     assert bare == []
 
     every_setting = {f"SHIPMON_{name.upper()}" for name in Settings.model_fields}
-    for name in ("migrate", "worker", "notify", "beat"):
+    for name in ("migrate", "worker", "notify", "beat", "api"):
         assert every_setting <= set(services[name]["environment"]), name
     assert services["migrate"]["command"] == ["shipmon", "db", "upgrade"]
     assert services["migrate"]["restart"] == "no"
-    for name in ("worker", "notify", "beat"):
+    assert services["api"]["command"][:2] == ["shipmon", "api"]
+    assert "/readyz" in services["api"]["healthcheck"]["test"][-1]
+    for name in ("worker", "notify", "beat", "api"):
         started = services[name]["depends_on"]["migrate"]["condition"]
         assert started == "service_completed_successfully"
     assert "--appendonly" in services["redis"]["command"]

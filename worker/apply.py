@@ -440,7 +440,7 @@ def _apply_failure(
     if isinstance(error, OrderCodeNotFound) and shipment.found_at is None:
         # New orders reach the carrier late; keep asking, less often, for a grace period.
         if ctx.now - shipment.registered_at >= NOT_FOUND_GRACE:
-            _stop(shipment, recorder, EventType.NOT_FOUND, shipment.last_error_code)
+            stop_polling(shipment, recorder, EventType.NOT_FOUND, shipment.last_error_code)
         else:
             state = ShipmentState(registered_at=shipment.registered_at, last_polled_at=ctx.now)
             shipment.next_poll_at = ctx.plan(state)
@@ -451,7 +451,7 @@ def _apply_failure(
         shipment.next_poll_at = ctx.due_in(error_backoff(shipment.consecutive_errors))
         return Applied(recorder.events)
     # Not in this account, lookup period over, or a code the carrier can never accept.
-    _stop(shipment, recorder, EventType.POLLING_STOPPED, shipment.last_error_code)
+    stop_polling(shipment, recorder, EventType.POLLING_STOPPED, shipment.last_error_code)
     return Applied(recorder.events)
 
 
@@ -475,9 +475,10 @@ def error_backoff(consecutive_errors: int) -> timedelta:
     return min(base, ERROR_BACKOFF_CAP) * random.uniform(0.8, 1.2)
 
 
-def _stop(
+def stop_polling(
     shipment: Shipment, recorder: EventRecorder, event: EventType, reason: str | None
 ) -> None:
+    """Stop polling a shipment and announce why: the carrier's refusal, or the merchant's wish."""
     shipment.active = False
     shipment.stopped_reason = reason
     recorder.emit(event, None, reason=reason)

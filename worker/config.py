@@ -125,6 +125,12 @@ class Settings(BaseSettings):
         description="Shortest time without a new scan or status before an open shipment is "
         "called stalled; longer where the learned normal stay in its status is longer.",
     )
+    api_port: int = Field(
+        8000, ge=0, le=65535, description="Port of the HTTP API started by `shipmon run`."
+    )
+    api_rate_limit: int = Field(
+        50, gt=0, description="HTTP API requests per second allowed per token, in every process."
+    )
 
     @field_validator("quota_timezone")
     @classmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
+import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +30,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from worker.api.tokens import create_token
 from worker.crypto import encrypt
 from worker.intake import register_orders
 from worker.models import Account, Delivery, OutboxEvent, Shipment, WebhookEndpoint
@@ -132,6 +134,23 @@ def seed_orders(
                 register_orders(session, name, mine)
             codes.extend(mine)
     return codes
+
+
+def free_port() -> int:
+    """A port free on loopback right now, for the demo's HTTP API."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def api_example(sessions: sessionmaker[Session], port: int, order_code: str) -> str:
+    """A new token for the first demo account, and a curl line that reads one of its orders."""
+    with sessions.begin() as session:
+        _, token = create_token(session, DEMO_ACCOUNTS[0], "demo")
+    return (
+        f"curl -H 'Authorization: Bearer {token}' http://127.0.0.1:{port}/v1/shipments/{order_code}"
+    )
 
 
 @dataclass

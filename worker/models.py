@@ -366,3 +366,19 @@ class SchedulerState(Base):
     name: Mapped[str] = mapped_column(String(100), primary_key=True)
     data: Mapped[dict[str, Any]]
     updated_at: Mapped[datetime] = _now()
+
+
+class ApiToken(Base):
+    """A bearer token of the HTTP API: it acts for one account, and only its SHA-256 is kept."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    account_id: Mapped[int] = mapped_column(
+        ForeignKey("accounts.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(100))
+    # The token itself is never stored: a lookup hashes what the caller presents.
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = _now()
+    revoked_at: Mapped[datetime | None]

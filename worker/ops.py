@@ -15,8 +15,8 @@ from typing import Any
 from sqlalchemy import and_, delete, func, or_, select, text
 from sqlalchemy.orm import Session
 
-from worker.apply import EventRecorder
-from worker.domain import TERMINAL_STATUSES, EventType
+from worker.apply import EventRecorder, stop_polling
+from worker.domain import TERMINAL_STATUSES, EventType, parse_status
 from worker.models import (
     Account,
     Delivery,
@@ -41,6 +41,8 @@ RECENT = timedelta(hours=24)
 STALLED_SHOWN = 20
 # Finished shipments deleted per call of `purge_finished`, so each transaction stays short.
 PURGE_BATCH = 500
+# Why polling stopped when the merchant asked for it, over the API or the command line.
+STOPPED_BY_MERCHANT = "stopped_by_merchant"
 
 
 class ShipmentNotFound(LookupError):
@@ -174,6 +176,8 @@ def _current(shipment: Shipment) -> dict[str, Any]:
         "delivery_date": shipment.delivery_date,
         "delivery_notes": shipment.delivery_notes,
         "confirm_images": shipment.confirm_images or [],
+        # The carrier's estimated delivery, as it sent it (its shape is not documented).
+        "estimate_routes": shipment.estimate_routes,
         "active": shipment.active,
         "stopped_reason": shipment.stopped_reason,
         "stalled_at": shipment.stalled_at,
@@ -190,6 +194,10 @@ def _current(shipment: Shipment) -> dict[str, Any]:
 
 def find_shipment(session: Session, order_code: str, account: str | None = None) -> Shipment:
     """The shipment with this order code, in `account` when the code is in several accounts."""
+    return _find_shipment(session, order_code, account)[0]
+
+
+def _find_shipment(session: Session, order_code: str, account: str | None) -> tuple[Shipment, str]:
     query = select(Shipment, Account.name).join(Account).where(Shipment.order_code == order_code)
     if account is not None:
         query = query.where(Account.name == account)
@@ -205,14 +213,13 @@ def find_shipment(session: Session, order_code: str, account: str | None = None)
         raise ShipmentNotFound(
             f"{order_code!r} is in several accounts ({names}); choose one with --account NAME"
         )
-    shipment: Shipment = found[0][0]
-    return shipment
+    shipment, name = found[0]
+    return shipment, name
 
 
 def shipment_story(session: Session, order_code: str, account: str | None = None) -> ShipmentStory:
     """The shipment's current state, full status and scan history, delays and notifications."""
-    shipment = find_shipment(session, order_code, account)
-    account_name = session.scalar(select(Account.name).where(Account.id == shipment.account_id))
+    shipment, account_name = _find_shipment(session, order_code, account)
     statuses = [
         StatusRecord(
             e.status, e.status_id, e.status_code, e.tracking_name, e.occurred_at, e.seen_at
@@ -258,7 +265,7 @@ def shipment_story(session: Session, order_code: str, account: str | None = None
         if e.type == EventType.DELAYED.value and e.data.get("delay")
     ]
     return ShipmentStory(
-        account=account_name or "",
+        account=account_name,
         order_code=shipment.order_code,
         current=_current(shipment),
         statuses=statuses,
@@ -269,6 +276,8 @@ def shipment_story(session: Session, order_code: str, account: str | None = None
 
 
 def _notifications(session: Session, events: Sequence[OutboxEvent]) -> list[NotificationRecord]:
+    if not events:
+        return []  # most shipments: two queries saved on every `show`
     ids = [e.id for e in events]
     rows = session.execute(
         select(Delivery, WebhookEndpoint.url, EmailRecipient.address)
@@ -302,6 +311,53 @@ def _notifications(session: Session, events: Sequence[OutboxEvent]) -> list[Noti
         NotificationRecord(e.event_id, e.type, e.sequence, e.created_at, deliveries.get(e.id, []))
         for e in events
     ]
+
+
+def list_shipments(
+    session: Session,
+    account_id: int,
+    *,
+    status: str | None,
+    changed_since: datetime | None,
+    after: str | None,
+    limit: int,
+) -> list[dict[str, Any]]:
+    """One page of an account's shipments, by order code, after the order code `after`.
+
+    Keyset order on the account's unique order codes: a page never repeats or skips a row that
+    existed when the listing began, whatever is inserted meanwhile. `status` takes any of the
+    carrier's spellings; `changed_since` matches registration, a status change or a scan.
+    """
+    query = select(Shipment).where(Shipment.account_id == account_id)
+    if status is not None:
+        known = parse_status(status)
+        query = query.where(Shipment.status == (known.value if known else status))
+    if changed_since is not None:
+        changed = func.greatest(
+            Shipment.registered_at, Shipment.status_changed_at, Shipment.last_scan_at
+        )
+        query = query.where(changed >= changed_since)
+    if after is not None:
+        query = query.where(Shipment.order_code > after)
+    rows = session.scalars(query.order_by(Shipment.order_code).limit(limit))
+    return [{"order_code": s.order_code} | _jsonable(_current(s)) for s in rows]
+
+
+def stop_tracking(
+    session: Session, order_code: str, account: str | None, now: datetime
+) -> list[int]:
+    """Stop polling a shipment at the merchant's request, announcing it with
+    `shipment.polling_stopped`; returns the event ids to deliver (none if already stopped)."""
+    shipment = find_shipment(session, order_code, account)
+    # A poll applying its answer right now holds the row; stop after it, never under it.
+    session.refresh(shipment, with_for_update=True)
+    if not shipment.active:
+        return []
+    owner = session.get_one(Account, shipment.account_id)
+    recorder = EventRecorder(session, shipment, owner, now)
+    stop_polling(shipment, recorder, EventType.POLLING_STOPPED, STOPPED_BY_MERCHANT)
+    session.flush()
+    return [e.id for e in recorder.events]
 
 
 # -- the system at a glance ----------------------------------------------------------------------

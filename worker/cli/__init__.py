@@ -5,11 +5,13 @@ from __future__ import annotations
 import typer
 
 from worker.cli.accounts import account_app, db_app
-from worker.cli.intake import track
+from worker.cli.api import api
+from worker.cli.intake import track, untrack
 from worker.cli.notifications import email_app, endpoint_app, webhooks_app
 from worker.cli.ops import metrics, show, stats
 from worker.cli.quota import quota
 from worker.cli.run import demo, run, sandbox
+from worker.cli.tokens import token_app
 
 app = typer.Typer(
     name="shipmon",
@@ -20,6 +22,7 @@ app = typer.Typer(
 app.add_typer(db_app, name="db")
 app.add_typer(account_app, name="account")
 app.command()(track)
+app.command()(untrack)
 app.command()(quota)
 app.command()(show)
 app.command()(stats)
@@ -27,9 +30,11 @@ app.command()(metrics)
 app.add_typer(endpoint_app, name="endpoint")
 app.add_typer(email_app, name="email")
 app.add_typer(webhooks_app, name="webhooks")
+app.add_typer(token_app, name="token")
 app.command()(run)
 app.command()(sandbox)
 app.command()(demo)
+app.command()(api)
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from worker.apply import PAUSED_UNTIL_FIXED
 from worker.cli.common import console, fail, print_json, servers, session
 from worker.crypto import encrypt
 from worker.db import upgrade
-from worker.intake import account_by_name
+from worker.intake import account_by_name, remove_account
 from worker.models import Account
 
 db_app = typer.Typer(help="Manage the database schema.", no_args_is_help=True)
@@ -130,3 +130,18 @@ def account_resume(name: Annotated[str, typer.Argument(help="The account's name.
         account.paused_until = None
         account.pause_reason = None
     console.print(f"account [bold]{name}[/] resumed")
+
+
+@account_app.command("remove")
+def account_remove(
+    name: Annotated[str, typer.Argument(help="The account's name.")],
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Delete an account with its shipments, history, endpoints and tokens (no undo)."""
+    if not yes:
+        typer.confirm(
+            f"delete account {name!r} and all its shipments, events and endpoints?", abort=True
+        )
+    with session() as s:
+        remove_account(s, name)
+    console.print(f"account [bold]{name}[/] removed")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -10,6 +11,7 @@ import typer
 
 from worker.cli.common import err_console, fail, print_json, session
 from worker.intake import register_orders
+from worker.ops import ShipmentNotFound, stop_tracking
 
 
 def _read_codes(codes: list[str], file: Path | None) -> list[str]:
@@ -62,3 +64,20 @@ def track(
         )
     if result.refused:
         raise typer.Exit(1)
+
+
+def untrack(
+    order_codes: Annotated[list[str], typer.Argument(help="Order codes to stop tracking.")],
+    account: Annotated[
+        str | None, typer.Option(help="The account, when a code is in several.")
+    ] = None,
+) -> None:
+    """Stop tracking shipments: polling ends and `shipment.polling_stopped` goes out, with
+    reason `stopped_by_merchant` (as `DELETE /v1/shipments/CODE` does)."""
+    with session() as s:
+        try:
+            for code in order_codes:
+                stop_tracking(s, code, account, datetime.now(UTC))
+        except ShipmentNotFound as exc:
+            fail(str(exc), code=1)
+    err_console.print(f"{len(order_codes)} no longer tracked", highlight=False)

@@ -177,6 +177,16 @@ def endpoint_enable(
     console.print(f"endpoint {endpoint_id} enabled")
 
 
+@endpoint_app.command("remove")
+def endpoint_remove(
+    endpoint_id: Annotated[int, typer.Argument(help="The endpoint's id.")],
+) -> None:
+    """Delete an endpoint; its pending deliveries are dropped with it."""
+    with session() as s:
+        s.delete(_endpoint(s, endpoint_id))
+    console.print(f"endpoint {endpoint_id} removed")
+
+
 @endpoint_app.command("rotate-secret")
 def endpoint_rotate_secret(
     endpoint_id: Annotated[int, typer.Argument(help="The endpoint's id.")],

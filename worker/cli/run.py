@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from pathlib import Path
 from types import FrameType
 from typing import Annotated
@@ -44,6 +45,11 @@ def start_system(supervisor: Supervisor, concurrency: int, loglevel: str) -> Non
     supervisor.celery("beat", "beat", "--loglevel", loglevel)
 
 
+def start_api(supervisor: Supervisor, port: int) -> None:
+    """The HTTP API on loopback, beside the workers."""
+    supervisor.start("api", [sys.executable, "-m", "worker", "api", "--port", str(port)])
+
+
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
@@ -59,7 +65,11 @@ def run(
     supervisor = Supervisor(system_env(found))
     signal.signal(signal.SIGTERM, _raise_interrupt)
     start_system(supervisor, concurrency, settings().log_level)
-    console.print("shipmon is running; press Ctrl-C to stop")
+    start_api(supervisor, settings().api_port)
+    console.print(
+        f"shipmon is running, its HTTP API on http://127.0.0.1:{settings().api_port}/docs; "
+        "press Ctrl-C to stop"
+    )
     try:
         while True:
             name, code = supervisor.wait_any()
@@ -112,7 +122,15 @@ def demo(
 ) -> None:
     """Watch the whole system live: a carrier, sample orders, polls, transitions, webhooks."""
     from worker.db import session_factory
-    from worker.demo import DemoView, Receiver, seed_orders, start_sandbox, watch
+    from worker.demo import (
+        DemoView,
+        Receiver,
+        api_example,
+        free_port,
+        seed_orders,
+        start_sandbox,
+        watch,
+    )
 
     found = servers()
     console.print("starting: database and Redis, the sandbox carrier, a webhook receiver…")
@@ -136,7 +154,15 @@ def demo(
     try:
         # The workers boot while the sample orders are placed.
         start_system(supervisor, 2, "WARNING")
-        seed_orders(sessions, sandbox_url, receiver, found.secret_key, orders)
+        api_port = free_port()
+        start_api(supervisor, api_port)
+        codes = seed_orders(sessions, sandbox_url, receiver, found.secret_key, orders)
+        curl = api_example(sessions, api_port, codes[0])
+        console.print(
+            f"the HTTP API: http://127.0.0.1:{api_port}/docs; try, while the demo runs:\n  {curl}",
+            highlight=False,
+            soft_wrap=True,
+        )
         watch(DemoView(sessions, receiver), duration)
     except KeyboardInterrupt:
         pass

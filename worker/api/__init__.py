@@ -1,0 +1,1 @@
+"""The HTTP API: merchant backends register and read shipments over HTTPS (SPEC §7)."""

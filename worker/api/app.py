@@ -1,0 +1,47 @@
+"""The ASGI application: `create_app(settings)`, served by `shipmon api` on uvicorn."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+from fastapi import FastAPI
+
+from worker.api import problems
+from worker.api.deps import ApiState
+from worker.api.limits import BodyLimit, RateLimiter
+from worker.api.routes import health, quota, shipments
+from worker.config import Settings, get_settings
+from worker.db import session_factory
+from worker.embedded import resolve
+
+DESCRIPTION = """\
+Register 247Express order codes and read what the carrier says about them, from any language.
+Authenticate with `Authorization: Bearer <token>`; create a token with
+`shipmon token create ACCOUNT`. Errors are RFC 9457 `application/problem+json` with an
+`error_code`.
+"""
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The API, on the servers the settings name (or the embedded ones)."""
+    servers = resolve(settings)
+    client: redis.Redis[Any] = redis.Redis.from_url(servers.redis_url)
+    app = FastAPI(title="shipmon", version="1", description=DESCRIPTION)
+    app.state.shipmon = ApiState(
+        settings=settings,
+        sessions=session_factory(servers.database_url),
+        redis=client,
+        limiter=RateLimiter(client, settings.api_rate_limit),
+    )
+    problems.install(app)
+    app.include_router(shipments.router)
+    app.include_router(quota.router)
+    app.include_router(health.router)
+    app.add_middleware(BodyLimit)
+    return app
+
+
+def from_environment() -> FastAPI:
+    """The app for uvicorn's `--factory`: every worker process builds its own from SHIPMON_*."""
+    return create_app(get_settings())

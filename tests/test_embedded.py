@@ -130,3 +130,27 @@ def test_a_home_made_with_trust_auth_gets_a_password_in_place(tmp_path: Path) ->
             psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres", connect_timeout=5)
     finally:
         again.release()
+
+
+def test_servers_left_running_open_by_an_earlier_version_are_closed(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    first = EmbeddedServers(home)
+    found = first.acquire()
+    try:
+        # As an earlier version left them running: trust auth, no Redis password.
+        (home / "postgres" / "pg_hba.conf").write_text("host all all 127.0.0.1/32 trust\n")
+        first._pg_ctl("reload")
+        redis.Redis.from_url(found.redis_url).config_set("requirepass", "")
+        port, redis_port = first._postgres_port(), first._redis_port() or 0
+        psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres").close()
+        assert redis.Redis(port=redis_port).ping()
+
+        # The next start in this home, as by a new shipmon process, closes them.
+        assert first.acquire() == found
+        with pytest.raises(psycopg.OperationalError, match="password"):
+            psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres", connect_timeout=5)
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=redis_port).ping()
+        assert redis.Redis.from_url(found.redis_url).ping()
+    finally:
+        first.release()

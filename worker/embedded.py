@@ -122,6 +122,10 @@ class EmbeddedServers:
             holders = self._live_holders()
             pg_port = self._postgres_port() or self._start_postgres(pg_password)
             redis_port = self._redis_port() or self._start_redis(redis_password)
+            # Servers a home's earlier version started or made let anyone in: not any more.
+            if self._postgres_trusts():
+                self._require_postgres_password(pg_port, pg_password)
+            _require_redis_password(redis_port, redis_password)
             if os.getpid() not in holders:
                 holders.append(os.getpid())
             self._write_holders(holders)
@@ -261,8 +265,6 @@ class EmbeddedServers:
             raise EmbeddedServerError(
                 f"embedded PostgreSQL did not start; see {self.pgdata / 'server.log'}"
             ) from exc
-        if self._postgres_trusts():
-            self._require_password(port, password)
         url = f"postgresql://postgres:{password}@127.0.0.1:{port}/postgres"
         with psycopg.connect(url, autocommit=True) as conn:
             found = conn.execute(
@@ -297,7 +299,7 @@ class EmbeddedServers:
         rules = (self.pgdata / "pg_hba.conf").read_text().splitlines()
         return any("trust" in r.split() for r in rules if not r.lstrip().startswith("#"))
 
-    def _require_password(self, port: int, password: str) -> None:
+    def _require_postgres_password(self, port: int, password: str) -> None:
         """Secure a home made when the embedded PostgreSQL trusted every local connection."""
         log.info("setting a password on embedded PostgreSQL in %s", self.pgdata)
         with psycopg.connect(
@@ -371,6 +373,20 @@ class EmbeddedServers:
             if time.monotonic() > deadline:
                 raise EmbeddedServerError(f"timed out waiting for {what}")
             time.sleep(0.05)
+
+
+def _require_redis_password(port: int, password: str) -> None:
+    """Give a Redis an earlier version started without a password this home's password."""
+    client = redis.Redis(port=port, socket_timeout=5)
+    try:
+        client.ping()
+    except redis.AuthenticationError:
+        return  # it asks for a password already
+    finally:
+        client.close()
+    # Connections made before keep working; every new one must authenticate.
+    with redis.Redis(port=port, socket_timeout=5) as open_redis:
+        open_redis.config_set("requirepass", password)
 
 
 def _pings(client: redis.Redis[bytes]) -> bool:

@@ -188,8 +188,8 @@ class EmbeddedServers:
     def _private_value(self, name: str) -> str:
         """The random value in the home's file `name`, created (mode 0600) on first use.
 
-        The file appears whole or not at all: the value is written to a file of this process's
-        own, then linked into place, which fails rather than overwrite one another process made.
+        The file appears whole or not at all: the value is written to a file of the caller's
+        own, then linked into place, which fails rather than replace one another caller made.
         """
         path = self.home / name
         if not path.exists():

@@ -69,7 +69,7 @@ def _redis_url(value: str) -> str:
 def _http_url(value: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{value!r} is not an http:// or https:// URL")
+        raise ValueError(f"{mask_url(value)!r} is not an http:// or https:// URL")
     return value.rstrip("/")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import re
 import sys
 from typing import Annotated
@@ -45,11 +46,16 @@ def _api_key(given: str | None) -> str:
     """The API key given as an option, on standard input (`-`) or in SHIPMON_API_KEY."""
     if given is None:
         fail(
-            f"give the API key on standard input with --api-key - (e.g. from a password "
+            "give the API key on standard input with --api-key - (e.g. from a password "
             f"manager) or in {API_KEY_ENV}"
         )
-    # One line, bounded: a key is at most 200 characters.
-    key = sys.stdin.readline(1024).strip() if given == "-" else given
+    if given != "-":
+        key = given
+    elif sys.stdin.isatty():
+        key = getpass.getpass("carrier API key (not shown): ").strip()
+    else:
+        # One line, bounded: a key is at most 200 characters.
+        key = sys.stdin.readline(1024).strip()
     if not API_KEY.fullmatch(key):
         fail("the API key must be 1-200 printable characters without spaces")
     return key

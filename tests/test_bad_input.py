@@ -361,6 +361,20 @@ def test_account_add_refuses_bad_values(
     assert stored(servers, Account, name=name) == 0
 
 
+@pytest.mark.parametrize(
+    "key_input",
+    ["", "\n", "has space\n", "k" * 5000, "khóa-bí-mật\n", "KEY-\x00-1\n"],
+    ids=["nothing", "empty-line", "spaced", "huge-line", "vietnamese", "nul"],
+)
+def test_account_add_refuses_a_bad_key_from_standard_input(
+    shipmon: Shipmon, servers: RunServers, key_input: str
+) -> None:
+    name = f"bad-input-{secrets.token_hex(4)}"
+    shipmon.names.append(name)
+    assert_refused(shipmon("account", "add", name, "--api-key", "-", input=key_input))
+    assert stored(servers, Account, name=name) == 0
+
+
 def test_account_add_refuses_a_duplicate_name_and_keeps_the_first(
     shipmon: Shipmon, servers: RunServers
 ) -> None:

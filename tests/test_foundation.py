@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import uuid
@@ -15,7 +16,7 @@ from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
 
 from tests.conftest import RunServers, make_account
-from worker.config import ConfigError, Settings, load_settings
+from worker.config import ConfigError, Settings, load_settings, mask_url
 from worker.crypto import SecretKeyMismatch, decrypt, encrypt
 from worker.db import alembic_config, upgrade
 from worker.domain import ErrorCode
@@ -131,8 +132,52 @@ def test_settings_report_every_bad_value_with_its_variable(
 
 
 def test_settings_normalise_database_urls_for_psycopg() -> None:
-    settings = Settings(database_url="postgresql://u@h/db")
+    settings = Settings(
+        database_url="postgresql://u@h/db", redis_url="redis://h/0", secret_key="k" * 32
+    )
     assert settings.database_url == "postgresql+psycopg://u@h/db"
+
+
+def test_bad_server_urls_are_reported_without_their_passwords(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SHIPMON_DATABASE_URL", "mysql://shipmon:hunter2@db/x")
+    monkeypatch.setenv("SHIPMON_REDIS_URL", "http://:swordfish@redis:6379/0")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    message = str(info.value)
+    assert "hunter2" not in message and "swordfish" not in message
+    assert "mysql://***@db/x" in message
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://user:pa55@hooks.example/in?x=1", "https://***@hooks.example/in?x=1"),
+        ("https://token@hooks.example:8443/in", "https://***@hooks.example:8443/in"),
+        ("postgresql+psycopg://postgres:pw@127.0.0.1:5432/db", "postgresql+psycopg://***@127.0.0.1:5432/db"),
+        ("https://hooks.example/in", "https://hooks.example/in"),
+        ("https://user:pw@[::1/in", "(unreadable URL)"),
+    ],
+)  # fmt: skip
+def test_urls_are_shown_without_their_credentials(url: str, shown: str) -> None:
+    assert mask_url(url) == shown
+
+
+@pytest.mark.parametrize("only", ["SHIPMON_DATABASE_URL", "SHIPMON_REDIS_URL"])
+def test_one_server_url_without_the_other_is_refused(
+    monkeypatch: pytest.MonkeyPatch, only: str
+) -> None:
+    monkeypatch.setenv(only, "postgresql://db/x" if "DATABASE" in only else "redis://r/0")
+    monkeypatch.setenv("SHIPMON_SECRET_KEY", "k" * 32)
+    with pytest.raises(ConfigError, match="set both SHIPMON_DATABASE_URL and SHIPMON_REDIS_URL"):
+        load_settings()
+
+
+def test_an_old_secret_key_shorter_than_a_key_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHIPMON_OLD_SECRET_KEYS", "k" * 32 + ",short")
+    with pytest.raises(ConfigError, match="SHIPMON_OLD_SECRET_KEYS"):
+        load_settings()
 
 
 def test_secrets_round_trip_and_refuse_a_different_key() -> None:
@@ -141,6 +186,13 @@ def test_secrets_round_trip_and_refuse_a_different_key() -> None:
     assert decrypt(token, "k" * 32) == "api-key-123"
     with pytest.raises(SecretKeyMismatch, match="SHIPMON_SECRET_KEY"):
         decrypt(token, "x" * 32)
+    assert decrypt(token, "x" * 32, ["k" * 32]) == "api-key-123"
+
+
+@pytest.mark.parametrize("key", ["", "short", "k" * 31])
+def test_a_short_secret_key_is_refused_before_anything_is_encrypted(key: str) -> None:
+    with pytest.raises(ValueError, match="SHIPMON_SECRET_KEY"):
+        encrypt("api-key-123", key)
 
 
 def _shipmon(servers: RunServers, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
@@ -171,6 +223,36 @@ def test_cli_adds_an_account_and_tracks_orders(servers: RunServers) -> None:
     rekeyed = _shipmon(servers, "account", "set-key", name, "--api-key", "NEW-KEY-5555")
     assert rekeyed.returncode == 0, rekeyed.stderr
     assert "…5555" in _shipmon(servers, "account", "list", "--json").stdout
+
+
+def _api_key_shown(servers: RunServers, name: str) -> str:
+    listed = json.loads(_shipmon(servers, "account", "list", "--json").stdout)
+    return str(next(a["api_key"] for a in listed if a["name"] == name))
+
+
+def test_api_keys_come_from_standard_input_or_the_environment(servers: RunServers) -> None:
+    name = f"cli-{uuid.uuid4().hex[:6]}"
+    added = _shipmon(servers, "account", "add", name, "--api-key", "-", stdin="STDIN-KEY-4321\n")
+    assert added.returncode == 0, added.stderr
+    assert _api_key_shown(servers, name) == "…4321"
+    env = servers.env(SHIPMON_API_KEY="ENVIRON-KEY-8765")
+    rekeyed = subprocess.run(
+        [sys.executable, "-m", "worker", "account", "set-key", name],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert rekeyed.returncode == 0, rekeyed.stderr
+    assert _api_key_shown(servers, name) == "…8765"
+    missing = _shipmon(servers, "account", "set-key", name)
+    assert missing.returncode == 2
+    assert "--api-key -" in missing.stderr and "SHIPMON_API_KEY" in missing.stderr
+
+
+def test_a_short_api_key_is_not_hinted_at(servers: RunServers) -> None:
+    name = f"cli-{uuid.uuid4().hex[:6]}"
+    added = _shipmon(servers, "account", "add", name, "--api-key", "-", stdin="SHORT-9876\n")
+    assert added.returncode == 0, added.stderr
+    shown = _api_key_shown(servers, name)
+    assert shown == "(hidden)"
 
 
 def test_secret_key_is_required_with_configured_servers(servers: RunServers) -> None:

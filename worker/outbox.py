@@ -31,7 +31,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from worker import metrics
-from worker.config import Settings
+from worker.config import Settings, mask_url
 from worker.mail import EventEmail, MailError, event_email, event_message, send_message
 from worker.mail import send_ops_alert as send_alert_mail
 from worker.models import (
@@ -629,8 +629,8 @@ def _endpoint_health(
         to=account.ops_email,
         subject=f"shipmon: webhook endpoint {endpoint.id} of {account.name} disabled",
         body=(
-            f"shipmon stopped sending webhooks to {endpoint.url} (endpoint {endpoint.id} of "
-            f"account {account.name}): {reason}.\n\n"
+            f"shipmon stopped sending webhooks to {mask_url(endpoint.url)} (endpoint "
+            f"{endpoint.id} of account {account.name}): {reason}.\n\n"
             "Its undelivered events are kept. Once the receiver works again, run\n\n"
             f"    shipmon endpoint enable {endpoint.id}\n\n"
             "and they will be delivered, oldest first.\n"

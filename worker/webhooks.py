@@ -611,8 +611,22 @@ def set_endpoint_enabled(
     )
 
 
+class RotationInProgress(Exception):
+    """The endpoint's previous secret still signs: a new rotation would cut its overlap short."""
+
+
 def rotate_secret(endpoint: WebhookEndpoint, *, secret_key: str, now: datetime) -> str:
     """Give the endpoint a new secret; the old one keeps signing for ROTATION_OVERLAP."""
+    expires = endpoint.previous_secret_expires_at
+    if endpoint.previous_secret_encrypted is not None and expires is not None and expires > now:
+        # Only one previous secret signs: rotating now would drop it before its receivers
+        # have had their ROTATION_OVERLAP to move to the current one.
+        raise RotationInProgress(
+            f"endpoint {endpoint.id} was rotated less than "
+            f"{ROTATION_OVERLAP.total_seconds() / 3600:g} hours ago and its "
+            f"previous secret still signs until {expires:%Y-%m-%d %H:%M} UTC; rotate again "
+            "after that time"
+        )
     secret = new_secret()
     endpoint.previous_secret_encrypted = endpoint.secret_encrypted
     endpoint.previous_secret_expires_at = now + ROTATION_OVERLAP

@@ -11,6 +11,7 @@ from worker.cli.notifications import email_app, endpoint_app, webhooks_app
 from worker.cli.ops import metrics, show, stats
 from worker.cli.quota import quota
 from worker.cli.run import demo, run, sandbox
+from worker.cli.secret_keys import secrets_app
 from worker.cli.tokens import token_app
 
 app = typer.Typer(
@@ -30,6 +31,7 @@ app.command()(metrics)
 app.add_typer(endpoint_app, name="endpoint")
 app.add_typer(email_app, name="email")
 app.add_typer(webhooks_app, name="webhooks")
+app.add_typer(secrets_app, name="secrets")
 app.add_typer(token_app, name="token")
 app.command()(run)
 app.command()(sandbox)

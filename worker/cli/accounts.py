@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import getpass
 import re
+import sys
 from typing import Annotated
 
 import typer
@@ -23,6 +25,45 @@ API_KEY = re.compile(r"[!-~]{1,200}")  # printable ASCII, no spaces
 # The columns' limits: a PostgreSQL integer, and the longest address SMTP allows.
 MAX_DAILY_QUOTA = 2**31 - 1
 MAX_EMAIL_LENGTH = 320
+# A key's last four characters tell keys apart; of a shorter key they would be most of it.
+MIN_HINTED_KEY_LENGTH = 12
+API_KEY_ENV = "SHIPMON_API_KEY"
+
+ApiKeyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key",
+        envvar=API_KEY_ENV,
+        show_envvar=True,
+        help="The carrier API key (stored encrypted); '-' reads it from standard input. "
+        "Prefer '-' or the environment variable: a key on the command line shows in `ps` "
+        "and in shell history.",
+    ),
+]
+
+
+def _api_key(given: str | None) -> str:
+    """The API key given as an option, on standard input (`-`) or in SHIPMON_API_KEY."""
+    if given is None:
+        fail(
+            "give the API key on standard input with --api-key - (e.g. from a password "
+            f"manager) or in {API_KEY_ENV}"
+        )
+    if given != "-":
+        key = given
+    elif sys.stdin.isatty():
+        key = getpass.getpass("carrier API key (not shown): ").strip()
+    else:
+        # One line, bounded: a key is at most 200 characters.
+        key = sys.stdin.readline(1024).strip()
+    if not API_KEY.fullmatch(key):
+        fail("the API key must be 1-200 printable characters without spaces")
+    return key
+
+
+def _key_hint(api_key: str) -> str:
+    """What `account list` shows of a key: its last four characters, if it is long enough."""
+    return api_key[-4:] if len(api_key) >= MIN_HINTED_KEY_LENGTH else ""
 
 
 @db_app.command("upgrade")
@@ -35,9 +76,7 @@ def db_upgrade() -> None:
 @account_app.command("add")
 def account_add(
     name: Annotated[str, typer.Argument(help="A short name for the account, e.g. shop-a.")],
-    api_key: Annotated[
-        str, typer.Option("--api-key", help="The carrier API key (stored encrypted).")
-    ],
+    api_key: ApiKeyOption = None,
     daily_quota: Annotated[
         int | None,
         typer.Option(
@@ -51,8 +90,7 @@ def account_add(
     """Add a carrier account with its API key."""
     if not ACCOUNT_NAME.fullmatch(name):
         fail("an account name is 1-100 letters, digits, '.', '_' or '-', starting with a letter")
-    if not API_KEY.fullmatch(api_key):
-        fail("the API key must be 1-200 printable characters without spaces")
+    key = _api_key(api_key)
     if daily_quota is not None and not 0 < daily_quota <= MAX_DAILY_QUOTA:
         fail(f"--daily-quota must be a positive number of lookups, at most {MAX_DAILY_QUOTA}")
     if ops_email is not None and (
@@ -66,8 +104,8 @@ def account_add(
         s.add(
             Account(
                 name=name,
-                api_key_encrypted=encrypt(api_key, secret_key),
-                api_key_hint=api_key[-4:],
+                api_key_encrypted=encrypt(key, secret_key),
+                api_key_hint=_key_hint(key),
                 daily_quota=daily_quota,
                 ops_email=ops_email,
             )
@@ -79,13 +117,13 @@ def account_add(
 def account_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
 ) -> None:
-    """List accounts (keys are shown only by their last four characters)."""
+    """List accounts (keys of 12+ characters are shown by their last four, others not at all)."""
     with session() as s:
         accounts = s.scalars(select(Account).order_by(Account.name)).all()
         rows = [
             {
                 "name": a.name,
-                "api_key": f"…{a.api_key_hint}",
+                "api_key": f"…{a.api_key_hint}" if a.api_key_hint else "(hidden)",
                 "daily_quota": a.daily_quota,
                 "paused_until": a.paused_until,
                 "pause_reason": a.pause_reason,
@@ -106,16 +144,15 @@ def account_list(
 @account_app.command("set-key")
 def account_set_key(
     name: Annotated[str, typer.Argument(help="The account's name.")],
-    api_key: Annotated[str, typer.Option("--api-key", help="The new carrier API key.")],
+    api_key: ApiKeyOption = None,
 ) -> None:
     """Replace an account's API key; an account paused for a refused key resumes polling."""
-    if not API_KEY.fullmatch(api_key):
-        fail("the API key must be 1-200 printable characters without spaces")
+    key = _api_key(api_key)
     secret_key = servers().secret_key
     with session() as s:
         account = account_by_name(s, name)
-        account.api_key_encrypted = encrypt(api_key, secret_key)
-        account.api_key_hint = api_key[-4:]
+        account.api_key_encrypted = encrypt(key, secret_key)
+        account.api_key_hint = _key_hint(key)
         if account.paused_until == PAUSED_UNTIL_FIXED:
             account.paused_until = None
             account.pause_reason = None

@@ -21,11 +21,13 @@ from worker.cli.common import (
     session,
     settings,
 )
+from worker.config import mask_url
 from worker.db import session_factory
 from worker.intake import account_by_name
 from worker.models import Account, Delivery, EmailRecipient, WebhookEndpoint
 from worker.outbox import replay
 from worker.webhooks import (
+    RotationInProgress,
     UnknownEndpoint,
     UnsafeDestination,
     WebhookSender,
@@ -94,9 +96,9 @@ def endpoint_add(
             fail(str(exc))
         endpoint_id = endpoint.id
     if as_json:
-        print_json({"id": endpoint_id, "account": account, "url": url, "secret": secret})
+        print_json({"id": endpoint_id, "account": account, "url": mask_url(url), "secret": secret})
         return
-    console.print(f"endpoint {endpoint_id} of {account} added: {url}", highlight=False)
+    console.print(f"endpoint {endpoint_id} of {account} added: {mask_url(url)}", highlight=False)
     console.print("signing secret (verify webhooks with it; it is not shown again):")
     console.print(secret, highlight=False, soft_wrap=True)
 
@@ -129,7 +131,7 @@ def endpoint_list(
             {
                 "id": e.id,
                 "account": name,
-                "url": e.url,
+                "url": mask_url(e.url),
                 "events": e.event_types,
                 "enabled": e.enabled,
                 "disabled_reason": e.disabled_reason,
@@ -192,11 +194,17 @@ def endpoint_rotate_secret(
     endpoint_id: Annotated[int, typer.Argument(help="The endpoint's id.")],
     as_json: JsonOption = False,
 ) -> None:
-    """Give an endpoint a new secret; the old one also signs for 24 hours."""
+    """Give an endpoint a new secret; the old one also signs for 24 hours.
+
+    Refused while a previous rotation's 24 hours are running.
+    """
     secret_key = servers().secret_key
     with session() as s:
         endpoint = _endpoint(s, endpoint_id)
-        secret = rotate_secret(endpoint, secret_key=secret_key, now=_now())
+        try:
+            secret = rotate_secret(endpoint, secret_key=secret_key, now=_now())
+        except RotationInProgress as exc:
+            fail(str(exc))
         until = endpoint.previous_secret_expires_at
     if as_json:
         print_json({"id": endpoint_id, "secret": secret, "previous_secret_expires_at": until})
@@ -225,7 +233,7 @@ def endpoint_test(
 
     result = asyncio.run(send())
     answer = f"HTTP {result.status_code}" if result.status_code is not None else result.error
-    console.print(f"{url}: {answer} in {result.duration_ms} ms", highlight=False)
+    console.print(f"{mask_url(url)}: {answer} in {result.duration_ms} ms", highlight=False)
     if result.response_excerpt:
         console.print(result.response_excerpt[:500], highlight=False, markup=False)
     if not result.succeeded:
@@ -358,7 +366,7 @@ def webhooks_replay(
         {
             "event_id": o.event_id,
             "endpoint": o.endpoint_id,
-            "url": o.url,
+            "url": mask_url(o.url),
             "delivered": o.result.succeeded,
             "status_code": o.result.status_code,
             "error": o.result.error,

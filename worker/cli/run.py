@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from types import FrameType
 from typing import Annotated
+from urllib.parse import urlsplit
 
 import typer
 
@@ -170,11 +171,14 @@ def demo(
         supervisor.stop()
         sandbox_process.terminate()
         sandbox_process.wait(10)
-    url = found.database_url.replace("postgresql+psycopg://", "postgresql://")
+    # Not the URL: its password would stay in the terminal's scrollback. psql asks for it.
+    db = urlsplit(found.database_url)
+    psql = f"psql -h {db.hostname} -p {db.port} -U {db.username} {db.path.lstrip('/')}"
     example = "SELECT order_code, status, delay_reason, polls_made FROM shipment_overview;"
     console.print(
         "\n[bold]What to try next[/]\n"
-        f"  query the shipments, while `uv run shipmon run` runs:  psql {url}\n"
+        f"  query the shipments, while `uv run shipmon run` runs:  {psql}\n"
+        f"    (the embedded server's password is in {settings().home / 'postgres_password'})\n"
         f"    {example}\n"
         "  one shipment's story:  uv run shipmon show <ORDER CODE>\n"
         "  the numbers:           uv run shipmon stats; uv run shipmon quota\n"

@@ -69,7 +69,7 @@ def async_variant() -> FastAPI:
     from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
     from worker.api.tokens import verify_token
-    from worker.ops import shipment_story
+    from worker.ops.views import shipment_story
 
     engine = create_async_engine(os.environ["SHIPMON_DATABASE_URL"], pool_size=5, max_overflow=10)
     sessions = async_sessionmaker(engine)
@@ -120,9 +120,9 @@ def database(url: str) -> Iterator[str]:
 def fill(database_url: str, secret_key: str, rows: int) -> tuple[str, str]:
     """An account with `rows` shipments and a token; the account name and the token."""
     from worker.api.tokens import create_token
-    from worker.crypto import encrypt
-    from worker.db import dispose_engines, transaction, upgrade
-    from worker.models import Account
+    from worker.core.crypto import encrypt
+    from worker.core.db import dispose_engines, transaction, upgrade
+    from worker.domain.models import Account
 
     upgrade(database_url)
     with transaction(database_url) as s:

@@ -65,11 +65,11 @@ from aiohttp import web
 from celery import Celery
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from worker.carrier import CarrierError, parse_tracking
-from worker.db import dispose_engines, upgrade
-from worker.embedded import EmbeddedServers, Servers
-from worker.sandbox import TRACKING_PATH, SpeedClock, create_app
-from worker.workload import Carrier, Faults, parse_workload
+from worker.carrier.client import CarrierError, parse_tracking
+from worker.core.db import dispose_engines, upgrade
+from worker.core.servers import EmbeddedServers, Servers
+from worker.sim.sandbox import TRACKING_PATH, SpeedClock, create_app
+from worker.sim.workload import Carrier, Faults, parse_workload
 
 # Orders live about half a minute of real time: transitions happen between polls, under the
 # faults, not before the first poll.

@@ -1,9 +1,9 @@
 """How soon shipmon sees each transition, against round-robin polling on the same quota.
 
-Runs the carrier's lifecycle engine (worker.workload) in-process, in simulated time, twice with
-the same seed: once polled by the project's scheduler (worker.scheduler), once by uniform
+Runs the carrier's lifecycle engine (worker.sim.workload) in-process, in simulated time, twice with
+the same seed: once polled by the project's scheduler (worker.scheduling.model), once by uniform
 round-robin over the active shipments at a flat rate of quota per day. Both go through the same
-limiter: the pace line (worker.pacing.allowed_by over the carrier day) and the per-second
+limiter: the pace line (worker.quota.pacing.allowed_by over the carrier day) and the per-second
 ceiling, applied per tick. Orders arrive from the engine's generator into an empty system; the
 first --warmup-days are not measured. A transition's detection delay runs from its carrier time
 to the first lookup that shows it. The scheduler sees only the carrier's answers.
@@ -31,9 +31,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from worker.domain import ErrorCode, Status, parse_status
-from worker.pacing import allowed_by, elapsed_share, per_second_ceiling
-from worker.scheduler import (
+from worker.domain.vocabulary import ErrorCode, Status, parse_status
+from worker.quota.pacing import allowed_by, elapsed_share, per_second_ceiling
+from worker.scheduling.model import (
     DEFAULT_MAX_INTERVAL,
     LearnedModel,
     PriceController,
@@ -43,7 +43,7 @@ from worker.scheduler import (
     next_poll_at,
     planned_rate,
 )
-from worker.workload import Carrier, Workload, generate_orders, load_workload
+from worker.sim.workload import Carrier, Workload, generate_orders, load_workload
 
 TICK_SECONDS = 60
 # The worker refits its model from recent history this often, from stays entered this recently.

@@ -25,14 +25,14 @@ from pathlib import Path
 
 import aiohttp
 
-from worker.workload import Carrier, default_workload, generate_orders
+from worker.sim.workload import Carrier, default_workload, generate_orders
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACKING_PATH = "/api/Order/v1/Tracking"
 APIKEY = "1111-1111-1111-1111-111111111"
 STATUSES = ["ACCEPTED", "PICKED_UP", "IN_TRANSIT", "DELIVERING", "PENDING_FOR_PROCEED"]
 
-SANDBOX = "from worker.sandbox import run_sandbox; run_sandbox(port=0, seed=1)"
+SANDBOX = "from worker.sim.sandbox import run_sandbox; run_sandbox(port=0, seed=1)"
 # A fixed answer the size of a real tracking body, served by the same web stack.
 BASELINE = f"""
 import asyncio

@@ -40,19 +40,19 @@ import psycopg
 from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session
 
-import worker.learning
-from worker.db import upgrade
-from worker.dispatch import dispatch
-from worker.learning import recorded_stays, relearn, update_prices
-from worker.metrics import refresh_gauges
-from worker.ops import collect_stats, detect_stalled, normal_stays, purge_finished
-from worker.scheduler import (
+import worker.scheduling.learning
+from worker.core.db import upgrade
+from worker.core.metrics import refresh_gauges
+from worker.ops.views import collect_stats, detect_stalled, normal_stays, purge_finished
+from worker.scheduling.learning import recorded_stays, relearn, update_prices
+from worker.scheduling.model import (
     INITIAL_PRICE,
     LearnedModel,
     ShipmentState,
     fit_model,
     next_poll_at,
 )
+from worker.tracking.dispatch import dispatch
 
 ACCOUNTS = 15
 ZONE = "Asia/Ho_Chi_Minh"
@@ -188,12 +188,12 @@ def tick(now: datetime) -> Callable[[Session], object]:
 
 
 def full_prices(session: Session, now: datetime) -> object:
-    kept = worker.learning.PRICE_SAMPLE_ROWS
-    worker.learning.PRICE_SAMPLE_ROWS = 10**12
+    kept = worker.scheduling.learning.PRICE_SAMPLE_ROWS
+    worker.scheduling.learning.PRICE_SAMPLE_ROWS = 10**12
     try:
         return update_prices(session, dict.fromkeys(range(1, ACCOUNTS + 1), 200_000), ZONE, now)
     finally:
-        worker.learning.PRICE_SAMPLE_ROWS = kept
+        worker.scheduling.learning.PRICE_SAMPLE_ROWS = kept
 
 
 def measure(url: str, rows: int, repeat: int) -> dict[str, tuple[float, float | None]]:
@@ -204,7 +204,7 @@ def measure(url: str, rows: int, repeat: int) -> dict[str, tuple[float, float | 
     build(url, rows, now)
     print(f"  built {rows:,} shipments in {time.perf_counter() - started:.0f} s", flush=True)
     quotas = dict.fromkeys(range(1, ACCOUNTS + 1), 200_000)
-    learning_since = now - worker.learning.LEARNING_WINDOW
+    learning_since = now - worker.scheduling.learning.LEARNING_WINDOW
     results: dict[str, tuple[float, float | None]] = {}
 
     def run(

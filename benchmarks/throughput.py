@@ -6,9 +6,10 @@ and every lookup is a full tracking body. The same orders are registered with sh
 quota limits are lifted and whose longest poll interval is one second, so shipments keep coming
 due. Then `shipmon run --concurrency WORKERS` polls them: after every shipment has been polled
 once (the first pass writes its history and events), polls applied per second are read from
-PostgreSQL (the sum of the shipments' poll counters) over a window of --seconds. Dispatch grants
-one key at most worker.dispatch.MAX_PER_TICK polls per beat tick (1000 every 2 s, 500/s), so
-the orders are spread over several keys, as a deployment serving several merchants would be.
+PostgreSQL (the sum of the shipments' poll counters) over a window of --seconds. Dispatch
+grants one key at most worker.tracking.dispatch.MAX_PER_TICK polls per beat tick (1000 every
+2 s, 500/s), so the orders are spread over several keys, as a deployment serving several
+merchants would be.
 
 Other work on a shared machine slows every figure down, so the CPU each process spent per poll
 is printed too, with what the same cost per poll would give with every core to this run alone.
@@ -64,12 +65,12 @@ from sandbox_throughput import (
     server_url,
 )
 
-from worker.carrier import CarrierClient
-from worker.crypto import encrypt
-from worker.db import dispose_engines, transaction, upgrade
-from worker.embedded import EmbeddedServers
-from worker.intake import register_orders
-from worker.models import Account
+from worker.carrier.client import CarrierClient
+from worker.core.crypto import encrypt
+from worker.core.db import dispose_engines, transaction, upgrade
+from worker.core.servers import EmbeddedServers
+from worker.domain.models import Account
+from worker.tracking.intake import register_orders
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_POLLS_PER_S = 500
@@ -373,14 +374,14 @@ def run_window(
 # Where a poll's CPU time goes: (file suffix, function) pairs, summed, per phase. Nested phases
 # are indented under the one that contains them.
 PHASES: dict[str, list[tuple[str, str]]] = {
-    "dispatch: count, grant, claim": [("worker/dispatch.py", "dispatch")],
-    "poll a batch": [("worker/poller.py", "poll_claim")],
-    "  carrier lookups (HTTP client)": [("worker/carrier.py", "track")],
-    "  lock the shipments": [("worker/apply.py", "lock_shipments")],
-    "  apply the answers": [("worker/apply.py", "apply_outcome")],
+    "dispatch: count, grant, claim": [("worker/tracking/dispatch.py", "dispatch")],
+    "poll a batch": [("worker/tracking/poller.py", "poll_claim")],
+    "  carrier lookups (HTTP client)": [("worker/carrier/client.py", "track")],
+    "  lock the shipments": [("worker/tracking/record.py", "lock_shipments")],
+    "  apply the answers": [("worker/tracking/record.py", "apply_outcome")],
     "    insert history and scans": [
-        ("worker/apply.py", "_record_statuses"),
-        ("worker/apply.py", "_record_scans"),
+        ("worker/tracking/record.py", "_record_statuses"),
+        ("worker/tracking/record.py", "_record_scans"),
     ],
     "  commit": [("sqlalchemy/orm/session.py", "commit")],
     "anywhere: compile SQL": [("sqlalchemy/sql/elements.py", "_compiler")],
@@ -396,13 +397,13 @@ def profile_worker(servers: Servers, env: dict[str, str], seconds: float) -> tup
     not distort the shares.
     """
     os.environ.update(env)
-    import worker.dispatch
-    from worker.celery import app
-    from worker.tasks import dispatch_due, process
+    import worker.tracking.dispatch
+    from worker.runtime.celery import app
+    from worker.runtime.tasks import dispatch_due, process
 
     app.conf.task_always_eager = True
     # One batch per key per tick, so a profiled tick stays short however slow polling is.
-    worker.dispatch.MAX_PER_TICK = worker.dispatch.BATCH_SIZE
+    worker.tracking.dispatch.MAX_PER_TICK = worker.tracking.dispatch.BATCH_SIZE
     profiler = cProfile.Profile(time.process_time)
     with psycopg.connect(servers.libpq_url, autocommit=True) as conn:
         before, _ = poll_counts(conn)

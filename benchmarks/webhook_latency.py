@@ -37,14 +37,14 @@ from httpx_aiohttp import AiohttpTransport
 from sqlalchemy import delete
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker.config import load_settings
-from worker.crypto import encrypt
-from worker.db import session_factory, upgrade
-from worker.domain import EventType
-from worker.embedded import resolve
-from worker.models import Account, OutboxEvent, Shipment
-from worker.outbox import fan_out_and_deliver, fan_out_and_deliver_async
-from worker.webhooks import WebhookSender, add_endpoint, event_body
+from worker.core.config import load_settings
+from worker.core.crypto import encrypt
+from worker.core.db import session_factory, upgrade
+from worker.core.servers import resolve
+from worker.domain.models import Account, OutboxEvent, Shipment
+from worker.domain.vocabulary import EventType
+from worker.notify.outbox import fan_out_and_deliver, fan_out_and_deliver_async
+from worker.notify.webhooks import WebhookSender, add_endpoint, event_body
 
 
 class Receiver:

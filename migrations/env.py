@@ -9,7 +9,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine, text
 
-from worker.models import Base
+from worker.domain.models import Base
 
 config = context.config
 target_metadata = Base.metadata
@@ -21,8 +21,8 @@ def _url() -> str:
         url = config.get_main_option("sqlalchemy.url")
         if url:
             return url
-    from worker.config import get_settings
-    from worker.embedded import resolve
+    from worker.core.config import get_settings
+    from worker.core.servers import resolve
 
     return resolve(get_settings()).database_url
 

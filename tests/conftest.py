@@ -21,11 +21,11 @@ import redis
 from sqlalchemy import Connection, create_engine
 from sqlalchemy.orm import Session
 
-from worker.config import Settings
-from worker.crypto import encrypt
-from worker.db import dispose_engines, upgrade
-from worker.embedded import EmbeddedServers
-from worker.models import Account
+from worker.core.config import Settings
+from worker.core.crypto import encrypt
+from worker.core.db import dispose_engines, upgrade
+from worker.core.servers import EmbeddedServers
+from worker.domain.models import Account
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_SECRET_KEY = "test-secret-key-0123456789-abcdefghijklmnop"

@@ -23,10 +23,9 @@ from sqlalchemy import delete, select
 
 from tests.conftest import ROOT, TEST_SECRET_KEY, RunServers
 from worker.api.tokens import create_token, revoke_token
-from worker.crypto import encrypt
-from worker.db import transaction
-from worker.intake import register_orders
-from worker.models import (
+from worker.core.crypto import encrypt
+from worker.core.db import transaction
+from worker.domain.models import (
     Account,
     ApiToken,
     OutboxEvent,
@@ -34,8 +33,9 @@ from worker.models import (
     StatusEvent,
     WebhookEndpoint,
 )
-from worker.ops import shipment_story
-from worker.webhooks import add_endpoint
+from worker.notify.webhooks import add_endpoint
+from worker.ops.views import shipment_story
+from worker.tracking.intake import register_orders
 
 RATE_LIMIT = 40
 # Bounded so the suite stays quick; `benchmarks/api.py --fuzz N` runs longer.
@@ -313,7 +313,7 @@ def test_intake_over_http_equals_the_celery_task_and_the_cli(
             [
                 sys.executable,
                 "-c",
-                "import json, sys; from worker.tasks import register_orders; "
+                "import json, sys; from worker.runtime.tasks import register_orders; "
                 "print(json.dumps(register_orders.apply(args=json.loads(sys.argv[1])).get()))",
                 json.dumps([other.name, codes]),
             ],

@@ -25,13 +25,13 @@ from sqlalchemy.orm import Session
 from typer.testing import CliRunner, Result
 
 from tests.conftest import RunServers, make_account
-from worker.carrier import CarrierError, TrackingResult, parse_tracking
+from worker.carrier.client import CarrierError, TrackingResult, parse_tracking
 from worker.cli import app
-from worker.config import get_settings
-from worker.db import transaction
-from worker.domain import ErrorCode
-from worker.intake import register_orders
-from worker.models import Account, EmailRecipient, Shipment, WebhookEndpoint
+from worker.core.config import get_settings
+from worker.core.db import transaction
+from worker.domain.models import Account, EmailRecipient, Shipment, WebhookEndpoint
+from worker.domain.vocabulary import ErrorCode
+from worker.tracking.intake import register_orders
 
 ALLOWED = frozenset(string.ascii_letters + string.digits + "_-")
 

@@ -28,7 +28,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import worker
-from worker.carrier import (
+from worker.carrier.client import (
     ERROR_CLASSES,
     MAILER_TYPE_LIMIT,
     MAX_BODY_BYTES,
@@ -53,11 +53,11 @@ from worker.carrier import (
     carrier_error,
     parse_tracking,
 )
-from worker.domain import ErrorCode, Status
-from worker.models import Shipment, StatusEvent
-from worker.poller import APPLY_RETRY_DELAYS, LOOKUP_BUDGET, track_all
-from worker.sandbox import running_sandbox
-from worker.workload import Faults
+from worker.domain.models import Shipment, StatusEvent
+from worker.domain.vocabulary import ErrorCode, Status
+from worker.sim.sandbox import running_sandbox
+from worker.sim.workload import Faults
+from worker.tracking.poller import APPLY_RETRY_DELAYS, LOOKUP_BUDGET, track_all
 
 ORDER = "SGN123456789"
 
@@ -1098,8 +1098,8 @@ async def test_lookups_past_the_batch_budget_become_timeouts() -> None:
 
 
 def test_a_poll_task_applies_its_lookups_within_its_time_limit() -> None:
-    # Read from the source: importing worker.celery builds the app and resolves the servers.
-    source = Path(worker.__file__).with_name("celery.py").read_text()
+    # Read from the source: importing worker.runtime.celery builds the app and resolves the servers.
+    source = Path(worker.__file__).parent.joinpath("runtime", "celery.py").read_text()
     (POLL_TIME_LIMIT,) = (
         ast.literal_eval(node.value)
         for node in ast.parse(source).body

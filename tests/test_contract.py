@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from worker.carrier import (
+from worker.carrier.client import (
     ERROR_CLASSES,
     TRACKING_PATH,
     CarrierClient,
@@ -26,9 +26,9 @@ from worker.carrier import (
     TrackingResult,
     parse_tracking,
 )
-from worker.domain import ErrorCode, Status
-from worker.sandbox import ManualClock, SandboxHandle, running_sandbox
-from worker.workload import Faults
+from worker.domain.vocabulary import ErrorCode, Status
+from worker.sim.sandbox import ManualClock, SandboxHandle, running_sandbox
+from worker.sim.workload import Faults
 
 NOW = datetime(2026, 11, 27, 3, 0, tzinfo=UTC)  # 10:00 in Vietnam, a working hour
 KEY = "4f1c-88a0-2b7e-91d3-5c0a7e6f2"

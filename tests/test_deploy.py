@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
-from worker import metrics
+from worker.core import metrics
 
 DEPLOY = ROOT / "deploy"
 RULES = DEPLOY / "prometheus" / "alerts.yml"
@@ -38,7 +38,7 @@ DURATION = re.compile(r"^\d+[smhd]$")
 
 @pytest.fixture(scope="module")
 def exported() -> set[str]:
-    """Every sample name shipmon's registry exposes, read from `worker.metrics`."""
+    """Every sample name shipmon's registry exposes, read from `worker.core.metrics`."""
     names: set[str] = set()
     for family in metrics.registry().collect():
         if family.name.startswith("shipmon_"):

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 import redis
 
-from worker.embedded import EmbeddedServerError, EmbeddedServers
+from worker.core.servers import EmbeddedServerError, EmbeddedServers
 
 
 def test_embedded_servers_are_shared_and_stopped_by_the_last_holder(tmp_path: Path) -> None:
@@ -28,7 +28,8 @@ def test_embedded_servers_are_shared_and_stopped_by_the_last_holder(tmp_path: Pa
         # Another process with the same home reuses them and, leaving, does not stop them.
         child = subprocess.run(
             [sys.executable, "-c",
-             "import sys; from pathlib import Path; from worker.embedded import EmbeddedServers;"
+             "import sys; from pathlib import Path;"
+             "from worker.core.servers import EmbeddedServers;"
              "e = EmbeddedServers(Path(sys.argv[1])); print(e.acquire().database_url);"
              "e.release()", str(home)],
             capture_output=True, text=True, check=True, timeout=60,
@@ -81,7 +82,8 @@ def test_concurrent_starters_on_fresh_homes_agree_on_one_key(tmp_path: Path) -> 
 def test_two_processes_starting_one_fresh_home_share_its_servers_and_key(tmp_path: Path) -> None:
     home = tmp_path / "home"
     script = (
-        "import json, sys; from pathlib import Path; from worker.embedded import EmbeddedServers;"
+        "import json, sys; from pathlib import Path;"
+        "from worker.core.servers import EmbeddedServers;"
         "e = EmbeddedServers(Path(sys.argv[1])); s = e.acquire();"
         "print(json.dumps([s.secret_key, s.database_url, s.redis_url])); e.release()"
     )

@@ -26,11 +26,11 @@ from sqlalchemy import delete, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from tests.conftest import RunServers, make_account
-from worker.db import dispose_engines, session_factory
-from worker.dispatch import LEASE, Claim, dispatch
-from worker.embedded import EmbeddedServers
-from worker.models import Account, Shipment
-from worker.supervisor import MAX_RESTARTS, Supervisor
+from worker.core.db import dispose_engines, session_factory
+from worker.core.servers import EmbeddedServers
+from worker.domain.models import Account, Shipment
+from worker.runtime.supervisor import MAX_RESTARTS, Supervisor
+from worker.tracking.dispatch import LEASE, Claim, dispatch
 
 SHIPMENTS = 300
 DISPATCHERS = 3
@@ -184,7 +184,7 @@ def test_a_child_that_exits_is_restarted_until_it_keeps_exiting() -> None:
 
 RACE = """
 import threading, time
-import worker.metrics as metrics
+import worker.core.metrics as metrics
 
 counter = metrics.Counter
 

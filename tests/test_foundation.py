@@ -16,12 +16,12 @@ from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
 
 from tests.conftest import RunServers, make_account
-from worker.config import ConfigError, Settings, load_settings, mask_url
-from worker.crypto import SecretKeyMismatch, decrypt, encrypt
-from worker.db import alembic_config, upgrade
-from worker.domain import ErrorCode
-from worker.intake import UnknownAccount, register_orders
-from worker.models import Base, Shipment, StatusEvent
+from worker.core.config import ConfigError, Settings, load_settings, mask_url
+from worker.core.crypto import SecretKeyMismatch, decrypt, encrypt
+from worker.core.db import alembic_config, upgrade
+from worker.domain.models import Base, Shipment, StatusEvent
+from worker.domain.vocabulary import ErrorCode
+from worker.tracking.intake import UnknownAccount, register_orders
 
 
 def test_models_and_migrations_do_not_drift(servers: RunServers) -> None:

@@ -18,11 +18,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from tests.conftest import RunServers
 from tests.test_pipeline import Pipeline, account, clock, sandbox, sessions  # noqa: F401
-from worker.carrier import CarrierError, MalformedResponse, TrackingResult, parse_tracking
-from worker.learning import PlanCache
-from worker.models import Account, Shipment, StatusEvent
-from worker.poller import Outcome, _apply_all
-from worker.sandbox import HOSTILE_KINDS, ManualClock, SandboxHandle, hostile_body
+from worker.carrier.client import CarrierError, MalformedResponse, TrackingResult, parse_tracking
+from worker.domain.models import Account, Shipment, StatusEvent
+from worker.scheduling.learning import PlanCache
+from worker.sim.sandbox import HOSTILE_KINDS, ManualClock, SandboxHandle, hostile_body
+from worker.tracking.poller import Outcome, _apply_all
 
 ORDERS = 24
 

@@ -2,7 +2,7 @@
 
 The promise: every other account's webhooks arrive as usual, nothing crashes the delivery
 loop, and every attempt at a hostile receiver is recorded and follows the retry schedule. The
-receivers are real servers on 127.0.0.1 (`worker.hostile`); time moves by passing `now`.
+receivers are real servers on 127.0.0.1 (`worker.sim.hostile`); time moves by passing `now`.
 """
 
 from __future__ import annotations
@@ -25,18 +25,18 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from tests.conftest import RunServers
 from tests.test_outbox import T0, Answer, Received, Receiver, World, ok
 from worker.cli.run import start_system
-from worker.db import session_factory
-from worker.domain import EventType
-from worker.hostile import NUL_BODY, HostileReceiver, Trouble
-from worker.models import Account, Delivery, DeliveryAttempt, OutboxEvent, Shipment
-from worker.outbox import (
+from worker.core.db import session_factory
+from worker.domain.models import Account, Delivery, DeliveryAttempt, OutboxEvent, Shipment
+from worker.domain.vocabulary import EventType
+from worker.notify.outbox import (
     CIRCUIT_AFTER,
     CIRCUIT_REST,
     ENDPOINT_IN_FLIGHT,
     fan_out_and_deliver_async,
 )
-from worker.supervisor import Supervisor
-from worker.webhooks import EXCERPT_LIMIT, RETRY_DELAYS, WebhookSender, add_endpoint
+from worker.notify.webhooks import EXCERPT_LIMIT, RETRY_DELAYS, WebhookSender, add_endpoint
+from worker.runtime.supervisor import Supervisor
+from worker.sim.hostile import NUL_BODY, HostileReceiver, Trouble
 
 ROOT = Path(__file__).resolve().parent.parent
 # Long enough for a healthy loopback receiver, short enough to keep the tests quick.
@@ -275,7 +275,7 @@ def _queues(command: list[str]) -> set[str]:
 # is given the test servers.
 ROUTES = """
 import json
-from worker.celery import app
+from worker.runtime.celery import app
 names = ["shipmon.poll", "shipmon.dispatch", "shipmon.register_orders", "shipmon.deliver",
          "shipmon.sweep_deliveries"]
 print(json.dumps({name: app.amqp.router.route({}, name)["queue"].name for name in names}))

@@ -8,10 +8,11 @@ import pytest
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-import worker.learning
+import worker.scheduling.learning
 from tests.conftest import make_account
-from worker.domain import Status
-from worker.learning import (
+from worker.domain.models import SchedulerState, Shipment, StatusEvent
+from worker.domain.vocabulary import Status
+from worker.scheduling.learning import (
     PlanCache,
     planned_rates,
     recorded_stays,
@@ -19,8 +20,7 @@ from worker.learning import (
     stay_statistics,
     update_prices,
 )
-from worker.models import SchedulerState, Shipment, StatusEvent
-from worker.scheduler import fit_model, fit_statistics, summarise_stays
+from worker.scheduling.model import fit_model, fit_statistics, summarise_stays
 
 NOW = datetime(2026, 11, 27, 3, 0, tzinfo=UTC)
 ZONE = "Asia/Ho_Chi_Minh"
@@ -136,7 +136,7 @@ def test_a_large_table_prices_from_a_sample_close_to_the_full_sum(
     assert planned[account.id] == pytest.approx(15_000 * 24 + 15_000 * 4)
     assert open_shipments[account.id] == 30_000
 
-    monkeypatch.setattr(worker.learning, "PRICE_SAMPLE_ROWS", 5_000)
+    monkeypatch.setattr(worker.scheduling.learning, "PRICE_SAMPLE_ROWS", 5_000)
     planned, open_shipments = planned_rates(session)
     assert planned[account.id] == pytest.approx(15_000 * 24 + 15_000 * 4, rel=0.05)
     assert open_shipments[account.id] == pytest.approx(30_000, rel=0.05)

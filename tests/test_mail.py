@@ -28,11 +28,11 @@ from sqlalchemy import Select, select
 
 from tests import test_outbox
 from tests.test_outbox import T0, Receiver, World, always
-from worker import metrics
-from worker.config import Settings
-from worker.domain import EventType, delay_reason
-from worker.mail import MailError, send_message, send_ops_alert, smtp_server
-from worker.models import Delivery, EmailRecipient, TrackingEvent
+from worker.core import metrics
+from worker.core.config import Settings
+from worker.domain.models import Delivery, EmailRecipient, TrackingEvent
+from worker.domain.vocabulary import EventType, delay_reason
+from worker.notify.mail import MailError, send_message, send_ops_alert, smtp_server
 
 # The outbox tests' committed world and webhook receivers.
 world = test_outbox.world
@@ -255,7 +255,7 @@ def test_ops_alerts_are_mailed_or_logged_when_email_is_off(
     assert message["From"] == "alerts@shop.example"
     assert message.get_content().strip() == "The key of shop-a is paused."
 
-    with caplog.at_level(logging.WARNING, logger="worker.mail"):
+    with caplog.at_level(logging.WARNING, logger="worker.notify.mail"):
         send_ops_alert(Settings(), "ops@shop.example", "API key paused", "body")
     assert "email is off" in caplog.text
 

@@ -24,15 +24,15 @@ from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
 from tests.conftest import ROOT, RunServers, make_account
-from worker import metrics
-from worker.carrier import CarrierClient
+from worker.carrier.client import CarrierClient
 from worker.cli import app
-from worker.logs import configure_logging
-from worker.models import Shipment, WebhookEndpoint
-from worker.poller import track_all
-from worker.quota import KeyStatus
-from worker.sandbox import running_sandbox
-from worker.workload import Faults
+from worker.core import metrics
+from worker.core.logs import configure_logging
+from worker.domain.models import Shipment, WebhookEndpoint
+from worker.quota.limiter import KeyStatus
+from worker.sim.sandbox import running_sandbox
+from worker.sim.workload import Faults
+from worker.tracking.poller import track_all
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -111,7 +111,8 @@ def test_every_carrier_lookup_is_timed_errors_too() -> None:
 
 
 DISPATCH = """
-from worker import metrics, tasks
+from worker.core import metrics
+from worker.runtime import tasks
 
 tasks.dispatch_due()
 print(metrics.exposition().decode())
@@ -180,8 +181,8 @@ import sys
 from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
-from worker import metrics
-from worker.quota import KeyStatus
+from worker.core import metrics
+from worker.quota.limiter import KeyStatus
 
 
 def work(used):

@@ -18,12 +18,10 @@ from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
 from tests.conftest import ROOT, RunServers, make_account
-from worker.apply import new_event_id
 from worker.cli import app
-from worker.config import Settings, get_settings
-from worker.db import transaction
-from worker.domain import EventType, Status, delay_reason
-from worker.models import (
+from worker.core.config import Settings, get_settings
+from worker.core.db import transaction
+from worker.domain.models import (
     Account,
     Delivery,
     DeliveryAttempt,
@@ -35,7 +33,8 @@ from worker.models import (
     TrackingEvent,
     WebhookEndpoint,
 )
-from worker.ops import (
+from worker.domain.vocabulary import EventType, Status, delay_reason
+from worker.ops.views import (
     MIN_STAYS,
     ShipmentNotFound,
     collect_stats,
@@ -44,7 +43,8 @@ from worker.ops import (
     purge_finished,
     shipment_story,
 )
-from worker.quota import KeyStatus
+from worker.quota.limiter import KeyStatus
+from worker.tracking.record import new_event_id
 
 # Far from the real clock, so history other tests commit never falls in the learning window.
 NOW = datetime(2031, 3, 1, 6, 0, tzinfo=UTC)

@@ -32,10 +32,9 @@ from typer.testing import CliRunner
 
 from tests.conftest import RunServers, make_account
 from worker.cli import app
-from worker.config import Settings, get_settings
-from worker.db import session_factory
-from worker.domain import EventType
-from worker.models import (
+from worker.core.config import Settings, get_settings
+from worker.core.db import session_factory
+from worker.domain.models import (
     Account,
     Delivery,
     DeliveryAttempt,
@@ -44,7 +43,8 @@ from worker.models import (
     Shipment,
     WebhookEndpoint,
 )
-from worker.outbox import (
+from worker.domain.vocabulary import EventType
+from worker.notify.outbox import (
     DEFAULT_LEASE,
     _claim,
     _record,
@@ -53,7 +53,7 @@ from worker.outbox import (
     fan_out_and_deliver_async,
     replay,
 )
-from worker.webhooks import (
+from worker.notify.webhooks import (
     RETRY_DELAYS,
     AttemptResult,
     WebhookSender,
@@ -611,9 +611,9 @@ def test_an_attempt_that_fails_unexpectedly_is_recorded_and_stops_no_other(
 CHILD = """
 import sys
 from datetime import datetime
-from worker.config import load_settings
-from worker.db import session_factory
-from worker.outbox import fan_out_and_deliver
+from worker.core.config import load_settings
+from worker.core.db import session_factory
+from worker.notify.outbox import fan_out_and_deliver
 
 settings = load_settings()
 fan_out_and_deliver(

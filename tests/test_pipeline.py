@@ -15,19 +15,19 @@ from sqlalchemy import delete, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from tests.conftest import RunServers
-from worker.apply import PollContext, apply_outcome
-from worker.carrier import CarrierClient, parse_tracking
-from worker.crypto import encrypt
-from worker.db import session_factory
-from worker.dispatch import Claim, FirstLookup, database_now, dispatch
-from worker.domain import EventType, Status
-from worker.learning import PlanCache
-from worker.models import Account, OutboxEvent, QuotaUsage, Shipment, StatusEvent
-from worker.poller import BatchReport, poll_claim
-from worker.quota import QuotaLimiter, counter_key
-from worker.sandbox import ManualClock, SandboxHandle, running_sandbox
-from worker.scheduler import LearnedModel
-from worker.workload import Faults
+from worker.carrier.client import CarrierClient, parse_tracking
+from worker.core.crypto import encrypt
+from worker.core.db import session_factory
+from worker.domain.models import Account, OutboxEvent, QuotaUsage, Shipment, StatusEvent
+from worker.domain.vocabulary import EventType, Status
+from worker.quota.limiter import QuotaLimiter, counter_key
+from worker.scheduling.learning import PlanCache
+from worker.scheduling.model import LearnedModel
+from worker.sim.sandbox import ManualClock, SandboxHandle, running_sandbox
+from worker.sim.workload import Faults
+from worker.tracking.dispatch import Claim, FirstLookup, database_now, dispatch
+from worker.tracking.poller import BatchReport, poll_claim
+from worker.tracking.record import PollContext, apply_outcome
 
 START = datetime(2026, 11, 23, 2, 0, tzinfo=UTC)  # 09:00 in Ho Chi Minh City
 
@@ -418,11 +418,11 @@ def test_applying_waits_for_the_database_rather_than_losing_paid_lookups(
 ) -> None:
     from sqlalchemy.exc import OperationalError
 
-    import worker.poller
+    import worker.tracking.poller
 
     pipe.sandbox.add_order(pipe.account.api_key, "SHOP00010", status="ACCEPTED")  # type: ignore[attr-defined]
     pipe.register("SHOP00010")
-    real = worker.poller._apply_all
+    real = worker.tracking.poller._apply_all
     failures = iter([OperationalError("UPDATE", {}, Exception("server closed the connection"))])
 
     def flaky(*args: object, **kwargs: object) -> object:
@@ -430,8 +430,8 @@ def test_applying_waits_for_the_database_rather_than_losing_paid_lookups(
             raise failure
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(worker.poller, "_apply_all", flaky)
-    monkeypatch.setattr(worker.poller, "APPLY_RETRY_DELAYS", (0.0,))
+    monkeypatch.setattr(worker.tracking.poller, "_apply_all", flaky)
+    monkeypatch.setattr(worker.tracking.poller, "APPLY_RETRY_DELAYS", (0.0,))
     assert [r.polled for r in pipe.poll_due()] == [1]
     assert pipe.shipment("SHOP00010").status == "ACCEPTED"
 
@@ -472,7 +472,7 @@ def test_a_dispatcher_whose_clock_is_hours_ahead_claims_nothing_already_leased(
     redis_client: redis.Redis[bytes],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import worker.tasks
+    import worker.runtime.tasks
 
     with sessions.begin() as s:
         now = database_now(s)
@@ -489,7 +489,7 @@ def test_a_dispatcher_whose_clock_is_hours_ahead_claims_nothing_already_leased(
     sent: list[tuple[int, list[int], str]] = []
     settings = servers.settings()
     monkeypatch.setattr(
-        worker.tasks,
+        worker.runtime.tasks,
         "process",
         lambda: SimpleNamespace(
             sessions=sessions,
@@ -499,14 +499,18 @@ def test_a_dispatcher_whose_clock_is_hours_ahead_claims_nothing_already_leased(
             max_interval=timedelta(hours=24),
         ),
     )
-    monkeypatch.setattr(worker.tasks, "poll", SimpleNamespace(delay=lambda *a: sent.append(a)))
+    monkeypatch.setattr(
+        worker.runtime.tasks, "poll", SimpleNamespace(delay=lambda *a: sent.append(a))
+    )
 
-    worker.tasks.dispatch_due()  # an honest dispatcher leases the three shipments
+    worker.runtime.tasks.dispatch_due()  # an honest dispatcher leases the three shipments
     leased = sorted(i for a, ids, _ in sent if a == account.id for i in ids)
     assert leased == sorted(shipment.id for shipment in shipments)
     sent.clear()
-    monkeypatch.setattr(worker.tasks, "utcnow", lambda: datetime.now(UTC) + timedelta(hours=3))
-    worker.tasks.dispatch_due()  # a second one, on a worker whose clock runs 3 hours ahead
+    monkeypatch.setattr(
+        worker.runtime.tasks, "utcnow", lambda: datetime.now(UTC) + timedelta(hours=3)
+    )
+    worker.runtime.tasks.dispatch_due()  # a second one, on a worker whose clock runs 3 hours ahead
     assert [ids for a, ids, _ in sent if a == account.id] == []
 
 

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from worker.policy import BINS_PER_DAY, GRID_SECONDS, StatusDynamics, solve
+from worker.scheduling.policy import BINS_PER_DAY, GRID_SECONDS, StatusDynamics, solve
 
 HOUR = 3600.0
 

@@ -21,11 +21,9 @@ from sqlalchemy import Engine, delete, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from tests.conftest import REDIS_CLAIM_KEY, ROOT, RunServers, make_account
-from worker.config import Settings
-from worker.dispatch import dispatch
-from worker.models import Account, QuotaUsage, Shipment
-from worker.pacing import allowed_by, elapsed_share, per_second_ceiling
-from worker.quota import (
+from worker.core.config import Settings
+from worker.domain.models import Account, QuotaUsage, Shipment
+from worker.quota.limiter import (
     PLAN_REGROWTH_SHARE,
     RESTORE_LOCK,
     QuotaLimiter,
@@ -33,6 +31,8 @@ from worker.quota import (
     effective_daily_quota,
     regrow_plans,
 )
+from worker.quota.pacing import allowed_by, elapsed_share, per_second_ceiling
+from worker.tracking.dispatch import dispatch
 
 TZ = ZoneInfo("Asia/Ho_Chi_Minh")
 # A day of its own, far from today, so no other test's counters or rows are on it.
@@ -291,7 +291,7 @@ def test_apikey_limit_pauses_exactly_that_key(
     spent = spend_until_refused(limiter, session, a, KEY_QUOTA, afternoon)
     spend_until_refused(limiter, session, b, KEY_QUOTA, afternoon + timedelta(minutes=10))
 
-    with caplog.at_level(logging.WARNING, logger="worker.quota"):
+    with caplog.at_level(logging.WARNING, logger="worker.quota.limiter"):
         alert = limiter.pause_for_limit(session, a, afternoon + timedelta(hours=1))
     assert alert is not None
     next_midnight = local(DAY1 + timedelta(days=1), 0)
@@ -406,7 +406,7 @@ def test_the_workers_clock_does_not_matter(
         def now(cls, tz: tzinfo | None = None) -> SkewedClock:
             return cls.fromtimestamp(datetime.now(tz).timestamp() - 3 * 86_400, tz)
 
-    monkeypatch.setattr("worker.quota.datetime", SkewedClock)
+    monkeypatch.setattr("worker.quota.limiter.datetime", SkewedClock)
     account = make_account(session)
     sec, _ = redis_client.time()
     today = datetime.fromtimestamp(sec, UTC).astimezone(TZ).date()

@@ -13,10 +13,10 @@ from sqlalchemy import Connection, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from tests.conftest import TEST_SECRET_KEY, RunServers, make_account
-from worker.crypto import SecretKeyMismatch, decrypt, encrypt
-from worker.models import Account, WebhookEndpoint
-from worker.rotation import UnreadableSecret, rotate_stored_secrets
-from worker.webhooks import RotationInProgress, add_endpoint, rotate_secret, signing_secrets
+from worker.core.crypto import SecretKeyMismatch, decrypt, encrypt
+from worker.domain.models import Account, WebhookEndpoint
+from worker.notify.webhooks import RotationInProgress, add_endpoint, rotate_secret, signing_secrets
+from worker.ops.rotation import UnreadableSecret, rotate_stored_secrets
 
 NEW_KEY = "new-secret-key-0123456789-abcdefghijklmnop"
 NOW = datetime(2026, 12, 2, 8, 0, tzinfo=UTC)

@@ -19,8 +19,8 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 
-from worker.domain import ErrorCode
-from worker.sandbox import (
+from worker.domain.vocabulary import ErrorCode
+from worker.sim.sandbox import (
     TRACKING_PATH,
     ManualClock,
     SandboxHandle,
@@ -29,7 +29,7 @@ from worker.sandbox import (
     run_sandbox,
     running_sandbox,
 )
-from worker.workload import DEFAULT_WORKLOAD, Faults, parse_workload
+from worker.sim.workload import DEFAULT_WORKLOAD, Faults, parse_workload
 
 VN = ZoneInfo("Asia/Ho_Chi_Minh")
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=VN)
@@ -314,7 +314,7 @@ def test_run_sandbox_serves_a_population_and_stops_on_sigterm(tmp_path: Path) ->
     workload = tmp_path / "small.json"
     workload.write_text(json.dumps(data), encoding="utf-8")
     script = (
-        "from pathlib import Path; from worker.sandbox import run_sandbox; "
+        "from pathlib import Path; from worker.sim.sandbox import run_sandbox; "
         f"run_sandbox(port=0, workload=Path({str(workload)!r}), speed=3600, seed=5, populate=True)"
     )
     with subprocess.Popen(

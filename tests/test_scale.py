@@ -12,10 +12,10 @@ from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from tests.conftest import make_account
-from worker.dispatch import plan_first_lookups
-from worker.domain import Status
-from worker.models import Account, Shipment
-from worker.ops import detect_stalled
+from worker.domain.models import Account, Shipment
+from worker.domain.vocabulary import Status
+from worker.ops.views import detect_stalled
+from worker.tracking.dispatch import plan_first_lookups
 
 NOW = datetime(2031, 5, 1, 6, 0, tzinfo=UTC)
 HOUR = timedelta(hours=1)

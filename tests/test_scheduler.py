@@ -13,10 +13,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from worker.domain import Status
-from worker.pacing import allowed_by, elapsed_share
-from worker.policy import GRID_SECONDS
-from worker.scheduler import (
+from worker.domain.vocabulary import Status
+from worker.quota.pacing import allowed_by, elapsed_share
+from worker.scheduling.model import (
     DEFAULT_MAX_INTERVAL,
     NOT_FOUND,
     DwellModel,
@@ -28,6 +27,7 @@ from worker.scheduler import (
     next_poll_at,
     planned_rate,
 )
+from worker.scheduling.policy import GRID_SECONDS
 
 ZONE_NAME = "Asia/Ho_Chi_Minh"
 ZONE = ZoneInfo(ZONE_NAME)

@@ -37,9 +37,9 @@ from tests.conftest import RunServers
 from tests.test_e2e import WORKLOAD
 from tests.test_outbox import Receiver
 from worker.cli import app
-from worker.config import get_settings
-from worker.sandbox import running_sandbox
-from worker.workload import Faults, load_workload
+from worker.core.config import get_settings
+from worker.sim.sandbox import running_sandbox
+from worker.sim.workload import Faults, load_workload
 
 pytestmark = pytest.mark.e2e
 

@@ -19,9 +19,9 @@ from sqlalchemy.orm import Session
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from tests.conftest import TEST_SECRET_KEY, make_account
-from worker.crypto import decrypt
-from worker.models import WebhookEndpoint
-from worker.webhooks import (
+from worker.core.crypto import decrypt
+from worker.domain.models import WebhookEndpoint
+from worker.notify.webhooks import (
     EXCERPT_LIMIT,
     RETRY_DELAYS,
     USER_AGENT,

@@ -15,8 +15,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from worker.domain import ErrorCode, Status, validate_order_code
-from worker.workload import (
+from worker.domain.vocabulary import ErrorCode, Status, validate_order_code
+from worker.sim.workload import (
     DEFAULT_WORKLOAD,
     Carrier,
     ConflictError,

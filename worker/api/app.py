@@ -11,9 +11,9 @@ from worker.api import problems
 from worker.api.deps import ApiState
 from worker.api.limits import BodyLimit, RateLimiter
 from worker.api.routes import health, quota, shipments
-from worker.config import Settings, get_settings
-from worker.db import session_factory
-from worker.embedded import resolve
+from worker.core.config import Settings, get_settings
+from worker.core.db import session_factory
+from worker.core.servers import resolve
 
 DESCRIPTION = """\
 Register 247Express order codes and read what the carrier says about them, from any language.

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from worker.api.limits import RateLimiter
 from worker.api.problems import ApiErrorCode, ApiProblem
 from worker.api.tokens import Principal, verify_token
-from worker.config import Settings
+from worker.core.config import Settings
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from worker.domain import ErrorCode
+from worker.domain.vocabulary import ErrorCode
 
 MAX_CODES_PER_CALL = 10_000
 

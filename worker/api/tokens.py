@@ -14,8 +14,8 @@ from datetime import datetime
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from worker.intake import account_by_name
-from worker.models import Account, ApiToken
+from worker.domain.models import Account, ApiToken
+from worker.tracking.intake import account_by_name
 
 TOKEN_PREFIX = "shm_"  # noqa: S105 (a public prefix, not a secret)
 # A presented token longer than this cannot be one of ours; refuse it before hashing.

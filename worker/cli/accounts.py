@@ -10,12 +10,12 @@ from typing import Annotated
 import typer
 from sqlalchemy import select
 
-from worker.apply import PAUSED_UNTIL_FIXED
 from worker.cli.common import console, fail, print_json, servers, session
-from worker.crypto import encrypt
-from worker.db import upgrade
-from worker.intake import account_by_name, remove_account
-from worker.models import Account
+from worker.core.crypto import encrypt
+from worker.core.db import upgrade
+from worker.domain.models import Account
+from worker.tracking.intake import account_by_name, remove_account
+from worker.tracking.record import PAUSED_UNTIL_FIXED
 
 db_app = typer.Typer(help="Manage the database schema.", no_args_is_help=True)
 account_app = typer.Typer(help="Manage carrier accounts (one API key each).", no_args_is_help=True)

@@ -13,11 +13,11 @@ from rich.console import Console
 from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.orm import Session
 
-from worker.config import ConfigError, Settings, get_settings
-from worker.crypto import SecretKeyMismatch
-from worker.db import transaction
-from worker.embedded import EmbeddedServerError, Servers, resolve
-from worker.intake import UnknownAccount
+from worker.core.config import ConfigError, Settings, get_settings
+from worker.core.crypto import SecretKeyMismatch
+from worker.core.db import transaction
+from worker.core.servers import EmbeddedServerError, Servers, resolve
+from worker.tracking.intake import UnknownAccount
 
 console = Console()
 err_console = Console(stderr=True)
@@ -67,7 +67,7 @@ def print_json(data: Any) -> None:
 
 def parse_event_types(value: str | None) -> list[str] | None:
     """A comma-separated list of event types, checked against the known ones."""
-    from worker.domain import EventType
+    from worker.domain.vocabulary import EventType
 
     if value is None:
         return None

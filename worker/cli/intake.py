@@ -10,8 +10,8 @@ from typing import Annotated
 import typer
 
 from worker.cli.common import err_console, fail, print_json, session
-from worker.intake import register_orders
-from worker.ops import ShipmentNotFound, stop_tracking
+from worker.ops.views import ShipmentNotFound, stop_tracking
+from worker.tracking.intake import register_orders
 
 
 def _read_codes(codes: list[str], file: Path | None) -> list[str]:

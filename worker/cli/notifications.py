@@ -21,12 +21,11 @@ from worker.cli.common import (
     session,
     settings,
 )
-from worker.config import mask_url
-from worker.db import session_factory
-from worker.intake import account_by_name
-from worker.models import Account, Delivery, EmailRecipient, WebhookEndpoint
-from worker.outbox import replay
-from worker.webhooks import (
+from worker.core.config import mask_url
+from worker.core.db import session_factory
+from worker.domain.models import Account, Delivery, EmailRecipient, WebhookEndpoint
+from worker.notify.outbox import replay
+from worker.notify.webhooks import (
     RotationInProgress,
     UnknownEndpoint,
     UnsafeDestination,
@@ -38,6 +37,7 @@ from worker.webhooks import (
     set_endpoint_enabled,
     signing_secrets,
 )
+from worker.tracking.intake import account_by_name
 
 endpoint_app = typer.Typer(help="Manage webhook endpoints.", no_args_is_help=True)
 email_app = typer.Typer(help="Manage email recipients of events.", no_args_is_help=True)

@@ -12,9 +12,9 @@ import typer
 from rich.table import Table
 
 from worker.cli.common import console, fail, print_json, servers, session, settings
-from worker.metrics import MULTIPROC_DIR, serve
-from worker.ops import ShipmentNotFound, ShipmentStory, Stats, collect_stats, shipment_story
-from worker.quota import QuotaLimiter
+from worker.core.metrics import MULTIPROC_DIR, serve
+from worker.ops.views import ShipmentNotFound, ShipmentStory, Stats, collect_stats, shipment_story
+from worker.quota.limiter import QuotaLimiter
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
 

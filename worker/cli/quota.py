@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from worker.cli.common import console, fail, print_json, servers, session, settings
-from worker.quota import QuotaLimiter
+from worker.quota.limiter import QuotaLimiter
 
 
 def quota(

@@ -13,9 +13,9 @@ from urllib.parse import urlsplit
 import typer
 
 from worker.cli.common import console, err_console, fail, servers, settings
-from worker.db import upgrade
-from worker.embedded import Servers
-from worker.supervisor import Supervisor
+from worker.core.db import upgrade
+from worker.core.servers import Servers
+from worker.runtime.supervisor import Supervisor
 
 
 def system_env(found: Servers) -> dict[str, str]:
@@ -99,8 +99,8 @@ def sandbox(
     ] = False,
 ) -> None:
     """Serve an emulated 247Express tracking API, faults included, for tests and demos."""
-    from worker.sandbox import run_sandbox
-    from worker.workload import WorkloadError
+    from worker.sim.sandbox import run_sandbox
+    from worker.sim.workload import WorkloadError
 
     if speed <= 0:
         fail("--speed must be positive")
@@ -122,8 +122,8 @@ def demo(
     ] = 1200.0,
 ) -> None:
     """Watch the whole system live: a carrier, sample orders, polls, transitions, webhooks."""
-    from worker.db import session_factory
-    from worker.demo import (
+    from worker.core.db import session_factory
+    from worker.sim.demo import (
         DemoView,
         Receiver,
         api_example,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import typer
 
 from worker.cli.common import console, fail, servers, settings
-from worker.db import session_factory
-from worker.rotation import UnreadableSecret, rotate_stored_secrets
+from worker.core.db import session_factory
+from worker.ops.rotation import UnreadableSecret, rotate_stored_secrets
 
 secrets_app = typer.Typer(help="Manage the key that encrypts stored secrets.", no_args_is_help=True)
 

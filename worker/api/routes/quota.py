@@ -7,7 +7,7 @@ from fastapi import APIRouter
 from worker.api.deps import PrincipalDep, SessionDep, StateDep
 from worker.api.problems import responses
 from worker.api.schemas import QuotaRow
-from worker.quota import QuotaLimiter
+from worker.quota.limiter import QuotaLimiter
 
 router = APIRouter(prefix="/v1/quota", tags=["quota"])
 

@@ -19,9 +19,9 @@ from worker.api.schemas import (
     ShipmentPage,
     ShipmentSummary,
 )
-from worker.domain import ErrorCode, validate_order_code
-from worker.intake import register_orders
-from worker.ops import ShipmentNotFound, list_shipments, shipment_story, stop_tracking
+from worker.domain.vocabulary import ErrorCode, validate_order_code
+from worker.ops.views import ShipmentNotFound, list_shipments, shipment_story, stop_tracking
+from worker.tracking.intake import register_orders
 
 router = APIRouter(prefix="/v1/shipments", tags=["shipments"])
 

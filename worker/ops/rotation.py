@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
 
-from worker.crypto import SecretKeyMismatch, reencrypt
-from worker.models import Account, WebhookEndpoint
+from worker.core.crypto import SecretKeyMismatch, reencrypt
+from worker.domain.models import Account, WebhookEndpoint
 
 # Every column that holds a secret encrypted with SHIPMON_SECRET_KEY.
 ENCRYPTED_COLUMNS: tuple[InstrumentedAttribute[str] | InstrumentedAttribute[str | None], ...] = (

@@ -29,7 +29,7 @@ import aiohttp
 import httpx
 from httpx_aiohttp import AiohttpTransport, HttpxAiohttpClient
 
-from worker.domain import ErrorCode, Status, parse_status, validate_order_code
+from worker.domain.vocabulary import ErrorCode, Status, parse_status, validate_order_code
 
 __all__ = [
     "CARRIER_TIMEZONE",

@@ -17,16 +17,7 @@ from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker import metrics
-from worker.apply import (
-    Applied,
-    PollContext,
-    apply_outcome,
-    apply_refused,
-    lock_shipments,
-    pause_account,
-)
-from worker.carrier import (
+from worker.carrier.client import (
     ApiKeyLimit,
     CarrierClient,
     CarrierError,
@@ -34,11 +25,20 @@ from worker.carrier import (
     CarrierTimeout,
     TrackingResult,
 )
-from worker.crypto import decrypt
-from worker.dispatch import Claim
-from worker.domain import EventType
-from worker.learning import PlanCache
-from worker.models import Account, OutboxEvent, Shipment
+from worker.core import metrics
+from worker.core.crypto import decrypt
+from worker.domain.models import Account, OutboxEvent, Shipment
+from worker.domain.vocabulary import EventType
+from worker.scheduling.learning import PlanCache
+from worker.tracking.dispatch import Claim
+from worker.tracking.record import (
+    Applied,
+    PollContext,
+    apply_outcome,
+    apply_refused,
+    lock_shipments,
+    pause_account,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 APPLY_RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 
 # A poll task must apply the lookups it paid for before Celery's hard limit kills it
-# (worker.celery.POLL_TIME_LIMIT, 120 s): the lookups get this long in all, waiting out
+# (worker.runtime.celery.POLL_TIME_LIMIT, 120 s): the lookups get this long in all, waiting out
 # PostgreSQL the APPLY_RETRY_DELAYS (61 s), and applying the batch what is left.
 LOOKUP_BUDGET = 40.0
 

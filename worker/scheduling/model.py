@@ -2,16 +2,16 @@
 
 A lookup is worth making when it probably reveals transitions soon after they happened. From the
 stays shipmon has observed, `fit_model` learns per status how long shipments stay (a lognormal
-dwell, censored stays included), the local hours when the status never moves on (its quiet
-hours: a transition due then waits for the window to reopen, so transitions pile up at the
-reopening), and which statuses follow, in what shares. `next_poll_at` reads the next lookup
-from the plan `worker.policy` solves for that model at the key's price: the waits that minimise
-the expected detection delay of everything still to come plus the price of every lookup. So
-nothing is spent on shipments young in a slow status or in quiet hours, a lookup comes just
-after a reopening's pile or at a window's close when that pays, and under a high price one
-lookup is timed to catch several transitions. One price per key, adapted by `PriceController`
-from the demand of the last day, makes the lookups the policy asks for fit under the pace line
-(worker.pacing), so the limiter rarely has to hold shipments back.
+dwell, censored stays included), the local hours when the status never moves on (its quiet hours: a
+transition due then waits for the window to reopen, so transitions pile up at the reopening), and
+which statuses follow, in what shares. `next_poll_at` reads the next lookup from the plan
+`worker.scheduling.policy` solves for that model at the key's price: the waits that minimise the
+expected detection delay of everything still to come plus the price of every lookup. So nothing is
+spent on shipments young in a slow status or in quiet hours, a lookup comes just after a
+reopening's pile or at a window's close when that pays, and under a high price one lookup is timed
+to catch several transitions. One price per key, adapted by `PriceController` from the demand of
+the last day, makes the lookups the policy asks for fit under the pace line (worker.quota.pacing),
+so the limiter rarely has to hold shipments back.
 
 Everything here is pure and typed: the worker and the benchmarks call the very same functions
 with their own clock.
@@ -26,8 +26,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from worker.domain import Status
-from worker.policy import GRID_SECONDS, MAX_WAIT_SECONDS, Kernel, Plan, StatusDynamics, solve
+from worker.domain.vocabulary import Status
+from worker.scheduling.policy import (
+    GRID_SECONDS,
+    MAX_WAIT_SECONDS,
+    Kernel,
+    Plan,
+    StatusDynamics,
+    solve,
+)
 
 DAY_SECONDS = 86_400
 _ROOT_TWO_PI = math.sqrt(2.0 * math.pi)

@@ -35,7 +35,7 @@ import psycopg
 import redis
 from psycopg import sql
 
-from worker.config import MIN_SECRET_KEY_LENGTH, Settings
+from worker.core.config import MIN_SECRET_KEY_LENGTH, Settings
 
 log = logging.getLogger(__name__)
 

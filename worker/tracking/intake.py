@@ -9,8 +9,8 @@ from sqlalchemy import BigInteger, String, delete, func, literal, select
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.orm import Session
 
-from worker.domain import ErrorCode, validate_order_code
-from worker.models import Account, Shipment
+from worker.domain.models import Account, Shipment
+from worker.domain.vocabulary import ErrorCode, validate_order_code
 
 # Codes per INSERT statement. They travel as one array parameter, unnested by PostgreSQL: a
 # multi-row VALUES list of 10,000 rows costs SQLAlchemy most of a second to compile.

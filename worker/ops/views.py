@@ -15,9 +15,7 @@ from typing import Any
 from sqlalchemy import and_, delete, func, or_, select, text
 from sqlalchemy.orm import Session
 
-from worker.apply import EventRecorder, stop_polling
-from worker.domain import TERMINAL_STATUSES, EventType, parse_status
-from worker.models import (
+from worker.domain.models import (
     Account,
     Delivery,
     DeliveryAttempt,
@@ -28,7 +26,9 @@ from worker.models import (
     TrackingEvent,
     WebhookEndpoint,
 )
-from worker.quota import KeyStatus
+from worker.domain.vocabulary import TERMINAL_STATUSES, EventType, parse_status
+from worker.quota.limiter import KeyStatus
+from worker.tracking.record import EventRecorder, stop_polling
 
 # The stay in a status that counts as normal: longer than 95 of 100 recent stays.
 NORMAL_STAY_QUANTILE = 0.95

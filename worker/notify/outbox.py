@@ -30,11 +30,9 @@ from sqlalchemy import and_, case, exists, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
-from worker import metrics
-from worker.config import Settings, mask_url
-from worker.mail import EventEmail, MailError, event_email, event_message, send_message
-from worker.mail import send_ops_alert as send_alert_mail
-from worker.models import (
+from worker.core import metrics
+from worker.core.config import Settings, mask_url
+from worker.domain.models import (
     Account,
     Delivery,
     DeliveryAttempt,
@@ -44,7 +42,9 @@ from worker.models import (
     TrackingEvent,
     WebhookEndpoint,
 )
-from worker.webhooks import (
+from worker.notify.mail import EventEmail, MailError, event_email, event_message, send_message
+from worker.notify.mail import send_ops_alert as send_alert_mail
+from worker.notify.webhooks import (
     DISABLE_AFTER,
     ERROR_LIMIT,
     HELD,

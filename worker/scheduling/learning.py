@@ -17,9 +17,9 @@ from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from worker.domain import Status, parse_status
-from worker.models import SchedulerState, Shipment
-from worker.scheduler import (
+from worker.domain.models import SchedulerState, Shipment
+from worker.domain.vocabulary import Status, parse_status
+from worker.scheduling.model import (
     INITIAL_PRICE,
     MAX_STAYS_FOR_QUIET_HOURS,
     NOT_FOUND,

@@ -1,6 +1,6 @@
 """The sandbox: an emulated 247Express tracking API, for demos, tests and benchmarks.
 
-It serves the carrier's tracking endpoint from a `Carrier` world (worker.workload) on its own
+It serves the carrier's tracking endpoint from a `Carrier` world (worker.sim.workload) on its own
 clock, which may run faster than real time, injects the transport faults seen in real life
 (HTTP 500, hangs, truncated JSON and HTML error pages, slow answers) and hostile answers
 (NUL bytes, huge numbers, bodies of 50 MB or gzip bombs), and exposes the admin API
@@ -31,8 +31,8 @@ import httpx
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from worker.domain import ErrorCode, Status
-from worker.workload import (
+from worker.domain.vocabulary import ErrorCode, Status
+from worker.sim.workload import (
     Carrier,
     ConflictError,
     Faults,

@@ -31,10 +31,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from worker.api.tokens import create_token
-from worker.crypto import encrypt
-from worker.intake import register_orders
-from worker.models import Account, Delivery, OutboxEvent, Shipment, WebhookEndpoint
-from worker.webhooks import add_endpoint
+from worker.core.crypto import encrypt
+from worker.domain.models import Account, Delivery, OutboxEvent, Shipment, WebhookEndpoint
+from worker.notify.webhooks import add_endpoint
+from worker.tracking.intake import register_orders
 
 DEMO_ACCOUNTS = ("demo-shop", "demo-market")
 

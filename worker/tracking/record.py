@@ -24,7 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from worker.carrier import (
+from worker.carrier.client import (
     ApiKeyLimit,
     ApiKeyNotFound,
     CarrierError,
@@ -36,9 +36,9 @@ from worker.carrier import (
     TrackingResult,
     ascii_integer,
 )
-from worker.domain import EventType, Status, delay_reason, parse_status
-from worker.models import Account, OutboxEvent, Shipment, StatusEvent, TrackingEvent
-from worker.scheduler import LearnedModel, ShipmentState, next_poll_at
+from worker.domain.models import Account, OutboxEvent, Shipment, StatusEvent, TrackingEvent
+from worker.domain.vocabulary import EventType, Status, delay_reason, parse_status
+from worker.scheduling.model import LearnedModel, ShipmentState, next_poll_at
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Every lookup is granted by one atomic Redis script before it is made, so any num
 processes share the carrier's limits without overspending them. Per key and in total the script
 enforces, on Redis's own clock:
 - the carrier-day counters (the day starts at 00:00 in SHIPMON_QUOTA_TIMEZONE), a hard cap;
-- the pace line of `worker.pacing`: never ahead of the day's elapsed share plus a small slack;
+- the pace line of `worker.quota.pacing`: never ahead of the day's elapsed share plus a small slack;
 - a per-second ceiling that protects the carrier from bursts.
 
 A grant counts at once, whatever then happens to the HTTP attempt; only what is certain never to be
@@ -37,9 +37,9 @@ from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from worker.config import Settings
-from worker.models import Account, QuotaUsage
-from worker.pacing import (
+from worker.core.config import Settings
+from worker.domain.models import Account, QuotaUsage
+from worker.quota.pacing import (
     DAY_SECONDS,
     allowed_by,
     carrier_day_end,
@@ -97,7 +97,7 @@ if key_used < recorded then
   total_used = redis.call('INCRBY', KEYS[2], recorded - key_used)
   key_used = recorded
 end
--- worker.pacing.elapsed_share and allowed_by, operation for operation, so both agree exactly.
+-- worker.quota.pacing.elapsed_share and allowed_by, operation for operation, so both agree exactly.
 local elapsed = ((sec - start) * 1000000 + usec) / 1000000
 local share = math.min(1.0, math.max(0.0, elapsed / (stop - start)))
 local function allowed(quota, slack)

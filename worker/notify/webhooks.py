@@ -3,7 +3,7 @@ retry schedule, the guard against requests to private networks, and endpoint man
 
 A webhook's body is serialized once per event (the same bytes for every attempt and replay)
 and signed per attempt with a fresh `webhook-timestamp`. Which deliveries are due, and what an
-attempt's outcome does to them, is `worker.outbox`'s business; this module only knows how to
+attempt's outcome does to them, is `worker.notify.outbox`'s business; this module only knows how to
 make one attempt and what its answer means.
 """
 
@@ -36,9 +36,9 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from standardwebhooks import Webhook
 
-from worker.crypto import decrypt, encrypt
-from worker.domain import EventType, Status
-from worker.models import Account, Delivery, WebhookEndpoint
+from worker.core.crypto import decrypt, encrypt
+from worker.domain.models import Account, Delivery, WebhookEndpoint
+from worker.domain.vocabulary import EventType, Status
 
 __all__ = [
     "ATTEMPT_TIMEOUT",

@@ -39,8 +39,8 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from worker.models import Account, Shipment, WebhookEndpoint
-from worker.quota import KeyStatus
+from worker.domain.models import Account, Shipment, WebhookEndpoint
+from worker.quota.limiter import KeyStatus
 
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 

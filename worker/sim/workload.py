@@ -47,7 +47,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from worker.domain import ErrorCode, Status, parse_status, validate_order_code
+from worker.domain.vocabulary import ErrorCode, Status, parse_status, validate_order_code
 
 JSONDict = dict[str, Any]
 

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
-from worker.models import Account, QuotaUsage, Shipment
+from worker.domain.models import Account, QuotaUsage, Shipment
 
 # A claimed shipment's next_poll_at is pushed this far ahead: if the worker polling it dies,
 # the shipment comes due again by itself. Longer than a poll task's hard time limit.

@@ -22,10 +22,10 @@ from urllib.parse import unquote, urlsplit
 
 import jinja2
 
-from worker import metrics
-from worker.config import Settings
-from worker.domain import EventType, delay_reason
-from worker.models import OutboxEvent, Shipment, TrackingEvent
+from worker.core import metrics
+from worker.core.config import Settings
+from worker.domain.models import OutboxEvent, Shipment, TrackingEvent
+from worker.domain.vocabulary import EventType, delay_reason
 
 __all__ = [
     "SMTP_TIMEOUT",

@@ -16,22 +16,22 @@ import redis
 from celery import Task
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker.carrier import CarrierClient
-from worker.celery import POLL_TIME_LIMIT, TASK_TIME_LIMIT, app
-from worker.config import Settings, get_settings
-from worker.db import session_factory
-from worker.dispatch import Claim, database_now, dispatch, pollable_accounts
-from worker.embedded import Servers, resolve
-from worker.intake import register_orders as register
-from worker.learning import PlanCache, relearn, update_prices
-from worker.mail import MailError, send_ops_alert
-from worker.metrics import record_dispatch_tick, refresh_gauges
-from worker.ops import PURGE_BATCH, detect_stalled, purge_finished
-from worker.outbox import fan_out_and_deliver_async
-from worker.poller import poll_claim
-from worker.quota import QuotaLimiter, effective_daily_quota, regrow_plans
-from worker.scheduler import DEFAULT_MAX_INTERVAL, ShipmentState, next_poll_at
-from worker.webhooks import WebhookSender
+from worker.carrier.client import CarrierClient
+from worker.core.config import Settings, get_settings
+from worker.core.db import session_factory
+from worker.core.metrics import record_dispatch_tick, refresh_gauges
+from worker.core.servers import Servers, resolve
+from worker.notify.mail import MailError, send_ops_alert
+from worker.notify.outbox import fan_out_and_deliver_async
+from worker.notify.webhooks import WebhookSender
+from worker.ops.views import PURGE_BATCH, detect_stalled, purge_finished
+from worker.quota.limiter import QuotaLimiter, effective_daily_quota, regrow_plans
+from worker.runtime.celery import POLL_TIME_LIMIT, TASK_TIME_LIMIT, app
+from worker.scheduling.learning import PlanCache, relearn, update_prices
+from worker.scheduling.model import DEFAULT_MAX_INTERVAL, ShipmentState, next_poll_at
+from worker.tracking.dispatch import Claim, database_now, dispatch, pollable_accounts
+from worker.tracking.intake import register_orders as register
+from worker.tracking.poller import poll_claim
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from worker.config import MIN_SECRET_KEY_LENGTH, get_settings
+from worker.core.config import MIN_SECRET_KEY_LENGTH, get_settings
 
 
 class SecretKeyMismatch(Exception):

@@ -26,7 +26,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from worker.domain import ORDER_CODE_SQL_PATTERN
+from worker.domain.vocabulary import ORDER_CODE_SQL_PATTERN
 
 # Stable constraint names, so migrations can refer to them.
 NAMING_CONVENTION = {

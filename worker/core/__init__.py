@@ -1,0 +1,1 @@
+"""What every part stands on: configuration, database, logs, encryption, servers, metrics."""

@@ -1,0 +1,1 @@
+"""Telling merchants: the outbox, signed webhooks and email."""

@@ -1,0 +1,1 @@
+"""What ops people look at: one shipment's story, the system at a glance, stalls, retention."""

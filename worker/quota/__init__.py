@@ -1,0 +1,1 @@
+"""The carrier's quota: the pace line and the limiter that grants lookups."""

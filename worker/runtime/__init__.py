@@ -1,0 +1,1 @@
+"""Running shipmon: the Celery application, its tasks, and the one-machine supervisor."""

@@ -1,0 +1,1 @@
+"""When each shipment is next worth a lookup: the learned model, its prices and the plan."""

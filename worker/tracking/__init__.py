@@ -1,0 +1,1 @@
+"""Tracking shipments: intake, claiming due shipments, polling them, recording what changed."""

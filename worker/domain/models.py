@@ -196,6 +196,13 @@ class StatusEvent(Base):
     tracking_name: Mapped[str | None] = mapped_column(Text)
     occurred_at: Mapped[datetime]
     seen_at: Mapped[datetime] = _now()
+    # How shipmon first heard of it: a lookup it made, or the carrier's own push. What share of
+    # an account's changes pushes cover decides where lookups are still worth spending.
+    source: Mapped[str] = mapped_column(
+        String(8),
+        CheckConstraint("source IN ('poll', 'push')", name="known_source"),
+        server_default=text("'poll'"),
+    )
 
 
 class TrackingEvent(Base):

@@ -361,6 +361,8 @@ def test_errors_are_problems_with_an_error_code(api: Api, merchants: list[Mercha
         _is_problem(client.get("/v1/shipments", params={"cursor": "Zm9v"}), 422, "VALIDATION_ERROR")
         naive = {"changed_since": "2026-01-01T00:00:00"}
         _is_problem(client.get("/v1/shipments", params=naive), 422, "VALIDATION_ERROR")
+        nul = {"status": "DELIVERED\x00"}
+        _is_problem(client.get("/v1/shipments", params=nul), 422, "VALIDATION_ERROR")
 
 
 def test_bodies_over_a_mebibyte_get_413_before_parsing(api: Api, merchants: list[Merchant]) -> None:

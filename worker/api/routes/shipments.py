@@ -85,7 +85,13 @@ def list_(
     session: SessionDep,
     status: Annotated[
         str | None,
-        Query(max_length=40, description="A status: English name, carrier ID or Vietnamese code."),
+        # Every spelling of a status is ASCII letters, digits and underscores; anything else
+        # (a NUL byte, which PostgreSQL cannot even compare) is refused before it reaches SQL.
+        Query(
+            max_length=40,
+            pattern=r"^[A-Za-z0-9_]+$",
+            description="A status: English name, carrier ID or Vietnamese code.",
+        ),
     ] = None,
     changed_since: Annotated[
         AwareDatetime | None,

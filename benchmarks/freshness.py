@@ -36,13 +36,12 @@ from worker.quota.pacing import allowed_by, elapsed_share, per_second_ceiling
 from worker.scheduling.model import (
     DEFAULT_MAX_INTERVAL,
     LearnedModel,
-    PriceController,
     ShipmentState,
     Stay,
     fit_model,
     next_poll_at,
-    planned_rate,
 )
+from worker.scheduling.pricing import PriceController, planned_rate
 from worker.sim.workload import Carrier, Workload, generate_orders, load_workload
 
 TICK_SECONDS = 60

@@ -43,15 +43,12 @@ from sqlalchemy.orm import Session
 import worker.scheduling.learning
 from worker.core.db import upgrade
 from worker.core.metrics import refresh_gauges
-from worker.ops.views import collect_stats, detect_stalled, normal_stays, purge_finished
+from worker.ops.retention import purge_finished
+from worker.ops.stalled import detect_stalled, normal_stays
+from worker.ops.views import collect_stats
 from worker.scheduling.learning import recorded_stays, relearn, update_prices
-from worker.scheduling.model import (
-    INITIAL_PRICE,
-    LearnedModel,
-    ShipmentState,
-    fit_model,
-    next_poll_at,
-)
+from worker.scheduling.model import LearnedModel, ShipmentState, fit_model, next_poll_at
+from worker.scheduling.pricing import INITIAL_PRICE
 from worker.tracking.dispatch import dispatch
 
 ACCOUNTS = 15

@@ -399,7 +399,7 @@ def profile_worker(servers: Servers, env: dict[str, str], seconds: float) -> tup
     os.environ.update(env)
     import worker.tracking.dispatch
     from worker.runtime.celery import app
-    from worker.runtime.tasks import dispatch_due, process
+    from worker.runtime.tasks import dispatch, process
 
     app.conf.task_always_eager = True
     # One batch per key per tick, so a profiled tick stays short however slow polling is.
@@ -412,7 +412,7 @@ def profile_worker(servers: Servers, env: dict[str, str], seconds: float) -> tup
             with warnings.catch_warnings():
                 # Eager mode cannot run `send_task` inline; those deliveries wait in Redis.
                 warnings.simplefilter("ignore", AlwaysEagerIgnored)
-                profiler.runcall(dispatch_due)
+                profiler.runcall(dispatch)
         elapsed, cpu = time.monotonic() - started, time.process_time() - cpu
         polls = poll_counts(conn)[0] - before
     worker_process = process()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import contextlib
 import functools
@@ -16,7 +15,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote, quote_plus
 
@@ -27,7 +25,6 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import worker
 from worker.carrier.client import (
     ERROR_CLASSES,
     MAILER_TYPE_LIMIT,
@@ -55,6 +52,7 @@ from worker.carrier.client import (
 )
 from worker.domain.models import Shipment, StatusEvent
 from worker.domain.vocabulary import ErrorCode, Status
+from worker.runtime.celery import POLL_TIME_LIMIT
 from worker.sim.sandbox import running_sandbox
 from worker.sim.workload import Faults
 from worker.tracking.poller import APPLY_RETRY_DELAYS, LOOKUP_BUDGET, track_all
@@ -1098,13 +1096,6 @@ async def test_lookups_past_the_batch_budget_become_timeouts() -> None:
 
 
 def test_a_poll_task_applies_its_lookups_within_its_time_limit() -> None:
-    # Read from the source: importing worker.runtime.celery builds the app and resolves the servers.
-    source = Path(worker.__file__).parent.joinpath("runtime", "celery.py").read_text()
-    (POLL_TIME_LIMIT,) = (
-        ast.literal_eval(node.value)
-        for node in ast.parse(source).body
-        if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "POLL_TIME_LIMIT"
-    )
     # Lookups, then waiting out PostgreSQL, leave time to apply before Celery kills the task.
     assert LOOKUP_BUDGET + sum(APPLY_RETRY_DELAYS) + 15 <= POLL_TIME_LIMIT
 

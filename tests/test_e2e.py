@@ -144,3 +144,35 @@ def test_every_transition_is_recorded_once_and_announced_once(
             checked += 1
     engine.dispose()
     assert checked == ORDERS
+
+
+# Imports the app and every task, then reads the configuration as a starting worker does.
+IMPORT_THEN_CONFIGURE = """
+import json
+import worker.core.servers as servers
+import worker.runtime.tasks
+from worker.celery import app
+
+imported = {"resolved": servers._servers is not None, "configured": app.configured}
+print(json.dumps(imported), flush=True)
+print(json.dumps({"broker": app.conf.broker_url, "schedule": app.conf.beat_schedule_filename}))
+"""
+
+
+def test_importing_the_app_touches_no_server_until_celery_reads_its_configuration(
+    servers: RunServers, tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    # A home where nothing runs yet: an import that resolved servers would create it.
+    done = subprocess.run(
+        [sys.executable, "-c", IMPORT_THEN_CONFIGURE], env=servers.env(SHIPMON_HOME=str(home)),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    imported, configured = (json.loads(line) for line in done.stdout.splitlines())
+    assert imported == {"resolved": False, "configured": False}
+    assert configured == {
+        "broker": servers.redis_url,
+        "schedule": str(home / "celerybeat-schedule"),
+    }
+    assert home.is_dir()

@@ -114,7 +114,7 @@ DISPATCH = """
 from worker.core import metrics
 from worker.runtime import tasks
 
-tasks.dispatch_due()
+tasks.dispatch()
 print(metrics.exposition().decode())
 """
 
@@ -149,8 +149,8 @@ def test_gauges_show_quota_per_account_and_the_due_backlog(session: Session) -> 
                                     secret_encrypted="x", enabled=enabled))  # fmt: skip
     session.flush()
     status = [
-        KeyStatus(busy.name, "wxyz", 1000, 17, 300, 5, 200, None, None),
-        KeyStatus(None, None, 3_000_000, 40, 900_000, 5, 200, None, None),
+        KeyStatus(busy.name, "wxyz", 1000, 17, 300, 5, 200, None, None).gauge(),
+        KeyStatus(None, None, 3_000_000, 40, 900_000, 5, 200, None, None).gauge(),
     ]
 
     metrics.refresh_gauges(session, status)
@@ -182,7 +182,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
 from worker.core import metrics
-from worker.quota.limiter import KeyStatus
+from worker.core.metrics import QuotaGauge
 
 
 def work(used):
@@ -191,7 +191,7 @@ def work(used):
     metrics.observe_detection_delay(120)
     engine = create_engine(sys.argv[1])
     with Session(engine) as session:
-        status = [KeyStatus(sys.argv[2], None, 1000, used, 0, 0, 0, None, None)]
+        status = [QuotaGauge(sys.argv[2], 1000, used, 0)]
         metrics.refresh_gauges(session, status)
     engine.dispose()
 

@@ -34,15 +34,9 @@ from worker.domain.models import (
     WebhookEndpoint,
 )
 from worker.domain.vocabulary import EventType, Status, delay_reason
-from worker.ops.views import (
-    MIN_STAYS,
-    ShipmentNotFound,
-    collect_stats,
-    detect_stalled,
-    normal_stays,
-    purge_finished,
-    shipment_story,
-)
+from worker.ops.retention import purge_finished
+from worker.ops.stalled import MIN_STAYS, detect_stalled, normal_stays
+from worker.ops.views import ShipmentNotFound, collect_stats, shipment_story
 from worker.quota.limiter import KeyStatus
 from worker.tracking.record import new_event_id
 

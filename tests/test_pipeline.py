@@ -114,7 +114,7 @@ class Pipeline:
     def _grant(self, session: Session, account_id: int, wanted: int, quota: int) -> int:
         if self.limiter is None:
             return wanted
-        return self.limiter.acquire(session, account_id, quota, wanted, now=self.clock.now())
+        return self.limiter.acquire(session, account_id, wanted, quota, now=self.clock.now())
 
     def _release(self, session: Session, account_id: int, batch: str, started: int) -> object:
         return self.limiter.release(session, account_id, batch, started) if self.limiter else 0
@@ -503,14 +503,14 @@ def test_a_dispatcher_whose_clock_is_hours_ahead_claims_nothing_already_leased(
         worker.runtime.tasks, "poll", SimpleNamespace(delay=lambda *a: sent.append(a))
     )
 
-    worker.runtime.tasks.dispatch_due()  # an honest dispatcher leases the three shipments
+    worker.runtime.tasks.dispatch()  # an honest dispatcher leases the three shipments
     leased = sorted(i for a, ids, _ in sent if a == account.id for i in ids)
     assert leased == sorted(shipment.id for shipment in shipments)
     sent.clear()
     monkeypatch.setattr(
         worker.runtime.tasks, "utcnow", lambda: datetime.now(UTC) + timedelta(hours=3)
     )
-    worker.runtime.tasks.dispatch_due()  # a second one, on a worker whose clock runs 3 hours ahead
+    worker.runtime.tasks.dispatch()  # a second one, on a worker whose clock runs 3 hours ahead
     assert [ids for a, ids, _ in sent if a == account.id] == []
 
 

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from collections import defaultdict
 from collections.abc import Iterator
-from datetime import UTC, date, datetime, timedelta, tzinfo
+from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -21,6 +21,7 @@ from sqlalchemy import Engine, delete, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from tests.conftest import REDIS_CLAIM_KEY, ROOT, RunServers, make_account
+from worker.core.clock import utcnow
 from worker.core.config import Settings
 from worker.domain.models import Account, QuotaUsage, Shipment
 from worker.quota.limiter import (
@@ -65,7 +66,7 @@ def spend_until_refused(
     total = 0
     for second in range(10_000):
         granted = limiter.acquire(
-            session, account.id, quota, 10, now=at + timedelta(seconds=second)
+            session, account.id, 10, quota, now=at + timedelta(seconds=second)
         )
         if granted == 0:
             return total
@@ -105,7 +106,7 @@ def test_ten_times_the_quota_due_never_beats_the_caps_or_the_pace_line(
             now = start + timedelta(minutes=10 * tick, seconds=offset)
             day = now.astimezone(TZ).date()
             asked[day] += wanted
-            granted[day, account.id] += limiter.acquire(session, account.id, quota, wanted, now=now)
+            granted[day, account.id] += limiter.acquire(session, account.id, wanted, quota, now=now)
             share = elapsed_share(now, TZ)
             assert granted[day, account.id] <= allowed_by(quota, share) <= quota
             assert granted[day, a.id] + granted[day, b.id] <= allowed_by(total_quota, share)
@@ -131,8 +132,8 @@ def test_the_line_in_redis_is_the_line_of_pacing(
         # One lookup short of the line: exactly one is granted, then none.
         redis_client.set(counter_key(day, account.id), allowed - 1)
         redis_client.set(counter_key(day, None), 0)
-        assert limiter.acquire(session, account.id, quota, 5, now=now) == 1
-        assert limiter.acquire(session, account.id, quota, 5, now=now) == 0
+        assert limiter.acquire(session, account.id, 5, quota, now=now) == 1
+        assert limiter.acquire(session, account.id, 5, quota, now=now) == 0
 
 
 def test_the_day_flips_at_local_midnight(
@@ -142,11 +143,11 @@ def test_the_day_flips_at_local_midnight(
     last_second = local(DAY1, 23, 59, 59, 999_999)
     redis_client.set(counter_key(DAY1, account.id), KEY_QUOTA)
     redis_client.set(counter_key(DAY1, None), KEY_QUOTA)
-    assert limiter.acquire(session, account.id, KEY_QUOTA, 5, now=last_second) == 0
+    assert limiter.acquire(session, account.id, 5, KEY_QUOTA, now=last_second) == 0
     # Midnight in Ho Chi Minh City is 17:00 UTC, still the day before there.
     midnight = local(DAY1 + timedelta(days=1), 0)
     assert midnight.astimezone(UTC).date() == DAY1
-    assert limiter.acquire(session, account.id, KEY_QUOTA, 1, now=midnight) == 1
+    assert limiter.acquire(session, account.id, 1, KEY_QUOTA, now=midnight) == 1
     assert redis_client.get(counter_key(DAY1 + timedelta(days=1), account.id)) == b"1"
     assert recorded(session, account.id, DAY1 + timedelta(days=1)) == 1
     assert redis_client.get(counter_key(DAY1, account.id)) == str(KEY_QUOTA).encode()
@@ -163,7 +164,7 @@ def test_a_redis_flush_mid_day_causes_no_overspend(
     flush_redis(redis_client)
 
     later = noon + timedelta(minutes=2)
-    assert limiter.acquire(session, a.id, KEY_QUOTA, 10, now=later) == 0
+    assert limiter.acquire(session, a.id, 10, KEY_QUOTA, now=later) == 0
     assert redis_client.get(counter_key(DAY1, a.id)) == str(spent_a).encode()
     assert redis_client.get(counter_key(DAY1, None)) == str(spent_a + spent_b).encode()
     # Spending on to the end of the day still ends within each key's quota and the total.
@@ -182,7 +183,7 @@ def test_redis_back_from_an_older_snapshot_catches_up_before_granting(
     noon = local(DAY1, 12)
     spent = spend_until_refused(limiter, session, account, KEY_QUOTA, noon)
     redis_client.set(counter_key(DAY1, account.id), 3)
-    assert limiter.acquire(session, account.id, KEY_QUOTA, 10, now=noon + timedelta(minutes=1)) == 0
+    assert limiter.acquire(session, account.id, 10, KEY_QUOTA, now=noon + timedelta(minutes=1)) == 0
     assert redis_client.get(counter_key(DAY1, account.id)) == str(spent).encode()
 
 
@@ -190,7 +191,7 @@ def test_a_fresh_day_starts_from_zero_and_is_recorded(
     session: Session, limiter: QuotaLimiter, redis_client: redis.Redis[bytes]
 ) -> None:
     account = make_account(session)
-    assert limiter.acquire(session, account.id, KEY_QUOTA, 3, now=local(DAY1, 8)) == 1
+    assert limiter.acquire(session, account.id, 3, KEY_QUOTA, now=local(DAY1, 8)) == 1
     assert redis_client.get(counter_key(DAY1, account.id)) == b"1"
     assert recorded(session, account.id, DAY1) == 1
 
@@ -202,7 +203,7 @@ def test_redis_clock_decides_when_no_time_is_given(
     account = make_account(session)
     sec, _ = redis_client.time()
     today = datetime.fromtimestamp(sec, UTC).astimezone(TZ).date()
-    assert limiter.acquire(session, account.id, KEY_QUOTA, 1) == 1
+    assert limiter.acquire(session, account.id, 1, KEY_QUOTA) == 1
     assert redis_client.get(counter_key(today, account.id)) == b"1"
     assert recorded(session, account.id, today) == 1
 
@@ -214,7 +215,7 @@ def test_refunds_give_back_only_what_was_granted_and_unused(
     account = make_account(session)
     quota = 51_840  # a per-second ceiling of 3
     now = local(DAY1, 12)
-    assert limiter.acquire(session, account.id, quota, 3, now=now) == 3
+    assert limiter.acquire(session, account.id, 3, quota, now=now) == 3
     limiter.refund(session, account.id, 2)
     assert redis_client.get(counter_key(DAY1, account.id)) == b"1"
     assert redis_client.get(counter_key(DAY1, None)) == b"1"
@@ -224,7 +225,7 @@ def test_refunds_give_back_only_what_was_granted_and_unused(
     with pytest.raises(ValueError, match="0 of its latest grant"):
         limiter.refund(session, make_account(session).id, 1)
     # A refused request is the latest grant: nothing of the one before is refundable any more.
-    assert limiter.acquire(session, account.id, quota, 3, now=now) == 0
+    assert limiter.acquire(session, account.id, 3, quota, now=now) == 0
     with pytest.raises(ValueError, match="0 of its latest grant"):
         limiter.refund(session, account.id, 1)
     status = {s.account: s for s in limiter.status(session, now=now)}
@@ -238,14 +239,14 @@ def test_a_refund_never_goes_below_what_postgresql_recorded(
     limiter = QuotaLimiter(redis_client, servers.settings())
     account = make_account(session)
     now = local(DAY1, 12)
-    assert limiter.acquire(session, account.id, 51_840, 3, now=now) == 3
+    assert limiter.acquire(session, account.id, 3, 51_840, now=now) == 3
     # Redis lost this day's count and restarted at zero; PostgreSQL keeps the 3.
     redis_client.set(counter_key(DAY1, account.id), 0)
     limiter.refund(session, account.id, 1)
     assert recorded(session, account.id, DAY1) == 2
     assert redis_client.get(counter_key(DAY1, account.id)) == b"0"
     later = now + timedelta(seconds=1)
-    limiter.acquire(session, account.id, 51_840, 0, now=later)
+    limiter.acquire(session, account.id, 0, 51_840, now=later)
     assert redis_client.get(counter_key(DAY1, account.id)) == b"2"
 
 
@@ -258,11 +259,11 @@ def test_the_per_second_ceiling(
     limiter = QuotaLimiter(redis_client, servers.settings(global_daily_quota=total_quota))
     a, b = make_account(session), make_account(session)
     now = local(DAY1, 12)
-    assert limiter.acquire(session, a.id, quota, 10, now=now) == 3
-    assert limiter.acquire(session, a.id, quota, 10, now=now + timedelta(microseconds=999_999)) == 0
-    assert limiter.acquire(session, b.id, quota, 10, now=now) == 1
-    assert limiter.acquire(session, b.id, quota, 10, now=now + timedelta(seconds=1)) == 3
-    assert limiter.acquire(session, a.id, quota, 10, now=now + timedelta(seconds=1)) == 1
+    assert limiter.acquire(session, a.id, 10, quota, now=now) == 3
+    assert limiter.acquire(session, a.id, 10, quota, now=now + timedelta(microseconds=999_999)) == 0
+    assert limiter.acquire(session, b.id, 10, quota, now=now) == 1
+    assert limiter.acquire(session, b.id, 10, quota, now=now + timedelta(seconds=1)) == 3
+    assert limiter.acquire(session, a.id, 10, quota, now=now + timedelta(seconds=1)) == 1
 
 
 def test_the_global_cap_holds_across_two_keys(
@@ -308,16 +309,16 @@ def test_apikey_limit_pauses_exactly_that_key(
     assert limiter.pause_for_limit(session, a, afternoon + timedelta(hours=1, minutes=1)) is None
 
     later = afternoon + timedelta(hours=2)
-    assert limiter.acquire(session, a.id, KEY_QUOTA, 5, now=later) == 0
-    assert limiter.acquire(session, b.id, KEY_QUOTA, 5, now=later) == 1
+    assert limiter.acquire(session, a.id, 5, KEY_QUOTA, now=later) == 0
+    assert limiter.acquire(session, b.id, 5, KEY_QUOTA, now=later) == 1
     # Even when Redis loses the day, PostgreSQL keeps the pause.
     session.flush()
     flush_redis(redis_client)
-    assert limiter.acquire(session, a.id, KEY_QUOTA, 5, now=later + timedelta(seconds=1)) == 0
-    assert limiter.acquire(session, b.id, KEY_QUOTA, 5, now=later + timedelta(seconds=2)) == 1
+    assert limiter.acquire(session, a.id, 5, KEY_QUOTA, now=later + timedelta(seconds=1)) == 0
+    assert limiter.acquire(session, b.id, 5, KEY_QUOTA, now=later + timedelta(seconds=2)) == 1
     # The carrier's midnight ends the pause.
     plan = effective_daily_quota(a, settings)
-    assert limiter.acquire(session, a.id, plan, 5, now=next_midnight) == 1
+    assert limiter.acquire(session, a.id, 5, plan, now=next_midnight) == 1
     status = {s.account: s for s in limiter.status(session, now=afternoon + timedelta(hours=3))}
     assert status[a.name].paused_until == next_midnight
     assert status[a.name].pause_reason == a.pause_reason
@@ -328,8 +329,8 @@ def test_status_shows_each_key_and_the_total(session: Session, limiter: QuotaLim
     a, b = make_account(session, daily_quota=200), make_account(session)
     now = local(DAY1, 12)
     for second in range(4):
-        limiter.acquire(session, a.id, 200, 1, now=now - timedelta(minutes=30, seconds=second))
-    limiter.acquire(session, b.id, KEY_QUOTA, 1, now=now - timedelta(hours=2))
+        limiter.acquire(session, a.id, 1, 200, now=now - timedelta(minutes=30, seconds=second))
+    limiter.acquire(session, b.id, 1, KEY_QUOTA, now=now - timedelta(hours=2))
     lines = limiter.status(session, now=now)
     by_name = {line.account: line for line in lines}
     assert lines[-1].account is None
@@ -370,7 +371,7 @@ def test_shipmon_quota_json(
     settings = servers.settings()
     limiter = QuotaLimiter(redis_client, settings)
     with committing.begin() as s:
-        granted = limiter.acquire(s, committed_account.id, 1000, 1)
+        granted = limiter.acquire(s, committed_account.id, 1, 1000)
     assert granted == 1
     result = subprocess.run(
         [sys.executable, "-m", "worker", "quota", "--json"],
@@ -394,23 +395,14 @@ def test_shipmon_quota_json(
 
 
 def test_the_workers_clock_does_not_matter(
-    session: Session,
-    today_limiter: QuotaLimiter,
-    redis_client: redis.Redis[bytes],
-    monkeypatch: pytest.MonkeyPatch,
+    session: Session, redis_client: redis.Redis[bytes], servers: RunServers
 ) -> None:
-    limiter = today_limiter
-
-    class SkewedClock(datetime):
-        @classmethod
-        def now(cls, tz: tzinfo | None = None) -> SkewedClock:
-            return cls.fromtimestamp(datetime.now(tz).timestamp() - 3 * 86_400, tz)
-
-    monkeypatch.setattr("worker.quota.limiter.datetime", SkewedClock)
+    settings = servers.settings(key_daily_quota=KEY_QUOTA)
+    limiter = QuotaLimiter(redis_client, settings, clock=lambda: utcnow() - timedelta(days=3))
     account = make_account(session)
     sec, _ = redis_client.time()
     today = datetime.fromtimestamp(sec, UTC).astimezone(TZ).date()
-    assert limiter.acquire(session, account.id, KEY_QUOTA, 1) == 1
+    assert limiter.acquire(session, account.id, 1, KEY_QUOTA) == 1
     assert redis_client.get(counter_key(today, account.id)) == b"1"
     assert redis_client.get(counter_key(today - timedelta(days=3), account.id)) is None
 
@@ -426,10 +418,10 @@ def test_a_restore_waits_for_grants_in_flight(
     with connection_engine.connect() as other:
         # Another process is between a grant and its commit; Redis has lost the day meanwhile.
         other.execute(text("SELECT pg_advisory_xact_lock_shared(:lock)"), {"lock": RESTORE_LOCK})
-        assert limiter.acquire(session, account.id, KEY_QUOTA, 1, now=now) == 0
+        assert limiter.acquire(session, account.id, 1, KEY_QUOTA, now=now) == 0
         assert redis_client.get(counter_key(DAY1, account.id)) is None
         other.rollback()
-    assert limiter.acquire(session, account.id, KEY_QUOTA, 1, now=now) == 1
+    assert limiter.acquire(session, account.id, 1, KEY_QUOTA, now=now) == 1
 
 
 def test_one_refusal_at_most_halves_the_plan(
@@ -438,7 +430,7 @@ def test_one_refusal_at_most_halves_the_plan(
     account = make_account(session)
     for day, halved in ((DAY1, KEY_QUOTA // 2), (DAY1 + timedelta(days=1), KEY_QUOTA // 4)):
         plan = effective_daily_quota(account, settings)
-        assert limiter.acquire(session, account.id, plan, 5, now=local(day, 1)) == 1
+        assert limiter.acquire(session, account.id, 5, plan, now=local(day, 1)) == 1
         assert limiter.pause_for_limit(session, account, local(day, 2)) is not None
         assert effective_daily_quota(account, settings) == halved
 
@@ -447,7 +439,7 @@ def test_a_lowered_plan_grows_back_a_step_a_day_without_refusals(
     session: Session, limiter: QuotaLimiter, settings: Settings
 ) -> None:
     account = make_account(session)
-    assert limiter.acquire(session, account.id, KEY_QUOTA, 5, now=local(DAY1, 1)) == 1
+    assert limiter.acquire(session, account.id, 5, KEY_QUOTA, now=local(DAY1, 1)) == 1
     assert limiter.pause_for_limit(session, account, local(DAY1, 2)) is not None
     lowered = effective_daily_quota(account, settings)
     assert lowered == KEY_QUOTA // 2
@@ -463,7 +455,7 @@ def test_a_lowered_plan_grows_back_a_step_a_day_without_refusals(
     assert plans == [min(KEY_QUOTA, lowered + step * n) for n in range(1, 7)]
     assert account.learned_daily_quota is None  # whole again: nothing learned is left
     # A refusal meanwhile lowers it anew and starts the count again.
-    assert limiter.acquire(session, account.id, KEY_QUOTA, 5, now=local(DAY1 + timedelta(8), 1))
+    assert limiter.acquire(session, account.id, 5, KEY_QUOTA, now=local(DAY1 + timedelta(8), 1))
     limiter.pause_for_limit(session, account, local(DAY1 + timedelta(days=8), 2))
     assert regrow_plans(session, settings, local(DAY1 + timedelta(days=9), 12)) == []
     assert regrow_plans(session, settings, local(DAY1 + timedelta(days=10), 12)) == [account]
@@ -502,7 +494,7 @@ def test_a_binding_total_is_shared_evenly_whatever_the_account_ids(
             session,
             now,
             daily_quota=lambda a: settings.key_daily_quota,
-            grant=lambda s, a, wanted, q: limiter.acquire(s, a, q, wanted, now=now),  # noqa: B023
+            grant=lambda s, a, wanted, q: limiter.acquire(s, a, wanted, q, now=now),  # noqa: B023
             refund=limiter.refund,
         ):
             if claim.account_id in mine:
@@ -521,7 +513,7 @@ def test_a_held_batch_gives_back_its_unstarted_lookups_once_and_never_more(
     limiter = QuotaLimiter(redis_client, servers.settings())
     account = make_account(session)
     now = local(DAY1, 12)
-    assert limiter.acquire(session, account.id, 51_840, 3, now=now) == 3
+    assert limiter.acquire(session, account.id, 3, 51_840, now=now) == 3
     limiter.hold(account.id, "batch-a", 2)
     limiter.hold(account.id, "batch-b", 1)
     # Another process (the poll task's) starts batch a with one of its two shipments.

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from tests.conftest import make_account
 from worker.domain.models import Account, Shipment
 from worker.domain.vocabulary import Status
-from worker.ops.views import detect_stalled
+from worker.ops.stalled import detect_stalled
 from worker.tracking.dispatch import plan_first_lookups
 
 NOW = datetime(2031, 5, 1, 6, 0, tzinfo=UTC)

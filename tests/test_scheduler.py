@@ -20,14 +20,13 @@ from worker.scheduling.model import (
     NOT_FOUND,
     DwellModel,
     LearnedModel,
-    PriceController,
     ShipmentState,
     Stay,
     fit_model,
     next_poll_at,
-    planned_rate,
 )
 from worker.scheduling.policy import GRID_SECONDS
+from worker.scheduling.pricing import PriceController, planned_rate
 
 ZONE_NAME = "Asia/Ho_Chi_Minh"
 ZONE = ZoneInfo(ZONE_NAME)

@@ -39,19 +39,29 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from worker.core.clock import DAY_SECONDS
 from worker.domain.models import Account, Shipment, WebhookEndpoint
-from worker.quota.limiter import KeyStatus
 
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
 # One carrier lookup: tens of milliseconds when healthy, up to the client's whole deadline.
 LOOKUP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 60, float("inf"))
 # From the carrier's event time to the poll that saw it: minutes to a day.
-DETECTION_BUCKETS = (60, 300, 600, 1800, 3600, 7200, 14400, 28800, 86400, float("inf"))
+DETECTION_BUCKETS = (60, 300, 600, 1800, 3600, 7200, 14400, 28800, DAY_SECONDS, float("inf"))
 # From an event's creation to its webhook's acceptance: a fraction of a second to an hour.
 DELIVERY_BUCKETS = (0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, float("inf"))
 
 _P = ParamSpec("_P")
+
+
+@dataclass(frozen=True)
+class QuotaGauge:
+    """What the quota gauges show of one key's carrier day so far, or all keys' (no account)."""
+
+    account: str | None
+    daily_quota: int
+    used: int
+    allowed_now: int
 
 
 @dataclass(frozen=True)
@@ -255,19 +265,18 @@ def counting_emails(send: Callable[_P, None]) -> Callable[_P, None]:
     return counted
 
 
-def refresh_gauges(session: Session, limiter_status: Sequence[KeyStatus]) -> None:
-    """Set the quota, backlog, stalled and endpoint gauges: quota from `QuotaLimiter.status`,
-    the rest from the database (and its clock). Accounts are labelled by name; API keys never
-    appear."""
+def refresh_gauges(session: Session, quota: Sequence[QuotaGauge]) -> None:
+    """Set the quota, backlog, stalled and endpoint gauges: quota as given, the rest from the
+    database (and its clock). Accounts are labelled by name; API keys never appear."""
     metrics = _metrics()
-    for line in limiter_status:
-        left = max(0, line.daily_quota - line.used_today)
+    for line in quota:
+        left = max(0, line.daily_quota - line.used)
         if line.account is None:
-            metrics.quota_all_used.set(line.used_today)
+            metrics.quota_all_used.set(line.used)
             metrics.quota_all_left.set(left)
             metrics.quota_all_allowed.set(line.allowed_now)
         else:
-            metrics.quota_used.labels(line.account).set(line.used_today)
+            metrics.quota_used.labels(line.account).set(line.used)
             metrics.quota_left.labels(line.account).set(left)
             metrics.quota_allowed.labels(line.account).set(line.allowed_now)
     due = func.count(Shipment.id).filter(Shipment.active, Shipment.next_poll_at <= func.now())

@@ -21,9 +21,9 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, case, exists, func, insert, or_, select, update
@@ -31,6 +31,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from worker.core import metrics
+from worker.core.clock import Clock, utcnow
 from worker.core.config import Settings, mask_url
 from worker.domain.models import (
     Account,
@@ -79,7 +80,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Clock = Callable[[], datetime]
 SessionFactory = sessionmaker[Session]
 
 # Longer than the slowest attempt (15 s for a webhook or an email) plus recording it, so a live
@@ -107,13 +107,9 @@ SCANS_IN_EMAIL = 5
 NO_KEY_UPDATE: dict[str, Any] = {"key_share": True}
 
 
-def _wall_clock() -> datetime:
-    return datetime.now(UTC)
-
-
 def _clock(now: datetime | None) -> Clock:
     # A fixed `now` serves tests and simulations; real runs read the wall clock at every step.
-    return _wall_clock if now is None else (lambda: now)
+    return utcnow if now is None else (lambda: now)
 
 
 # --- Fan-out ---------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
-"""The ops views: one shipment's whole story, the system at a glance, stalls and retention.
+"""The ops views: one shipment's whole story, and the system at a glance.
 
 Plain functions over the caller's session, shared by `shipmon show`, `shipmon stats`, the
-periodic tasks and the metrics. The SQL views of migration 0004 answer the same questions for
+HTTP API and the metrics (stalls are in `worker.ops.stalled`, retention in
+`worker.ops.retention`). The SQL views of migration 0004 answer the same questions for
 people who query the tables directly.
 """
 
@@ -9,12 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, is_dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, text
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
+from worker.core.clock import iso_utc
 from worker.domain.models import (
     Account,
     Delivery,
@@ -26,31 +28,19 @@ from worker.domain.models import (
     TrackingEvent,
     WebhookEndpoint,
 )
-from worker.domain.vocabulary import TERMINAL_STATUSES, EventType, parse_status
+from worker.domain.vocabulary import EventType, parse_status
 from worker.quota.limiter import KeyStatus
 from worker.tracking.record import EventRecorder, stop_polling
 
-# The stay in a status that counts as normal: longer than 95 of 100 recent stays.
-NORMAL_STAY_QUANTILE = 0.95
-# Stays that began within this window teach what is normal; older ones describe another season.
-NORMAL_STAY_WINDOW = timedelta(days=14)
-# Below this many recent stays a status's 95th percentile is noise; the floor alone applies.
-MIN_STAYS = 20
 # What `shipmon stats` counts as recent, and how many stalled shipments it names.
 RECENT = timedelta(hours=24)
 STALLED_SHOWN = 20
-# Finished shipments deleted per call of `purge_finished`, so each transaction stays short.
-PURGE_BATCH = 500
 # Why polling stopped when the merchant asked for it, over the API or the command line.
 STOPPED_BY_MERCHANT = "stopped_by_merchant"
 
 
 class ShipmentNotFound(LookupError):
     """No shipment has that order code (in that account); the message says what to try."""
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return moment.astimezone(UTC).isoformat() if moment is not None else None
 
 
 def _jsonable(value: Any) -> Any:
@@ -62,7 +52,7 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
     if isinstance(value, datetime):
-        return _iso(value)
+        return iso_utc(value)
     return value
 
 
@@ -541,147 +531,3 @@ def failing_endpoints(session: Session) -> list[FailingEndpoint]:
         )
         for e, name, n_pending, n_dead in rows
     ]
-
-
-# -- stalled shipments -------------------------------------------------------------------------
-
-# The normal stay per status: the quantile of recent completed stays, where there are enough.
-_NORMAL_STAYS = """
-    WITH stays AS (
-        SELECT e.status,
-               lead(e.occurred_at) OVER w - e.occurred_at AS stay
-        FROM status_events e
-        WHERE e.occurred_at >= :since
-        WINDOW w AS (PARTITION BY e.shipment_id ORDER BY e.occurred_at)
-    )
-    SELECT status,
-           percentile_cont(:quantile) WITHIN GROUP (ORDER BY extract(epoch FROM stay)) AS seconds
-    FROM stays
-    WHERE stay IS NOT NULL
-    GROUP BY status
-    HAVING count(*) >= :min_stays
-"""
-
-
-def normal_stays(
-    session: Session, now: datetime, window: timedelta = NORMAL_STAY_WINDOW
-) -> dict[str, timedelta]:
-    """How long a shipment normally stays in each status, learned from recent history."""
-    rows = session.execute(
-        text(_NORMAL_STAYS),
-        {"since": now - window, "quantile": NORMAL_STAY_QUANTILE, "min_stays": MIN_STAYS},
-    )
-    return {status: timedelta(seconds=float(seconds)) for status, seconds in rows}
-
-
-# The statuses of open shipments not yet stalled, one index probe each (a skip scan of
-# ix_shipments_silent_since), so the candidates can be read status by status, by range.
-_WATCHED_STATUSES = """
-    WITH RECURSIVE watched(status) AS (
-        (SELECT status FROM shipments
-         WHERE active AND stalled_at IS NULL AND status IS NOT NULL
-         ORDER BY status LIMIT 1)
-        UNION ALL
-        SELECT (SELECT s.status FROM shipments s
-                WHERE s.active AND s.stalled_at IS NULL AND s.status > watched.status
-                ORDER BY s.status LIMIT 1)
-        FROM watched WHERE watched.status IS NOT NULL
-    )
-    SELECT status FROM watched WHERE status IS NOT NULL
-"""
-
-
-def detect_stalled(
-    session: Session, now: datetime, floor: timedelta, window: timedelta = NORMAL_STAY_WINDOW
-) -> list[int]:
-    """Mark open shipments silent for longer than normal for their status as stalled.
-
-    Silent means no new status and no new scan since the later of `status_changed_at` and
-    `last_scan_at`; the limit is the status's normal stay (`normal_stays`), never below `floor`.
-    Each stall sets `stalled_at` and writes one `shipment.stalled` event; a shipment already
-    stalled is left alone until a change clears `stalled_at`. Returns the new events' ids.
-    Candidates are found per status by a range scan of `ix_shipments_silent_since`, so the
-    cost follows the shipments past their limit, not all open ones.
-    """
-    normal = normal_stays(session, now, window)
-    terminal = {s.value for s in TERMINAL_STATUSES}
-    limits = {
-        status: max(normal.get(status, floor), floor)
-        for status in session.scalars(text(_WATCHED_STATUSES))
-        if status not in terminal
-    }
-    if not limits:
-        return []
-    last_change = func.greatest(Shipment.status_changed_at, Shipment.last_scan_at)
-    past_limit = [
-        and_(
-            Shipment.status == status,
-            last_change < now - limit,
-            # Silence only counts once a poll has seen it: a paused key or a quota-starved
-            # account has not looked, and the shipment may well have moved.
-            Shipment.last_polled_at >= last_change + limit,
-        )
-        for status, limit in limits.items()
-    ]
-    candidates = session.execute(
-        select(Shipment, Account, last_change)
-        .join(Account)
-        .where(Shipment.active, Shipment.stalled_at.is_(None), or_(*past_limit))
-        .order_by(Shipment.id)
-        # SKIP LOCKED: a shipment a poll is applying right now is judged on the next run.
-        .with_for_update(of=Shipment, skip_locked=True)
-    ).all()
-    events: list[OutboxEvent] = []
-    for shipment, account, changed in candidates:
-        shipment.stalled_at = now
-        stay = normal.get(shipment.status or "")
-        recorder = EventRecorder(session, shipment, account, now)
-        recorder.emit(
-            EventType.STALLED,
-            None,
-            stalled={
-                "last_change_at": _iso(changed),
-                "limit_hours": round(limits[shipment.status or ""].total_seconds() / 3600, 2),
-                "normal_hours": round(stay.total_seconds() / 3600, 2) if stay else None,
-            },
-        )
-        events.extend(recorder.events)
-    session.flush()
-    return [e.id for e in events]
-
-
-# -- retention ---------------------------------------------------------------------------------
-
-
-def purge_finished(
-    session: Session, now: datetime, retention_days: int, batch: int = PURGE_BATCH
-) -> int:
-    """Delete up to `batch` finished shipments older than the retention period; returns how many.
-
-    Finished: no longer polled, and its terminal status (or, for one stopped without one, its
-    last change or poll) is older than `retention_days`. Its history, events and deliveries go
-    with it. Call again, each time in a new transaction, while it returns `batch`.
-    """
-    cutoff = now - timedelta(days=retention_days)
-    finished_at = func.coalesce(
-        Shipment.terminal_at,
-        func.greatest(
-            Shipment.status_changed_at,
-            Shipment.last_scan_at,
-            Shipment.last_polled_at,
-            Shipment.registered_at,
-        ),
-    )
-    doomed = (
-        select(Shipment.id)
-        .where(~Shipment.active, finished_at < cutoff)
-        .order_by(Shipment.id)
-        .limit(batch)
-        # SKIP LOCKED: a concurrent purge (or an operator's update) takes other rows.
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
-    )
-    deleted = session.execute(
-        delete(Shipment).where(Shipment.id.in_(doomed)).returning(Shipment.id)
-    ).all()
-    return len(deleted)

@@ -37,10 +37,11 @@ from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from worker.core.clock import DAY_SECONDS, Clock, utcnow
 from worker.core.config import Settings
+from worker.core.metrics import QuotaGauge
 from worker.domain.models import Account, QuotaUsage
 from worker.quota.pacing import (
-    DAY_SECONDS,
     allowed_by,
     carrier_day_end,
     carrier_day_start,
@@ -66,7 +67,9 @@ RESTORE_LOCK = int.from_bytes(b"shipmonq", "big")
 # A restore or a midnight costs one more round; more than this means Redis keeps losing keys.
 MAX_ROUNDS = 4
 
-_GRANTED, _RESTORE, _WRONG_DAY = 0, 1, 2
+# What the acquire script answers besides a grant (status 0, of zero or more lookups): restore
+# the day's counters from PostgreSQL first, or ask again in the carrier day Redis's clock is in.
+_RESTORE, _WRONG_DAY = 1, 2
 
 # KEYS: 1 key's day counter, 2 global day counter, 3 key's pause marker, 4 key's second bucket,
 #   5 global second bucket, 6 key's minute ring, 7 global minute ring.
@@ -328,6 +331,10 @@ class KeyStatus:
             "pause_reason": self.pause_reason,
         }
 
+    def gauge(self) -> QuotaGauge:
+        """The numbers the quota gauges show (never the key's hint)."""
+        return QuotaGauge(self.account, self.daily_quota, self.used_today, self.allowed_now)
+
 
 @dataclass(frozen=True)
 class _Grant:
@@ -341,9 +348,13 @@ class _Grant:
 class QuotaLimiter:
     """Grants lookups per key and in total; one per process, shared by its tasks."""
 
-    def __init__(self, redis_client: redis.Redis[Any], settings: Settings) -> None:
+    def __init__(
+        self, redis_client: redis.Redis[Any], settings: Settings, clock: Clock = utcnow
+    ) -> None:
         self.redis = redis_client
         self.settings = settings
+        # Only a first guess at the carrier day: Redis's clock decides every grant.
+        self.clock = clock
         self.tz = settings.timezone
         self._acquire = redis_client.register_script(_ACQUIRE)
         self._refund = redis_client.register_script(_REFUND)
@@ -358,8 +369,8 @@ class QuotaLimiter:
         self,
         session: Session,
         account_id: int,
-        daily_quota: int,
         wanted: int,
+        daily_quota: int,
         now: datetime | None = None,
     ) -> int:
         """Grant 0 to `wanted` lookups for the key now, counting them at once.
@@ -604,7 +615,7 @@ class QuotaLimiter:
         if now is not None:
             return CarrierDay.containing(now, self.tz)
         if self._day is None:
-            self._day = CarrierDay.containing(datetime.now(UTC), self.tz)
+            self._day = CarrierDay.containing(self.clock(), self.tz)
         return self._day
 
     def _clock_args(self, now: datetime | None) -> tuple[int | str, int]:

@@ -12,7 +12,8 @@ from __future__ import annotations
 from datetime import datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
-DAY_SECONDS = 86_400
+from worker.core.clock import DAY_SECONDS
+
 # A few minutes' worth of the average rate, so the first polls after midnight need no wait.
 SLACK_SHARE = 0.005
 MIN_SLACK = 10

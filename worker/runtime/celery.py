@@ -3,6 +3,11 @@
 Delivery is at-least-once and nothing is lost: tasks are acknowledged only after they finish,
 a task whose worker died is given to another, each worker takes one task at a time, and no
 task waits in Redis longer than a minute (PostgreSQL holds every schedule).
+
+Importing this module touches no server: the settings are read, and the servers resolved
+(embedded ones started), only when Celery first reads its configuration, that is when a worker
+or beat starts or a task is sent. So the CLI, the tests and a backend's tooling may import the
+tasks for free.
 """
 
 from __future__ import annotations
@@ -38,13 +43,10 @@ def _json_logs(**_: object) -> None:
 
 
 def create_app() -> Celery:
-    settings = get_settings()
-    servers = resolve(settings)
+    """The application, configured but for where its servers are: that waits for first use."""
     app = Celery("shipmon", include=["worker.runtime.tasks"])
+    app.add_defaults(_server_configuration)
     app.conf.update(
-        broker_url=servers.broker_url,
-        # Results only for intake, whose callers may want to know what was refused.
-        result_backend=servers.redis_url,
         result_expires=timedelta(days=1),
         task_ignore_result=True,
         task_serializer="json",
@@ -63,7 +65,6 @@ def create_app() -> Celery:
             "shipmon.deliver": {"queue": NOTIFY_QUEUE},
             "shipmon.sweep_deliveries": {"queue": NOTIFY_QUEUE},
         },
-        beat_schedule_filename=str(settings.home / "celerybeat-schedule"),
         beat_schedule={
             "dispatch": {"task": "shipmon.dispatch", "schedule": 2.0},
             "prices": {"task": "shipmon.update_prices", "schedule": 60.0},
@@ -79,8 +80,20 @@ def create_app() -> Celery:
         timezone="UTC",
         enable_utc=True,
     )
-    settings.home.mkdir(parents=True, exist_ok=True)
     return app
+
+
+def _server_configuration() -> dict[str, str]:
+    """Where the broker, the results and beat's schedule are: resolved on first use, once."""
+    settings = get_settings()
+    servers = resolve(settings)
+    settings.home.mkdir(parents=True, exist_ok=True)
+    return {
+        "broker_url": servers.broker_url,
+        # Results only for intake, whose callers may want to know what was refused.
+        "result_backend": servers.redis_url,
+        "beat_schedule_filename": str(settings.home / "celerybeat-schedule"),
+    }
 
 
 app = create_app()

@@ -1,7 +1,8 @@
 """Celery tasks: thin wrappers that give the core functions their sessions, clients and clock.
 
-Each task states its delivery guarantees. Follow-up tasks are sent only after the transaction
-that made them necessary has committed, so a worker never acts on data it cannot see yet.
+Each task's function bears the task's name (`shipmon.relearn` is `relearn`) and states its
+delivery guarantees. Follow-up tasks are sent only after the transaction that made them
+necessary has committed, so a worker never acts on data it cannot see yet.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import redis
@@ -17,27 +18,24 @@ from celery import Task
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker.carrier.client import CarrierClient
+from worker.core import metrics
+from worker.core.clock import utcnow
 from worker.core.config import Settings, get_settings
 from worker.core.db import session_factory
-from worker.core.metrics import record_dispatch_tick, refresh_gauges
 from worker.core.servers import Servers, resolve
 from worker.notify.mail import MailError, send_ops_alert
 from worker.notify.outbox import fan_out_and_deliver_async
 from worker.notify.webhooks import WebhookSender
-from worker.ops.views import PURGE_BATCH, detect_stalled, purge_finished
+from worker.ops import retention, stalled
 from worker.quota.limiter import QuotaLimiter, effective_daily_quota, regrow_plans
 from worker.runtime.celery import POLL_TIME_LIMIT, TASK_TIME_LIMIT, app
-from worker.scheduling.learning import PlanCache, relearn, update_prices
+from worker.scheduling import learning
 from worker.scheduling.model import DEFAULT_MAX_INTERVAL, ShipmentState, next_poll_at
-from worker.tracking.dispatch import Claim, database_now, dispatch, pollable_accounts
-from worker.tracking.intake import register_orders as register
+from worker.tracking import dispatch as dispatching
+from worker.tracking import intake
 from worker.tracking.poller import poll_claim
 
 log = logging.getLogger(__name__)
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class _Process:
@@ -52,8 +50,8 @@ class _Process:
         self.servers: Servers = resolve(self.settings)
         self.sessions: sessionmaker[Session] = session_factory(self.servers.database_url)
         self.redis: redis.Redis[bytes] = redis.Redis.from_url(self.servers.redis_url)
-        self.limiter = QuotaLimiter(self.redis, self.settings)
-        self.plans = PlanCache(self.settings.quota_timezone)
+        self.limiter = QuotaLimiter(self.redis, self.settings, utcnow)
+        self.plans = learning.PlanCache(self.settings.quota_timezone)
         # One loop per process, kept across tasks, so the carrier client's pool is reused.
         self.runner = asyncio.Runner()
         self.carrier = CarrierClient(
@@ -89,15 +87,15 @@ class ShipmonTask(Task):  # type: ignore[misc]
 def register_orders(account: str, order_codes: list[str]) -> dict[str, Any]:
     """Register order codes; returns what was registered, already known, and refused."""
     with process().sessions.begin() as session:
-        return register(session, account, order_codes).as_dict()
+        return intake.register_orders(session, account, order_codes).as_dict()
 
 
 @app.task(name="shipmon.dispatch", base=ShipmonTask, time_limit=60, expires=10)
-def dispatch_due() -> int:
+def dispatch() -> int:
     """Claim what may be polled now and hand it to poll tasks; returns the batches sent."""
     p = process()
     with p.sessions.begin() as session:
-        now = database_now(session)
+        now = dispatching.database_now(session)
         model = p.plans.current(session)
 
         def first_lookup(account_id: int, registered: datetime) -> datetime:
@@ -106,17 +104,15 @@ def dispatch_due() -> int:
             ceiling = p.plans.max_interval(account_id, p.max_interval)
             return next_poll_at(state, model, price, ceiling) or registered
 
-        claims = dispatch(
+        claims = dispatching.dispatch(
             session,
             now,
             daily_quota=lambda account: effective_daily_quota(account, p.settings),
-            grant=lambda s, account_id, wanted, quota: p.limiter.acquire(
-                s, account_id, quota, wanted
-            ),
-            refund=lambda s, account_id, n: p.limiter.refund(s, account_id, n),
+            grant=p.limiter.acquire,
+            refund=p.limiter.refund,
             first_lookup=first_lookup,
         )
-    record_dispatch_tick(now)
+    metrics.record_dispatch_tick(now)
     for claim in claims:
         p.limiter.hold(claim.account_id, claim.batch, len(claim.shipment_ids))
         poll.delay(*claim.as_task_args())
@@ -127,7 +123,7 @@ def dispatch_due() -> int:
 def poll(account_id: int, shipment_ids: list[int], leased_until: str) -> int:
     """Poll one claimed batch and apply the answers; returns how many were polled."""
     p = process()
-    claim = Claim(account_id, shipment_ids, datetime.fromisoformat(leased_until))
+    claim = dispatching.Claim(account_id, shipment_ids, datetime.fromisoformat(leased_until))
     report = p.runner.run(
         poll_claim(
             p.sessions,
@@ -153,23 +149,25 @@ def poll(account_id: int, shipment_ids: list[int], leased_until: str) -> int:
 
 
 @app.task(name="shipmon.update_prices", base=ShipmonTask, time_limit=60, expires=50)
-def prices() -> None:
+def update_prices() -> None:
     """Steer each key's lookup price towards its daily quota, with lowered plans grown back."""
     p = process()
+    now = utcnow()
     with p.sessions.begin() as session:
-        regrow_plans(session, p.settings, utcnow())
+        regrow_plans(session, p.settings, now)
         quotas = {
-            a.id: effective_daily_quota(a, p.settings) for a in pollable_accounts(session, utcnow())
+            a.id: effective_daily_quota(a, p.settings)
+            for a in dispatching.pollable_accounts(session, now)
         }
-        update_prices(session, quotas, p.settings.quota_timezone, utcnow())
+        learning.update_prices(session, quotas, p.settings.quota_timezone, now)
 
 
 @app.task(name="shipmon.relearn", base=ShipmonTask, time_limit=300, expires=600)
-def learn() -> None:
+def relearn() -> None:
     """Refit the scheduler's model from recent history."""
     p = process()
     with p.sessions.begin() as session:
-        relearn(session, p.settings.quota_timezone, utcnow())
+        learning.relearn(session, p.settings.quota_timezone, utcnow())
 
 
 @app.task(name="shipmon.deliver", base=ShipmonTask, time_limit=TASK_TIME_LIMIT)
@@ -194,26 +192,26 @@ def _deliver(event_ids: list[int] | None) -> int:
 
 
 @app.task(name="shipmon.detect_stalled", base=ShipmonTask, time_limit=300, expires=600)
-def stalled() -> int:
+def detect_stalled() -> int:
     """Raise `shipment.stalled` once for each shipment silent for longer than is normal."""
     p = process()
     floor = timedelta(hours=p.settings.stalled_floor_hours)
     with p.sessions.begin() as session:
-        event_ids = detect_stalled(session, utcnow(), floor)
+        event_ids = stalled.detect_stalled(session, utcnow(), floor)
     if event_ids:
         app.send_task("shipmon.deliver", args=[event_ids])
     return len(event_ids)
 
 
 @app.task(name="shipmon.purge_finished", base=ShipmonTask, time_limit=600, expires=3600)
-def purge() -> int:
+def purge_finished() -> int:
     """Delete finished shipments past the retention period, a batch per transaction."""
     p, total = process(), 0
     while True:
         with p.sessions.begin() as session:
-            deleted = purge_finished(session, utcnow(), p.settings.retention_days)
+            deleted = retention.purge_finished(session, utcnow(), p.settings.retention_days)
         total += deleted
-        if deleted < PURGE_BATCH:
+        if deleted < retention.PURGE_BATCH:
             return total
 
 
@@ -222,4 +220,4 @@ def refresh_metrics() -> None:
     """Refresh the quota and backlog gauges."""
     p = process()
     with p.sessions.begin() as session:
-        refresh_gauges(session, p.limiter.status(session))
+        metrics.refresh_gauges(session, [line.gauge() for line in p.limiter.status(session)])

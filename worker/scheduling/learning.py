@@ -20,15 +20,14 @@ from sqlalchemy.orm import Session
 from worker.domain.models import SchedulerState, Shipment
 from worker.domain.vocabulary import Status, parse_status
 from worker.scheduling.model import (
-    INITIAL_PRICE,
     MAX_STAYS_FOR_QUIET_HOURS,
     NOT_FOUND,
     LearnedModel,
-    PriceController,
     Stay,
     StayStatistics,
     fit_statistics,
 )
+from worker.scheduling.pricing import INITIAL_PRICE, PriceController
 
 MODEL_STATE = "model"
 # Stays that began within this window are fitted, ended or not (censored): an unbiased sample.

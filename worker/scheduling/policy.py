@@ -1,7 +1,7 @@
 """The poll policy: how long to wait before the next lookup, solved for the whole lifecycle.
 
 A lookup costs the key's price (in seconds of detection delay it must save, see
-`scheduler.PriceController`); a transition costs the time from when it happened to the first
+`pricing.PriceController`); a transition costs the time from when it happened to the first
 lookup that shows it. `solve` finds, by dynamic programming on a 15-minute grid, the wait that
 minimises the expected cost of everything still to come, for every status, local time of day the
 status was entered, and age in the status at the last lookup. Because the cost to go after a
@@ -23,13 +23,18 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from worker.core.clock import DAY_SECONDS
+
 GRID_SECONDS = 900
-BINS_PER_DAY = 86_400 // GRID_SECONDS
+BINS_PER_DAY = DAY_SECONDS // GRID_SECONDS
 # Stays are planned up to this age (or the dwell's 99.9th percentile and a day, if sooner);
 # older shipments wait the longest interval allowed.
-MAX_AGE_SECONDS = 6 * 86_400
+MAX_AGE_SECONDS = 6 * DAY_SECONDS
+# The standard normal's 99.9th percentile: a lognormal dwell this many sigmas past its median
+# is the 99.9th percentile of stays.
+DWELL_TAIL_SIGMAS = 3.09
 # Waits are planned up to this long; a longer ceiling only matters past the plan.
-MAX_WAIT_SECONDS = 2 * 86_400
+MAX_WAIT_SECONDS = 2 * DAY_SECONDS
 # Statuses that lead back to one another are solved this many times around the loop.
 LOOP_PASSES = 2
 # Below this chance of still being in the status, a state is treated as unreachable.
@@ -80,7 +85,7 @@ class Kernel:
     """One status's exits on the grid, by the local time-of-day bin it was entered in."""
 
     def __init__(self, dynamics: StatusDynamics) -> None:
-        longest = math.exp(dynamics.log_mu + 3.09 * dynamics.log_sigma) + 86_400
+        longest = math.exp(dynamics.log_mu + DWELL_TAIL_SIGMAS * dynamics.log_sigma) + DAY_SECONDS
         self.ages = int(min(MAX_AGE_SECONDS, longest) // GRID_SECONDS)
         k = np.arange(self.ages + 1)
         # Raw dwell: entered mid-bin, so bin k after entry holds dwells ((k - 0.5), (k + 0.5)).

@@ -65,7 +65,8 @@ from aiohttp import web
 from celery import Celery
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from worker.carrier.client import CarrierError, parse_tracking
+from worker.carrier.errors import CarrierError
+from worker.carrier.parse import parse_tracking
 from worker.core.db import dispose_engines, upgrade
 from worker.core.servers import EmbeddedServers, Servers
 from worker.sim.sandbox import TRACKING_PATH, SpeedClock, create_app

@@ -44,7 +44,9 @@ from worker.core.servers import resolve
 from worker.domain.models import Account, OutboxEvent, Shipment
 from worker.domain.vocabulary import EventType
 from worker.notify.outbox import fan_out_and_deliver, fan_out_and_deliver_async
-from worker.notify.webhooks import WebhookSender, add_endpoint, event_body
+from worker.notify.webhooks.endpoints import add_endpoint
+from worker.notify.webhooks.sender import WebhookSender
+from worker.notify.webhooks.signing import event_body
 
 
 class Receiver:

@@ -33,7 +33,7 @@ from worker.domain.models import (
     StatusEvent,
     WebhookEndpoint,
 )
-from worker.notify.webhooks import add_endpoint
+from worker.notify.webhooks.endpoints import add_endpoint
 from worker.ops.views import shipment_story
 from worker.tracking.intake import register_orders
 

@@ -25,7 +25,8 @@ from sqlalchemy.orm import Session
 from typer.testing import CliRunner, Result
 
 from tests.conftest import RunServers, make_account
-from worker.carrier.client import CarrierError, TrackingResult, parse_tracking
+from worker.carrier.errors import CarrierError
+from worker.carrier.parse import TrackingResult, parse_tracking
 from worker.cli import app
 from worker.core.config import get_settings
 from worker.core.db import transaction

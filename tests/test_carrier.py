@@ -25,15 +25,11 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.carrier.client import (
+from worker.carrier.client import MAX_BODY_BYTES, TRACKING_PATH, CarrierClient
+from worker.carrier.errors import (
     ERROR_CLASSES,
-    MAILER_TYPE_LIMIT,
-    MAX_BODY_BYTES,
-    STATUS_LIMIT,
-    TRACKING_PATH,
     ApiKeyLimit,
     ApiKeyNotFound,
-    CarrierClient,
     CarrierError,
     CarrierErrorCode,
     CarrierHTTPStatusError,
@@ -44,10 +40,14 @@ from worker.carrier.client import (
     MissingApiKey,
     OrderCodeNotFound,
     OrderCodeTooShort,
-    TrackingResult,
     UnknownCarrierErrorCode,
-    ascii_integer,
     carrier_error,
+)
+from worker.carrier.parse import (
+    MAILER_TYPE_LIMIT,
+    STATUS_LIMIT,
+    TrackingResult,
+    ascii_integer,
     parse_tracking,
 )
 from worker.domain.models import Shipment, StatusEvent

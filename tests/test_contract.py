@@ -13,19 +13,17 @@ from typing import Any
 
 import pytest
 
-from worker.carrier.client import (
+from worker.carrier.client import TRACKING_PATH, CarrierClient
+from worker.carrier.errors import (
     ERROR_CLASSES,
-    TRACKING_PATH,
-    CarrierClient,
     CarrierError,
     CarrierErrorCode,
     CarrierHTTPStatusError,
     CarrierTimeout,
     CarrierTransportError,
     MalformedResponse,
-    TrackingResult,
-    parse_tracking,
 )
+from worker.carrier.parse import TrackingResult, parse_tracking
 from worker.domain.vocabulary import ErrorCode, Status
 from worker.sim.sandbox import ManualClock, SandboxHandle, running_sandbox
 from worker.sim.workload import Faults

@@ -23,7 +23,7 @@ from celery import Celery
 from sqlalchemy import create_engine, text
 
 from tests.conftest import RunServers
-from worker.carrier.client import parse_tracking
+from worker.carrier.parse import parse_tracking
 
 pytestmark = pytest.mark.e2e
 

@@ -18,7 +18,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from tests.conftest import RunServers
 from tests.test_pipeline import Pipeline, account, clock, sandbox, sessions  # noqa: F401
-from worker.carrier.client import CarrierError, MalformedResponse, TrackingResult, parse_tracking
+from worker.carrier.errors import CarrierError, MalformedResponse
+from worker.carrier.parse import TrackingResult, parse_tracking
 from worker.domain.models import Account, Shipment, StatusEvent
 from worker.scheduling.learning import PlanCache
 from worker.sim.sandbox import HOSTILE_KINDS, ManualClock, SandboxHandle, hostile_body

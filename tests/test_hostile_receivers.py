@@ -34,7 +34,8 @@ from worker.notify.outbox import (
     ENDPOINT_IN_FLIGHT,
     fan_out_and_deliver_async,
 )
-from worker.notify.webhooks import EXCERPT_LIMIT, RETRY_DELAYS, WebhookSender, add_endpoint
+from worker.notify.webhooks.endpoints import add_endpoint
+from worker.notify.webhooks.sender import EXCERPT_LIMIT, RETRY_DELAYS, WebhookSender
 from worker.runtime.supervisor import Supervisor
 from worker.sim.hostile import NUL_BODY, HostileReceiver, Trouble
 

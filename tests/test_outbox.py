@@ -53,13 +53,8 @@ from worker.notify.outbox import (
     fan_out_and_deliver_async,
     replay,
 )
-from worker.notify.webhooks import (
-    RETRY_DELAYS,
-    AttemptResult,
-    WebhookSender,
-    add_endpoint,
-    set_endpoint_enabled,
-)
+from worker.notify.webhooks.endpoints import add_endpoint, set_endpoint_enabled
+from worker.notify.webhooks.sender import RETRY_DELAYS, AttemptResult, WebhookSender
 
 T0 = datetime.now(UTC).replace(microsecond=0)
 

@@ -15,7 +15,8 @@ from sqlalchemy import delete, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from tests.conftest import RunServers
-from worker.carrier.client import CarrierClient, parse_tracking
+from worker.carrier.client import CarrierClient
+from worker.carrier.parse import parse_tracking
 from worker.core.crypto import encrypt
 from worker.core.db import session_factory
 from worker.domain.models import Account, OutboxEvent, QuotaUsage, Shipment, StatusEvent

@@ -15,7 +15,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from tests.conftest import TEST_SECRET_KEY, RunServers, make_account
 from worker.core.crypto import SecretKeyMismatch, decrypt, encrypt
 from worker.domain.models import Account, WebhookEndpoint
-from worker.notify.webhooks import RotationInProgress, add_endpoint, rotate_secret, signing_secrets
+from worker.notify.webhooks.endpoints import RotationInProgress, add_endpoint, rotate_secret
+from worker.notify.webhooks.signing import signing_secrets
 from worker.ops.rotation import UnreadableSecret, rotate_stored_secrets
 
 NEW_KEY = "new-secret-key-0123456789-abcdefghijklmnop"

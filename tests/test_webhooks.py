@@ -21,21 +21,13 @@ from standardwebhooks import Webhook, WebhookVerificationError
 from tests.conftest import TEST_SECRET_KEY, make_account
 from worker.core.crypto import decrypt
 from worker.domain.models import WebhookEndpoint
-from worker.notify.webhooks import (
-    EXCERPT_LIMIT,
-    RETRY_DELAYS,
+from worker.notify.webhooks.endpoints import add_endpoint, rotate_secret, sample_event
+from worker.notify.webhooks.guard import IPAddress, UnsafeDestination, check_address, check_url
+from worker.notify.webhooks.sender import EXCERPT_LIMIT, RETRY_DELAYS, WebhookSender, retry_delay
+from worker.notify.webhooks.signing import (
     USER_AGENT,
-    IPAddress,
-    UnsafeDestination,
-    WebhookSender,
-    add_endpoint,
-    check_address,
-    check_url,
     event_body,
     new_secret,
-    retry_delay,
-    rotate_secret,
-    sample_event,
     signing_secrets,
     webhook_headers,
 )

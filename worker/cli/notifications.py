@@ -25,18 +25,18 @@ from worker.core.config import mask_url
 from worker.core.db import session_factory
 from worker.domain.models import Account, Delivery, EmailRecipient, WebhookEndpoint
 from worker.notify.outbox import replay
-from worker.notify.webhooks import (
+from worker.notify.webhooks.endpoints import (
     RotationInProgress,
     UnknownEndpoint,
-    UnsafeDestination,
-    WebhookSender,
     add_endpoint,
     get_endpoint,
     rotate_secret,
     sample_event,
     set_endpoint_enabled,
-    signing_secrets,
 )
+from worker.notify.webhooks.guard import UnsafeDestination
+from worker.notify.webhooks.sender import WebhookSender
+from worker.notify.webhooks.signing import signing_secrets
 from worker.tracking.intake import account_by_name
 
 endpoint_app = typer.Typer(help="Manage webhook endpoints.", no_args_is_help=True)

@@ -45,21 +45,17 @@ from worker.domain.models import (
 )
 from worker.notify.mail import EventEmail, MailError, event_email, event_message, send_message
 from worker.notify.mail import send_ops_alert as send_alert_mail
-from worker.notify.webhooks import (
-    DISABLE_AFTER,
+from worker.notify.webhooks.endpoints import DISABLE_AFTER, HELD, set_endpoint_enabled
+from worker.notify.webhooks.guard import Resolver, system_resolver
+from worker.notify.webhooks.sender import (
     ERROR_LIMIT,
-    HELD,
     AttemptResult,
-    Resolver,
     WebhookSender,
     clean_text,
     describe_error,
-    event_body,
     retry_delay,
-    set_endpoint_enabled,
-    signing_secrets,
-    system_resolver,
 )
+from worker.notify.webhooks.signing import event_body, signing_secrets
 
 __all__ = [
     "CIRCUIT_AFTER",

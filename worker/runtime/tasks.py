@@ -25,7 +25,7 @@ from worker.core.db import session_factory
 from worker.core.servers import Servers, resolve
 from worker.notify.mail import MailError, send_ops_alert
 from worker.notify.outbox import fan_out_and_deliver_async
-from worker.notify.webhooks import WebhookSender
+from worker.notify.webhooks.sender import WebhookSender
 from worker.ops import retention, stalled
 from worker.quota.limiter import QuotaLimiter, effective_daily_quota, regrow_plans
 from worker.runtime.celery import POLL_TIME_LIMIT, TASK_TIME_LIMIT, app

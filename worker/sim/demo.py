@@ -33,7 +33,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from worker.api.tokens import create_token
 from worker.core.crypto import encrypt
 from worker.domain.models import Account, Delivery, OutboxEvent, Shipment, WebhookEndpoint
-from worker.notify.webhooks import add_endpoint
+from worker.notify.webhooks.endpoints import add_endpoint
 from worker.tracking.intake import register_orders
 
 DEMO_ACCOUNTS = ("demo-shop", "demo-market")

@@ -17,14 +17,9 @@ from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker.carrier.client import (
-    ApiKeyLimit,
-    CarrierClient,
-    CarrierError,
-    CarrierErrorCode,
-    CarrierTimeout,
-    TrackingResult,
-)
+from worker.carrier.client import CarrierClient
+from worker.carrier.errors import ApiKeyLimit, CarrierError, CarrierErrorCode, CarrierTimeout
+from worker.carrier.parse import TrackingResult
 from worker.core import metrics
 from worker.core.crypto import decrypt
 from worker.domain.models import Account, OutboxEvent, Shipment

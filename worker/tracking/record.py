@@ -24,18 +24,15 @@ from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from worker.carrier.client import (
+from worker.carrier.errors import (
     ApiKeyLimit,
     ApiKeyNotFound,
     CarrierError,
     CarrierErrorCode,
     MissingApiKey,
     OrderCodeNotFound,
-    StatusEntry,
-    TrackingEntry,
-    TrackingResult,
-    ascii_integer,
 )
+from worker.carrier.parse import StatusEntry, TrackingEntry, TrackingResult, ascii_integer
 from worker.domain.models import Account, OutboxEvent, Shipment, StatusEvent, TrackingEvent
 from worker.domain.vocabulary import EventType, Status, delay_reason, parse_status
 from worker.scheduling.model import LearnedModel, ShipmentState, next_poll_at

@@ -8,14 +8,14 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.orm import Session
 
 from tests.conftest import make_account
 from worker.domain.models import Account, Shipment
 from worker.domain.vocabulary import Status
 from worker.ops.stalled import detect_stalled
-from worker.tracking.dispatch import plan_first_lookups
+from worker.tracking.dispatch import claim_due, count_due, plan_first_lookups
 
 NOW = datetime(2031, 5, 1, 6, 0, tzinfo=UTC)
 HOUR = timedelta(hours=1)
@@ -106,3 +106,36 @@ def test_stalled_candidates_are_read_by_range_per_status(session: Session) -> No
     session.refresh(silent)
     session.refresh(recent)
     assert silent.stalled_at == NOW and recent.stalled_at is None
+
+
+def test_due_shipments_are_counted_from_the_due_index_alone(session: Session) -> None:
+    account = make_account(session)
+    other = make_account(session)
+    due = [_shipment(session, account, next_poll_at=NOW - k * HOUR) for k in range(1, 4)]
+    _shipment(session, account, next_poll_at=NOW + HOUR)
+    _shipment(session, account, next_poll_at=NOW - HOUR, active=False)
+    _shipment(session, other, next_poll_at=NOW - HOUR)
+    # Many keys with their own backlogs, and most shipments not due, as in production, so the
+    # planner prefers the due index on the table's statistics.
+    session.execute(
+        text(
+            "INSERT INTO shipments (account_id, order_code, next_poll_at) "
+            "SELECT CASE WHEN n % 2 = 0 THEN :account ELSE :other END, 'SCLN' || n, "
+            "       CASE WHEN n % 2 = 0 THEN :later ELSE :earlier END "
+            "FROM generate_series(1, 2000) AS n"
+        ),
+        {"account": account.id, "other": other.id, "later": NOW + HOUR, "earlier": NOW - HOUR},
+    )
+    session.execute(text("ANALYZE shipments"))
+    # A bitmap scan always reads the heap; the question is whether the index alone can answer.
+    session.execute(text("SET LOCAL enable_bitmapscan = off"))
+
+    with plans_of(session, "count(*)") as plans:
+        counted = count_due(session, account.id, NOW, 1000)
+        capped = count_due(session, account.id, NOW, 2)
+
+    assert (counted, capped) == (3, 2)
+    assert len(plans) == 2
+    assert all("Index Only Scan using ix_shipments_due" in plan for plan in plans)
+    claim = claim_due(session, account.id, 2, NOW)
+    assert claim.shipment_ids == sorted(s.id for s in due[1:])

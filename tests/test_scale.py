@@ -8,12 +8,14 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from sqlalchemy import event, text
 from sqlalchemy.orm import Session
 
 from tests.conftest import make_account
 from worker.domain.models import Account, Shipment
 from worker.domain.vocabulary import Status
+from worker.ops import stalled
 from worker.ops.stalled import detect_stalled
 from worker.tracking.dispatch import claim_due, count_due, plan_first_lookups
 
@@ -139,3 +141,35 @@ def test_due_shipments_are_counted_from_the_due_index_alone(session: Session) ->
     assert all("Index Only Scan using ix_shipments_due" in plan for plan in plans)
     claim = claim_due(session, account.id, 2, NOW)
     assert claim.shipment_ids == sorted(s.id for s in due[1:])
+
+
+def test_normal_stays_above_the_sample_size_are_learned_from_a_sample(
+    session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    account = make_account(session)
+    # 3,000 shipments, each five hours in transit three days ago, then delivering.
+    session.execute(
+        text(
+            """
+            WITH made AS (
+                INSERT INTO shipments (account_id, order_code, active)
+                SELECT :account, 'SCLS' || n, false FROM generate_series(1, 3000) AS n
+                RETURNING id
+            )
+            INSERT INTO status_events (shipment_id, status, occurred_at)
+            SELECT id, status, :entered + shift
+            FROM made, (VALUES ('IN_TRANSIT', interval '0 hours'),
+                               ('DELIVERING', interval '5 hours')) AS steps(status, shift)
+            """
+        ),
+        {"account": account.id, "entered": NOW - timedelta(days=3)},
+    )
+    session.execute(text("ANALYZE shipments"))
+    monkeypatch.setattr(stalled, "NORMAL_STAY_SAMPLE_SHIPMENTS", 750)
+
+    with plans_of(session, "percentile_cont") as plans:
+        normal = stalled.normal_stays(session, NOW)
+
+    assert len(plans) == 1 and "Sample Scan on shipments" in plans[0]
+    assert "system ('25'" in plans[0].lower()
+    assert normal == {"IN_TRANSIT": 5 * HOUR}

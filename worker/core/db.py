@@ -8,7 +8,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
@@ -57,3 +57,14 @@ def alembic_config(url: str) -> Config:
 def upgrade(url: str, revision: str = "head") -> None:
     """Migrate the database to `revision`."""
     command.upgrade(alembic_config(url), revision)
+
+
+def estimated_rows(session: Session, table: str) -> float:
+    """PostgreSQL's estimate of a table's rows (`reltuples`, kept by autovacuum).
+
+    Free to ask however large the table; a table never analysed counts as empty.
+    """
+    estimate = session.scalar(
+        text("SELECT reltuples FROM pg_class WHERE oid = to_regclass(:table)"), {"table": table}
+    )
+    return max(float(estimate or 0), 0.0)

@@ -12,6 +12,7 @@ from sqlalchemy import and_, func, or_, select, text
 from sqlalchemy.orm import Session
 
 from worker.core.clock import iso_utc
+from worker.core.db import estimated_rows
 from worker.domain.models import Account, OutboxEvent, Shipment
 from worker.domain.vocabulary import TERMINAL_STATUSES, EventType
 from worker.tracking.record import EventRecorder
@@ -23,31 +24,48 @@ NORMAL_STAY_WINDOW = timedelta(days=14)
 # Below this many recent stays a status's 95th percentile is noise; the floor alone applies.
 MIN_STAYS = 20
 
+# Above this many shipments the normal stays are learned from a sample of about this many.
+NORMAL_STAY_SAMPLE_SHIPMENTS = 20_000
+
 # The normal stay per status: the quantile of recent completed stays, where there are enough.
+# Each shipment's recent history is read by its index, for all the shipments or for a block
+# sample of them; `scale` turns a count of sampled stays into the whole table's.
 _NORMAL_STAYS = """
-    WITH stays AS (
-        SELECT e.status,
-               lead(e.occurred_at) OVER w - e.occurred_at AS stay
+    SELECT stays.status,
+           percentile_cont(:quantile) WITHIN GROUP (ORDER BY extract(epoch FROM stays.stay))
+    FROM shipments s TABLESAMPLE SYSTEM (:percent)
+    CROSS JOIN LATERAL (
+        SELECT e.status, lead(e.occurred_at) OVER (ORDER BY e.occurred_at, e.id) - e.occurred_at
         FROM status_events e
-        WHERE e.occurred_at >= :since
-        WINDOW w AS (PARTITION BY e.shipment_id ORDER BY e.occurred_at)
-    )
-    SELECT status,
-           percentile_cont(:quantile) WITHIN GROUP (ORDER BY extract(epoch FROM stay)) AS seconds
-    FROM stays
-    WHERE stay IS NOT NULL
-    GROUP BY status
-    HAVING count(*) >= :min_stays
+        WHERE e.shipment_id = s.id AND e.occurred_at >= :since
+    ) AS stays(status, stay)
+    WHERE stays.stay IS NOT NULL
+    GROUP BY stays.status
+    HAVING count(*) * :scale >= :min_stays
 """
 
 
 def normal_stays(
     session: Session, now: datetime, window: timedelta = NORMAL_STAY_WINDOW
 ) -> dict[str, timedelta]:
-    """How long a shipment normally stays in each status, learned from recent history."""
+    """How long a shipment normally stays in each status, learned from recent history.
+
+    Up to `NORMAL_STAY_SAMPLE_SHIPMENTS` shipments every stay is read. Beyond, the stays of a
+    block sample of about that many shipments are, so a run costs the same at ten million
+    shipments as at twenty thousand: with some ten thousand stays per status, a sampled 95th
+    percentile lies within about half a percentile point of the whole history's.
+    """
+    estimate = estimated_rows(session, "shipments")
+    percent = min(100.0, 100.0 * NORMAL_STAY_SAMPLE_SHIPMENTS / max(estimate, 1.0))
     rows = session.execute(
         text(_NORMAL_STAYS),
-        {"since": now - window, "quantile": NORMAL_STAY_QUANTILE, "min_stays": MIN_STAYS},
+        {
+            "since": now - window,
+            "percent": percent,
+            "scale": 100.0 / percent,
+            "quantile": NORMAL_STAY_QUANTILE,
+            "min_stays": MIN_STAYS,
+        },
     )
     return {status: timedelta(seconds=float(seconds)) for status, seconds in rows}
 

@@ -13,6 +13,7 @@ from sqlalchemy import event, text
 from sqlalchemy.orm import Session
 
 from tests.conftest import make_account
+from worker.core.metrics import refresh_gauges
 from worker.domain.models import Account, Shipment
 from worker.domain.vocabulary import Status
 from worker.ops import stalled
@@ -173,3 +174,16 @@ def test_normal_stays_above_the_sample_size_are_learned_from_a_sample(
     assert len(plans) == 1 and "Sample Scan on shipments" in plans[0]
     assert "system ('25'" in plans[0].lower()
     assert normal == {"IN_TRANSIT": 5 * HOUR}
+
+
+def test_gauges_count_the_due_and_stalled_shipments_by_index(session: Session) -> None:
+    account = make_account(session)
+    _shipment(session, account, next_poll_at=NOW - HOUR, stalled_at=NOW - HOUR)
+    _shipment(session, account, next_poll_at=NOW + HOUR)
+
+    with plans_of(session, "stalled_at IS NOT NULL") as plans:
+        refresh_gauges(session, [])
+
+    assert len(plans) == 1
+    assert "ix_shipments_due" in plans[0] and "ix_shipments_stalled" in plans[0]
+    assert "Seq Scan on shipments" not in plans[0]

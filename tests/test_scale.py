@@ -16,8 +16,9 @@ from tests.conftest import make_account
 from worker.core.metrics import refresh_gauges
 from worker.domain.models import Account, Shipment
 from worker.domain.vocabulary import Status
-from worker.ops import stalled
+from worker.ops import stalled, views
 from worker.ops.stalled import detect_stalled
+from worker.ops.views import collect_stats
 from worker.tracking.dispatch import claim_due, count_due, plan_first_lookups
 
 NOW = datetime(2031, 5, 1, 6, 0, tzinfo=UTC)
@@ -187,3 +188,33 @@ def test_gauges_count_the_due_and_stalled_shipments_by_index(session: Session) -
     assert len(plans) == 1
     assert "ix_shipments_due" in plans[0] and "ix_shipments_stalled" in plans[0]
     assert "Seq Scan on shipments" not in plans[0]
+
+
+def test_stats_count_open_shipments_by_index_and_estimate_finished_ones_on_a_large_table(
+    session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    account = make_account(session)
+    # 3,000 shipments, one in three delivered and still watched, the others delivered and done,
+    # interleaved so that every page of the table holds the same mix.
+    session.execute(
+        text(
+            "INSERT INTO shipments (account_id, order_code, status, active) "
+            "SELECT :account, 'SCLT' || n, 'DELIVERED', n % 3 = 0 "
+            "FROM generate_series(1, 3000) AS n"
+        ),
+        {"account": account.id},
+    )
+    session.execute(text("ANALYZE shipments"))
+    monkeypatch.setattr(views, "CLOSED_SAMPLE_ROWS", 750)
+    # Without a vacuumed table the planner may as well read the other indexes of open
+    # shipments; with them gone, the plan shows whether this one answers alone.
+    session.execute(text("DROP INDEX ix_shipments_active_next_poll_at, ix_shipments_due"))
+    session.execute(text("SET LOCAL enable_bitmapscan = off"))
+
+    with plans_of(session, "GROUP BY shipments.account_id, shipments.status") as plans:
+        counts = collect_stats(session, NOW, []).shipments
+
+    assert len(plans) == 1 and "Index Only Scan using ix_shipments_open_status" in plans[0]
+    [line] = [c for c in counts if c.account == account.name]
+    assert (line.status, line.open, line.closed_estimated) == ("DELIVERED", 1000, True)
+    assert line.closed == pytest.approx(2000, rel=0.1)

@@ -162,7 +162,10 @@ def _print_stats(result: Stats, data: dict[str, Any]) -> None:
     shipments = Table("account", "status", "watched", "finished or stopped", title="shipments")
     for row in data["shipments"]:
         shipments.add_row(
-            row["account"], row["status"] or "(not found yet)", str(row["open"]), str(row["closed"])
+            row["account"],
+            row["status"] or "(not found yet)",
+            str(row["open"]),
+            f"~{row['closed']}" if row["closed_estimated"] else str(row["closed"]),
         )
     console.print(shipments)
 

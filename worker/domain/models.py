@@ -122,6 +122,8 @@ class Shipment(Base):
             "account_id",
             postgresql_where=text("active AND stalled_at IS NOT NULL"),
         ),
+        # `shipmon stats` counts the open shipments by account and status from this alone.
+        Index("ix_shipments_open_status", "account_id", "status", postgresql_where=text("active")),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)

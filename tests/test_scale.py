@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from tests.conftest import make_account
 from worker.core.metrics import refresh_gauges
-from worker.domain.models import Account, Shipment
+from worker.domain.models import Account, Shipment, StatusEvent
 from worker.domain.vocabulary import Status
 from worker.ops import stalled, views
 from worker.ops.stalled import detect_stalled
@@ -218,3 +218,32 @@ def test_stats_count_open_shipments_by_index_and_estimate_finished_ones_on_a_lar
     [line] = [c for c in counts if c.account == account.name]
     assert (line.status, line.open, line.closed_estimated) == ("DELIVERED", 1000, True)
     assert line.closed == pytest.approx(2000, rel=0.1)
+
+
+def test_normal_stays_read_every_stay_when_the_table_is_smaller_than_estimated(
+    session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    account = make_account(session)
+    for hours in range(1, 31):
+        row = _shipment(session, account, active=False)
+        session.add_all(
+            [
+                StatusEvent(
+                    shipment_id=row.id, status="IN_TRANSIT", occurred_at=NOW - 3 * HOUR * 24
+                ),
+                StatusEvent(
+                    shipment_id=row.id,
+                    status="DELIVERING",
+                    occurred_at=NOW - 3 * HOUR * 24 + hours * HOUR,
+                ),
+            ]
+        )
+    session.flush()
+    session.execute(text("ANALYZE shipments"))
+    # As after a purge: PostgreSQL still counts many more shipments than the table holds.
+    monkeypatch.setattr(stalled, "NORMAL_STAY_SAMPLE_SHIPMENTS", 1)
+
+    normal = stalled.normal_stays(session, NOW)
+
+    # Every one of the 30 stays, as on a small table: 1 to 30 hours, 95th percentile 28.55.
+    assert normal == {"IN_TRANSIT": timedelta(hours=28.55)}

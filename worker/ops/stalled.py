@@ -29,10 +29,11 @@ NORMAL_STAY_SAMPLE_SHIPMENTS = 20_000
 
 # The normal stay per status: the quantile of recent completed stays, where there are enough.
 # Each shipment's recent history is read by its index, for all the shipments or for a block
-# sample of them; `scale` turns a count of sampled stays into the whole table's.
+# sample of them.
 _NORMAL_STAYS = """
     SELECT stays.status,
-           percentile_cont(:quantile) WITHIN GROUP (ORDER BY extract(epoch FROM stays.stay))
+           percentile_cont(:quantile) WITHIN GROUP (ORDER BY extract(epoch FROM stays.stay)),
+           count(*)
     FROM shipments s TABLESAMPLE SYSTEM (:percent)
     CROSS JOIN LATERAL (
         SELECT e.status, lead(e.occurred_at) OVER (ORDER BY e.occurred_at, e.id) - e.occurred_at
@@ -41,8 +42,10 @@ _NORMAL_STAYS = """
     ) AS stays(status, stay)
     WHERE stays.stay IS NOT NULL
     GROUP BY stays.status
-    HAVING count(*) * :scale >= :min_stays
 """
+# Fewer sampled stays than this and the table is smaller than PostgreSQL's estimate of it (a
+# stale one, after a purge): every stay is read instead.
+MIN_SAMPLED_STAYS = 200
 
 
 def normal_stays(
@@ -57,17 +60,17 @@ def normal_stays(
     """
     estimate = estimated_rows(session, "shipments")
     percent = min(100.0, 100.0 * NORMAL_STAY_SAMPLE_SHIPMENTS / max(estimate, 1.0))
-    rows = session.execute(
-        text(_NORMAL_STAYS),
-        {
-            "since": now - window,
-            "percent": percent,
-            "scale": 100.0 / percent,
-            "quantile": NORMAL_STAY_QUANTILE,
-            "min_stays": MIN_STAYS,
-        },
-    )
-    return {status: timedelta(seconds=float(seconds)) for status, seconds in rows}
+    params = {"since": now - window, "quantile": NORMAL_STAY_QUANTILE}
+    rows = session.execute(text(_NORMAL_STAYS), {**params, "percent": percent}).all()
+    if percent < 100.0 and sum(count for _, _, count in rows) < MIN_SAMPLED_STAYS:
+        percent = 100.0
+        rows = session.execute(text(_NORMAL_STAYS), {**params, "percent": percent}).all()
+    # A status needs enough stays in the whole history, the sampled count scaled up.
+    return {
+        status: timedelta(seconds=float(seconds))
+        for status, seconds, count in rows
+        if count * 100.0 / percent >= MIN_STAYS
+    }
 
 
 # The statuses of open shipments not yet stalled, one index probe each (a skip scan of

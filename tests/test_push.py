@@ -8,6 +8,7 @@ import asyncio
 import base64
 import json
 import secrets
+import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
@@ -21,7 +22,8 @@ import pytest
 from sqlalchemy import delete, select
 from standardwebhooks import Webhook
 
-from tests.test_api import Api, api  # noqa: F401  (the `api` fixture: a real server)
+from tests.conftest import ROOT
+from tests.test_api import CLI, Api, api  # noqa: F401  (the `api` fixture: a real server)
 from worker.carrier.client import parse_tracking
 from worker.core.crypto import encrypt, hash_password, keyed_digest
 from worker.core.db import session_factory, transaction
@@ -193,6 +195,40 @@ def test_basic_auth_set_for_the_account_is_accepted_and_a_wrong_password_is_not(
     _accepted(_post(api, body, headers=basic(merchants[0].name, PASSWORD)))
     seen = _shipment(api, merchants[0].name, code)
     assert seen is not None and seen["status"] == "PICKED_UP"
+
+
+def test_set_push_auth_stores_a_password_that_basic_auth_then_accepts(
+    api: Api,  # noqa: F811
+    merchants: list[Merchant],
+) -> None:
+    password = secrets.token_hex(16)
+    done = subprocess.run(
+        [*CLI, "account", "set-push-auth", merchants[1].name],
+        input=password + "\n",
+        env=api.servers.env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    with transaction(api.servers.database_url) as s:
+        stored = account_by_name(s, merchants[1].name).push_password_hash
+    assert stored is not None and password not in stored
+    token = base64.b64encode(f"{merchants[1].name}:{password}".encode()).decode()
+    code = _code()
+    _accepted(_post(api, _body(None, code, "21", T0), headers={"Authorization": f"Basic {token}"}))
+    assert _shipment(api, merchants[1].name, code) is not None
+    short = subprocess.run(
+        [*CLI, "account", "set-push-auth", merchants[1].name],
+        input="short\n",
+        env=api.servers.env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert short.returncode != 0 and "openssl rand" in short.stdout + short.stderr
 
 
 def test_a_wrong_or_missing_api_key_is_refused_and_stores_nothing(

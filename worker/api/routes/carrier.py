@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import logging
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
@@ -32,6 +33,8 @@ from worker.tracking.intake import receive_push
 from worker.tracking.record import PollContext
 
 PUSH_PATH = "/carrier/247/status"
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["carrier"])
 
@@ -110,7 +113,13 @@ def _apply(state: ApiState, push: StatusPush, authorization: str | None) -> None
             account.id, timedelta(seconds=setting) if setting else DEFAULT_MAX_INTERVAL
         )
         ctx = PollContext(now, plans.current(session), plans.price(account.id), ceiling)
-        receive_push(session, account, push, ctx)
+        received = receive_push(session, account, push, ctx)
+        log.debug(
+            "carrier push for order %s: %s",
+            push.order_code,
+            "resent, ignored" if received.duplicate else f"{len(received.events)} events",
+            extra={"order_code": push.order_code, "account": account.name},
+        )
 
 
 def _account(

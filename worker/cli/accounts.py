@@ -11,7 +11,7 @@ import typer
 from sqlalchemy import select
 
 from worker.cli.common import console, fail, print_json, servers, session
-from worker.core.crypto import encrypt
+from worker.core.crypto import encrypt, hash_password, keyed_digest
 from worker.core.db import upgrade
 from worker.domain.models import Account
 from worker.tracking.intake import account_by_name, remove_account
@@ -106,6 +106,7 @@ def account_add(
                 name=name,
                 api_key_encrypted=encrypt(key, secret_key),
                 api_key_hint=_key_hint(key),
+                api_key_digest=keyed_digest(key, secret_key),
                 daily_quota=daily_quota,
                 ops_email=ops_email,
             )
@@ -153,10 +154,36 @@ def account_set_key(
         account = account_by_name(s, name)
         account.api_key_encrypted = encrypt(key, secret_key)
         account.api_key_hint = _key_hint(key)
+        account.api_key_digest = keyed_digest(key, secret_key)
         if account.paused_until == PAUSED_UNTIL_FIXED:
             account.paused_until = None
             account.pause_reason = None
     console.print(f"account [bold]{name}[/] has a new API key")
+
+
+# Basic auth passwords the carrier sends with each push; long enough to resist guessing.
+MIN_PUSH_PASSWORD_LENGTH = 16
+MAX_PUSH_PASSWORD_LENGTH = 200
+
+
+@account_app.command("set-push-auth")
+def account_set_push_auth(name: Annotated[str, typer.Argument(help="The account's name.")]) -> None:
+    """Set the Basic auth password 247Express may push with (user: the account's name).
+
+    Reads the password from standard input, or asks for it; it is stored hashed.
+    """
+    if sys.stdin.isatty():
+        password = getpass.getpass("push password (not shown): ")
+    else:
+        password = sys.stdin.readline(MAX_PUSH_PASSWORD_LENGTH + 2).rstrip("\r\n")
+    if not MIN_PUSH_PASSWORD_LENGTH <= len(password) <= MAX_PUSH_PASSWORD_LENGTH:
+        fail(
+            f"the push password must be {MIN_PUSH_PASSWORD_LENGTH}-{MAX_PUSH_PASSWORD_LENGTH} "
+            "characters; generate one, e.g. with `openssl rand -hex 16`"
+        )
+    with session() as s:
+        account_by_name(s, name).push_password_hash = hash_password(password)
+    console.print(f"pushes to /carrier/247/status may now use Basic auth as [bold]{name}[/]")
 
 
 @account_app.command("resume")

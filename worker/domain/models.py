@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any, ClassVar
@@ -20,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    Uuid,
     func,
     text,
 )
@@ -64,6 +66,11 @@ class Account(Base):
     api_key_encrypted: Mapped[str] = mapped_column(Text)
     # The key's last four characters, so ops can tell keys apart without seeing them.
     api_key_hint: Mapped[str] = mapped_column(String(8))
+    # HMAC-SHA256 of the key under a key derived from SHIPMON_SECRET_KEY: a carrier push names
+    # its account by the API key, found through this without decrypting every account's key.
+    api_key_digest: Mapped[str | None] = mapped_column(String(64), index=True)
+    # `shipmon account set-push-auth`: the Basic auth password pushes may use instead (scrypt).
+    push_password_hash: Mapped[str | None] = mapped_column(Text)
     daily_quota: Mapped[int | None] = mapped_column(
         Integer, CheckConstraint("daily_quota > 0", name="positive_daily_quota")
     )
@@ -226,6 +233,22 @@ class TrackingEvent(Base):
     occurred_at: Mapped[datetime | None]
     notes: Mapped[str | None] = mapped_column(Text)
     seen_at: Mapped[datetime] = _now()
+
+
+class PushReceipt(Base):
+    """A carrier push already applied: the carrier resends what it thinks failed."""
+
+    __tablename__ = "push_receipts"
+
+    account_id: Mapped[int] = mapped_column(
+        ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True
+    )
+    transaction_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    # Receipts go with their shipment when finished shipments are purged.
+    shipment_id: Mapped[int] = mapped_column(
+        ForeignKey("shipments.id", ondelete="CASCADE"), index=True
+    )
+    received_at: Mapped[datetime] = _now()
 
 
 class OutboxEvent(Base):

@@ -1,4 +1,5 @@
-"""Applying a poll's outcome to a shipment: state, history, transitions, outbox events.
+"""Applying a poll's outcome (or the carrier's push) to a shipment: state, history,
+transitions, outbox events. A push is a partial answer and takes the same path.
 
 Everything here runs inside the caller's transaction, so a shipment's new state, its new
 history rows and the outbox events describing the change commit together or not at all.
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
@@ -50,6 +51,9 @@ ERROR_BACKOFF_CAP = timedelta(hours=1)
 PAUSED_UNTIL_FIXED = datetime(9999, 1, 1, tzinfo=UTC)
 # shipments.last_error_code's length.
 ERROR_CODE_LIMIT = 60
+
+# How shipmon heard of a change: a lookup it made, or the carrier's own push.
+Source = Literal["poll", "push"]
 
 
 @dataclass(frozen=True)
@@ -95,11 +99,19 @@ def _iso(moment: datetime | None) -> str | None:
 class EventRecorder:
     """Writes the outbox events of one shipment, numbering them in sequence."""
 
-    def __init__(self, session: Session, shipment: Shipment, account: Account, now: datetime):
+    def __init__(
+        self,
+        session: Session,
+        shipment: Shipment,
+        account: Account,
+        now: datetime,
+        source: Source = "poll",
+    ):
         self.session = session
         self.shipment = shipment
         self.account = account
         self.now = now
+        self.source = source
         self.events: list[OutboxEvent] = []
 
     def emit(self, type_: EventType, event_time: datetime | None, **data: Any) -> None:
@@ -120,6 +132,7 @@ class EventRecorder:
             "event_time": _iso(event_time),
             "seen_at": _iso(self.now),
             "delay": delay,
+            "source": self.source,
         } | data
         event = OutboxEvent(
             event_id=new_event_id(),
@@ -151,6 +164,19 @@ def apply_outcome(
     return _apply_failure(shipment, outcome, recorder, ctx)
 
 
+def apply_push(
+    session: Session, shipment: Shipment, account: Account, result: TrackingResult, ctx: PollContext
+) -> Applied:
+    """Apply the carrier's push, a partial answer, to a locked shipment row, as a poll's.
+
+    It is not a lookup: no poll is counted, and the stored answer (and its digest) stays the
+    last lookup's, so the next lookup is compared with what a lookup said.
+    """
+    recorder = EventRecorder(session, shipment, account, ctx.now, source="push")
+    _apply_result(session, shipment, result, recorder, ctx)
+    return Applied(recorder.events)
+
+
 # -- a tracking result -----------------------------------------------------------------------
 
 
@@ -161,18 +187,19 @@ def _apply_result(
     recorder: EventRecorder,
     ctx: PollContext,
 ) -> None:
+    pushed = recorder.source == "push"
     shipment.consecutive_errors = 0
     shipment.last_error_code = None
     if shipment.found_at is None:
         shipment.found_at = ctx.now
     payload = json.dumps(result.raw, sort_keys=True, ensure_ascii=False, default=str)
     digest = hashlib.sha256(payload.encode()).hexdigest()
-    if digest == shipment.payload_hash:
+    if not pushed and digest == shipment.payload_hash:
         # Most polls find nothing new: the same answer holds no history, scan or field to add.
-        _schedule_after_result(shipment, ctx)
+        _schedule_after_result(shipment, ctx, pushed)
         return
 
-    new_statuses = _record_statuses(session, shipment, result.statuses)
+    new_statuses = _record_statuses(session, shipment, result.statuses, recorder.source)
     new_scans = _record_scans(session, shipment, result.trackings)
     if new_statuses or new_scans:
         # A change ends a stall; the shipment may stall again later.
@@ -192,9 +219,11 @@ def _apply_result(
     previous = _status_view(shipment.status, shipment.status_id, shipment.status_code)
     previous_delay = (shipment.delay_code, shipment.delay_note)
     if not stale:
-        _copy_fields(shipment, result)
-        shipment.last_payload = json.loads(payload)
-        shipment.payload_hash = digest
+        _copy_status(shipment, result, pushed)
+        if not pushed:
+            _copy_details(shipment, result)
+            shipment.last_payload = json.loads(payload)
+            shipment.payload_hash = digest
 
     # One status_changed event per transition, in the carrier's order. History from before
     # the recorded status is kept but announces nothing: it happened before what was told.
@@ -228,7 +257,7 @@ def _apply_result(
             shipment.status,
             shipment.order_code,
         )
-    _schedule_after_result(shipment, ctx)
+    _schedule_after_result(shipment, ctx, pushed)
 
 
 def _emit_transition(
@@ -272,21 +301,33 @@ def _latest_status(result: TrackingResult) -> StatusEntry | None:
     return max(dated, key=lambda e: e.time or datetime.min.replace(tzinfo=UTC), default=None)
 
 
-def _copy_fields(shipment: Shipment, result: TrackingResult) -> None:
+def _copy_status(shipment: Shipment, result: TrackingResult, pushed: bool) -> None:
+    """The fields a push carries too: the status, its delay and the delivery's outcome.
+
+    A push has no tracking name and may leave the delivery fields out: what it lacks keeps
+    its stored value (the tracking name only while the status stays), until a lookup says.
+    """
     name, status_id, code = _status_triplet(result.status, result.status_raw, result.status_name)
     latest = _latest_status(result)
-    if name is not None and name != shipment.status:
+    moved = name is not None and name != shipment.status
+    if moved:
         shipment.status_changed_at = (
             latest.time if latest is not None and latest.time is not None else None
         ) or shipment.last_polled_at
     shipment.status, shipment.status_id, shipment.status_code = name, status_id, code
-    shipment.tracking_name = result.tracking_name
+    if not pushed or moved:
+        shipment.tracking_name = result.tracking_name
     shipment.delay_code = result.delay_code
     shipment.delay_reason = delay_reason(result.delay_code)
     shipment.delay_note = result.delay_note
-    shipment.delivery_notes = result.delivery_notes
-    shipment.delivery_date = result.delivery_date
-    shipment.receiver_name = result.receiver_name
+    for name_ in ("delivery_notes", "delivery_date", "receiver_name", "external_code"):
+        value = getattr(result, name_)
+        if not pushed or value is not None:
+            setattr(shipment, name_, value)
+
+
+def _copy_details(shipment: Shipment, result: TrackingResult) -> None:
+    """The fields only a lookup's answer has: measures, fees, routes, the delivery photo."""
     shipment.mailer_type = result.mailer_type
     for name_ in ("length", "width", "height", "real_weight", "cal_weight", "weight"):
         value = getattr(result, name_)
@@ -308,7 +349,6 @@ def _copy_fields(shipment: Shipment, result: TrackingResult) -> None:
     shipment.estimate_routes = _jsonable(result.estimate_routes)
     shipment.confirm_images = list(result.confirm_images)
     shipment.accept_date = result.accept_date
-    shipment.external_code = result.external_code
 
 
 def _jsonable(value: Any) -> Any:
@@ -329,7 +369,7 @@ _NEW_SCAN = (
 
 
 def _record_statuses(
-    session: Session, shipment: Shipment, entries: Sequence[StatusEntry]
+    session: Session, shipment: Shipment, entries: Sequence[StatusEntry], source: Source
 ) -> list[StatusEntry]:
     """Insert the history rows not seen before; return those entries, oldest first."""
     rows = []
@@ -347,6 +387,7 @@ def _record_statuses(
                 "status_code": code,
                 "tracking_name": entry.tracking_name,
                 "occurred_at": entry.time,
+                "source": source,
             }
         )
     if not rows:
@@ -403,13 +444,19 @@ def _record_scans(
     return sorted(inserted, key=lambda t: t.occurred_at or datetime.min.replace(tzinfo=UTC))
 
 
-def _schedule_after_result(shipment: Shipment, ctx: PollContext) -> None:
+def _schedule_after_result(shipment: Shipment, ctx: PollContext, pushed: bool) -> None:
+    """Plan the next lookup; after a push, it fetches what the push lacks.
+
+    A terminal status (polled or pushed) first gets one settle lookup for the delivery photo
+    and final fees, and the lookup after it ends polling; a push never ends it, since only a
+    lookup brings those. Otherwise the push's status plans the next lookup as a poll's would.
+    """
     status = parse_status(shipment.status)
     if status is not None and status.terminal:
         if shipment.terminal_at is None:
             shipment.terminal_at = shipment.status_changed_at or ctx.now
             shipment.next_poll_at = ctx.due_in(SETTLE_DELAY)
-        else:
+        elif not pushed:
             shipment.active = False
             shipment.stopped_reason = status.value
         return

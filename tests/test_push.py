@@ -24,7 +24,7 @@ from standardwebhooks import Webhook
 
 from tests.conftest import ROOT
 from tests.test_api import CLI, Api, api  # noqa: F401  (the `api` fixture: a real server)
-from worker.carrier.client import parse_tracking
+from worker.carrier.parse import parse_tracking
 from worker.core.crypto import encrypt, hash_password, keyed_digest
 from worker.core.db import session_factory, transaction
 from worker.domain.models import Account, OutboxEvent, PushReceipt, Shipment, StatusEvent

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from worker.carrier.client import (  # the parser helpers shared with lookups' answers
+from worker.carrier.parse import (  # the parser helpers shared with lookups' answers
     StatusEntry,
     TrackingResult,
     _cleaned,

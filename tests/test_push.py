@@ -29,9 +29,11 @@ from worker.core.crypto import encrypt, hash_password, keyed_digest
 from worker.core.db import session_factory, transaction
 from worker.domain.models import Account, OutboxEvent, PushReceipt, Shipment, StatusEvent
 from worker.notify.outbox import fan_out_and_deliver_async
-from worker.notify.webhooks import WebhookSender, add_endpoint
+from worker.notify.webhooks.endpoints import add_endpoint
+from worker.notify.webhooks.sender import WebhookSender
 from worker.ops.rotation import store_api_key_digests
-from worker.scheduling.model import INITIAL_PRICE, LearnedModel
+from worker.scheduling.model import LearnedModel
+from worker.scheduling.pricing import INITIAL_PRICE
 from worker.tracking.intake import account_by_name, register_orders
 from worker.tracking.record import SETTLE_DELAY, PollContext, apply_outcome, lock_shipments
 

@@ -303,7 +303,7 @@ def test_a_key_the_carrier_does_not_know_pauses_the_account(
     assert reports[0].paused == "ApiKeyNotFound"
     alert = reports[0].alert
     assert alert is not None
-    assert alert.to == "ops@shop.example"
+    assert alert.ops_email == "ops@shop.example"
     assert pipe.account.name in alert.subject
     assert "shipmon account set-key" in alert.body
     with sessions.begin() as s:

@@ -37,7 +37,9 @@ from sqlalchemy.orm import Session
 from standardwebhooks import Webhook
 
 from worker.core.crypto import decrypt, encrypt
+from worker.domain.events import StatusView
 from worker.domain.models import Account, Delivery, WebhookEndpoint
+from worker.domain.pauses import FOREVER
 from worker.domain.vocabulary import EventType, Status
 
 __all__ = [
@@ -100,7 +102,7 @@ MAX_RETRY_AFTER = max(RETRY_DELAYS)
 # An endpoint that has failed without a single success for this long is disabled.
 DISABLE_AFTER = timedelta(days=5)
 # When the deliveries of a disabled endpoint come due: when it is enabled again.
-HELD = datetime(9999, 12, 31, tzinfo=UTC)
+HELD = FOREVER
 # After a rotation, the previous secret keeps signing so receivers can switch over.
 ROTATION_OVERLAP = timedelta(hours=24)
 
@@ -530,17 +532,13 @@ def sample_event(now: datetime) -> tuple[str, bytes]:
     data = {
         "test": True,
         "order_code": "TEST0000001",
-        "previous_status": _status(Status.IN_TRANSIT),
-        "status": _status(Status.DELIVERING) | {"tracking_name": "Đang đi phát"},
+        "previous_status": StatusView.of(Status.IN_TRANSIT).to_json(),
+        "status": StatusView.of(Status.DELIVERING).to_json() | {"tracking_name": "Đang đi phát"},
         "event_time": now.isoformat(),
         "seen_at": now.isoformat(),
         "sequence": 1,
     }
     return event_id, event_body(event_id, EventType.STATUS_CHANGED, now, data)
-
-
-def _status(status: Status) -> dict[str, Any]:
-    return {"name": status.value, "id": status.carrier_id, "code": status.code}
 
 
 class UnknownEndpoint(LookupError):

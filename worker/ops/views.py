@@ -8,13 +8,14 @@ people who query the tables directly.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, is_dataclass
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, delete, func, or_, select, text
 from sqlalchemy.orm import Session
 
+from worker.domain.events import StallView, jsonable
 from worker.domain.models import (
     Account,
     Delivery,
@@ -47,23 +48,6 @@ STOPPED_BY_MERCHANT = "stopped_by_merchant"
 
 class ShipmentNotFound(LookupError):
     """No shipment has that order code (in that account); the message says what to try."""
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return moment.astimezone(UTC).isoformat() if moment is not None else None
-
-
-def _jsonable(value: Any) -> Any:
-    """Dataclasses, lists and dicts with datetimes as ISO-8601 UTC strings, for `--json`."""
-    if is_dataclass(value) and not isinstance(value, type):
-        return _jsonable(asdict(value))
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, datetime):
-        return _iso(value)
-    return value
 
 
 # -- one shipment ------------------------------------------------------------------------------
@@ -150,7 +134,7 @@ class ShipmentStory:
     notifications: list[NotificationRecord]
 
     def as_dict(self) -> dict[str, Any]:
-        result: dict[str, Any] = _jsonable(self)
+        result: dict[str, Any] = jsonable(self)
         return result
 
 
@@ -340,7 +324,7 @@ def list_shipments(
     if after is not None:
         query = query.where(Shipment.order_code > after)
     rows = session.scalars(query.order_by(Shipment.order_code).limit(limit))
-    return [{"order_code": s.order_code} | _jsonable(_current(s)) for s in rows]
+    return [{"order_code": s.order_code} | jsonable(_current(s)) for s in rows]
 
 
 def stop_tracking(
@@ -442,7 +426,7 @@ class Stats:
     stalled_oldest: list[StalledShipment]
 
     def as_dict(self) -> dict[str, Any]:
-        result: dict[str, Any] = _jsonable(self)
+        result: dict[str, Any] = jsonable(self)
         result["quota"] = [line.as_dict() for line in self.quota]
         return result
 
@@ -639,11 +623,11 @@ def detect_stalled(
         recorder.emit(
             EventType.STALLED,
             None,
-            stalled={
-                "last_change_at": _iso(changed),
-                "limit_hours": round(limits[shipment.status or ""].total_seconds() / 3600, 2),
-                "normal_hours": round(stay.total_seconds() / 3600, 2) if stay else None,
-            },
+            stalled=StallView(
+                last_change_at=changed,
+                limit_hours=round(limits[shipment.status or ""].total_seconds() / 3600, 2),
+                normal_hours=round(stay.total_seconds() / 3600, 2) if stay else None,
+            ),
         )
         events.extend(recorder.events)
     session.flush()

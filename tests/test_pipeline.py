@@ -639,9 +639,7 @@ def test_a_key_refused_for_quota_sends_ops_the_limiters_careful_message_once(
         assert pause(s, acc, refusal, pipe.clock.now(), pipe.limiter.pause_for_limit) is None
 
 
-def test_a_pause_that_waits_for_a_person_reads_as_until_fixed_whichever_placeholder_it_holds() -> (
-    None
-):
+def test_a_pause_waiting_for_a_person_reads_until_fixed_whatever_date_it_holds() -> None:
     assert until_words(FOREVER) == "fixed"
     # Rows written before the one placeholder, with the held deliveries' date, read alike.
     assert until_words(datetime(9999, 12, 31, tzinfo=UTC)) == "fixed"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 import re
 import sys
+from datetime import datetime
 from typing import Annotated
 
 import typer
@@ -14,8 +15,9 @@ from worker.cli.common import console, fail, print_json, servers, session
 from worker.core.crypto import encrypt, hash_password, keyed_digest
 from worker.core.db import upgrade
 from worker.domain.models import Account
+from worker.domain.pauses import until_words
+from worker.tracking.accounts import paused_until_fixed, resume
 from worker.tracking.intake import account_by_name, remove_account
-from worker.tracking.record import PAUSED_UNTIL_FIXED
 
 db_app = typer.Typer(help="Manage the database schema.", no_args_is_help=True)
 account_app = typer.Typer(help="Manage carrier accounts (one API key each).", no_args_is_help=True)
@@ -138,6 +140,8 @@ def account_list(
 
     table = Table("name", "api key", "daily quota", "paused until", "why")
     for r in rows:
+        until = r["paused_until"]
+        r["paused_until"] = until_words(until) if isinstance(until, datetime) else None
         table.add_row(*(str(v) if v is not None else "" for v in r.values()))
     console.print(table)
 
@@ -155,9 +159,8 @@ def account_set_key(
         account.api_key_encrypted = encrypt(key, secret_key)
         account.api_key_hint = _key_hint(key)
         account.api_key_digest = keyed_digest(key, secret_key)
-        if account.paused_until == PAUSED_UNTIL_FIXED:
-            account.paused_until = None
-            account.pause_reason = None
+        if paused_until_fixed(account):
+            resume(account)
     console.print(f"account [bold]{name}[/] has a new API key")
 
 
@@ -190,9 +193,7 @@ def account_set_push_auth(name: Annotated[str, typer.Argument(help="The account'
 def account_resume(name: Annotated[str, typer.Argument(help="The account's name.")]) -> None:
     """Resume polling for a paused account now."""
     with session() as s:
-        account = account_by_name(s, name)
-        account.paused_until = None
-        account.pause_reason = None
+        resume(account_by_name(s, name))
     console.print(f"account [bold]{name}[/] resumed")
 
 

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from worker.cli.common import console, fail, print_json, servers, session, settings
+from worker.domain.pauses import until_words
 from worker.quota.limiter import QuotaLimiter
 
 
@@ -49,7 +50,7 @@ def quota(
             f"{line.daily_quota:,}",
             f"{line.last_hour:,}",
             f"{line.projected:,}",
-            row["paused_until"] or "",
+            until_words(line.paused_until) if line.paused_until else "",
             line.pause_reason or "",
         )
     console.print(table)

@@ -140,9 +140,11 @@ def poll(account_id: int, shipment_ids: list[int], leased_until: str) -> int:
     )
     if report.event_ids:
         app.send_task("shipmon.deliver", args=[report.event_ids])
-    if report.alert is not None:
+    if report.alert is not None and report.alert.ops_email:
         try:
-            send_ops_alert(p.settings, report.alert.to, report.alert.subject, report.alert.body)
+            send_ops_alert(
+                p.settings, report.alert.ops_email, report.alert.subject, report.alert.body
+            )
         except MailError:
             log.exception("could not email the pause of account %s", account_id)
     return report.polled

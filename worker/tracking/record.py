@@ -19,24 +19,32 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any, Literal
 
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from worker.carrier.errors import (
-    ApiKeyLimit,
-    ApiKeyNotFound,
     CarrierError,
     CarrierErrorCode,
-    MissingApiKey,
     OrderCodeNotFound,
 )
 from worker.carrier.parse import StatusEntry, TrackingEntry, TrackingResult, ascii_integer
+from worker.core.clock import iso_utc
+from worker.domain.events import (
+    CurrentStatus,
+    DelayView,
+    EventData,
+    ScanView,
+    Source,
+    StallView,
+    StatusView,
+    jsonable,
+)
 from worker.domain.models import Account, OutboxEvent, Shipment, StatusEvent, TrackingEvent
 from worker.domain.vocabulary import EventType, Status, delay_reason, parse_status
 from worker.scheduling.model import LearnedModel, ShipmentState, next_poll_at
+from worker.tracking.accounts import KeyRefusal
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +55,8 @@ SETTLE_DELAY = timedelta(hours=2)
 # Backoff for failures that say nothing about the shipment (carrier errors, timeouts, 5xx).
 ERROR_BACKOFF_BASE = timedelta(seconds=30)
 ERROR_BACKOFF_CAP = timedelta(hours=1)
-# An account whose key the carrier does not know stays paused until someone fixes it.
-PAUSED_UNTIL_FIXED = datetime(9999, 1, 1, tzinfo=UTC)
 # shipments.last_error_code's length.
 ERROR_CODE_LIMIT = 60
-
-# How shipmon heard of a change: a lookup it made, or the carrier's own push.
-Source = Literal["poll", "push"]
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,8 @@ class Applied:
     """What one applied poll produced."""
 
     events: list[OutboxEvent]
-    pause: type[CarrierErrorCode] | None = None
+    # The carrier refused the account's key: the caller pauses the account.
+    pause: KeyRefusal | None = None
 
 
 def new_event_id() -> str:
@@ -88,12 +92,8 @@ def new_event_id() -> str:
     return f"evt_{int(time.time() * 1000):012x}{os.urandom(10).hex()}"
 
 
-def _status_view(status: str | None, status_id: int | None, code: str | None) -> dict[str, Any]:
-    return {"name": status, "id": status_id, "code": code}
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return moment.astimezone(UTC).isoformat() if moment is not None else None
+def _status_view(shipment: Shipment) -> StatusView:
+    return StatusView(shipment.status, shipment.status_id, shipment.status_code)
 
 
 class EventRecorder:
@@ -111,36 +111,46 @@ class EventRecorder:
         self.shipment = shipment
         self.account = account
         self.now = now
-        self.source = source
+        self.source: Source = source
         self.events: list[OutboxEvent] = []
 
-    def emit(self, type_: EventType, event_time: datetime | None, **data: Any) -> None:
+    def emit(
+        self,
+        type_: EventType,
+        event_time: datetime | None,
+        *,
+        status: CurrentStatus | None = None,
+        previous_status: StatusView | None = None,
+        reason: str | None = None,
+        scan: ScanView | None = None,
+        stalled: StallView | None = None,
+    ) -> None:
+        """Write one event; `status` defaults to the shipment's, the delay is the shipment's."""
         s = self.shipment
         s.last_sequence += 1
-        delay = (
-            {"code": s.delay_code, "reason": s.delay_reason, "note": s.delay_note}
+        data = EventData(
+            order_code=s.order_code,
+            account=self.account.name,
+            sequence=s.last_sequence,
+            status=status or CurrentStatus(s.status, s.status_id, s.status_code, s.tracking_name),
+            event_time=event_time,
+            seen_at=self.now,
+            previous_status=previous_status,
+            delay=DelayView(s.delay_code, s.delay_reason, s.delay_note)
             if s.delay_code is not None
-            else None
+            else None,
+            reason=reason,
+            scan=scan,
+            stalled=stalled,
+            source=self.source,
         )
-        payload = {
-            "order_code": s.order_code,
-            "account": self.account.name,
-            "sequence": s.last_sequence,
-            "previous_status": None,
-            "status": _status_view(s.status, s.status_id, s.status_code)
-            | {"tracking_name": s.tracking_name},
-            "event_time": _iso(event_time),
-            "seen_at": _iso(self.now),
-            "delay": delay,
-            "source": self.source,
-        } | data
         event = OutboxEvent(
             event_id=new_event_id(),
             account_id=s.account_id,
             shipment_id=s.id,
             type=type_.value,
             sequence=s.last_sequence,
-            data=payload,
+            data=data.to_json(),
             created_at=self.now,
         )
         self.session.add(event)
@@ -216,7 +226,7 @@ def _apply_result(
         and recorded_at is not None
         and latest.time < recorded_at
     )
-    previous = _status_view(shipment.status, shipment.status_id, shipment.status_code)
+    previous = _status_view(shipment)
     previous_delay = (shipment.delay_code, shipment.delay_note)
     if not stale:
         _copy_status(shipment, result, pushed)
@@ -230,19 +240,14 @@ def _apply_result(
     for entry in new_statuses:
         if recorded_at is not None and entry.time is not None and entry.time <= recorded_at:
             continue
-        current = _status_view(*_status_triplet(entry.status, entry.status_raw, entry.status_name))
-        if current["name"] != previous["name"]:
-            _emit_transition(
-                recorder, previous, current | {"tracking_name": entry.tracking_name}, entry.time
-            )
+        name, status_id, code = _status_triplet(entry.status, entry.status_raw, entry.status_name)
+        if name != previous.name:
+            current = CurrentStatus(name, status_id, code, entry.tracking_name)
+            _emit_transition(recorder, previous, current, entry.time)
             previous = current
-    if not stale and shipment.status is not None and shipment.status != previous["name"]:
+    if not stale and shipment.status is not None and shipment.status != previous.name:
         # The top-level status moved without a history row to show it.
-        current = _status_view(shipment.status, shipment.status_id, shipment.status_code)
-        _emit_transition(
-            recorder, previous, current | {"tracking_name": shipment.tracking_name},
-            shipment.status_changed_at,
-        )  # fmt: skip
+        _emit_transition(recorder, previous, None, shipment.status_changed_at)
 
     delay = (shipment.delay_code, shipment.delay_note)
     if not stale and shipment.delay_code is not None and delay != previous_delay:
@@ -262,29 +267,27 @@ def _apply_result(
 
 def _emit_transition(
     recorder: EventRecorder,
-    previous: dict[str, Any],
-    current: dict[str, Any],
+    previous: StatusView,
+    current: CurrentStatus | None,
     at: datetime | None,
 ) -> None:
-    recorder.emit(
-        EventType.STATUS_CHANGED,
-        at,
-        previous_status=previous if previous["name"] is not None else None,
-        status=current,
+    """A status_changed event from `previous` to `current` (None: the shipment's status)."""
+    # A previous status is only worth telling as such; it travels without the carrier's words.
+    told = StatusView(previous.name, previous.id, previous.code) if previous.name else None
+    recorder.emit(EventType.STATUS_CHANGED, at, previous_status=told, status=current)
+
+
+def _scan_view(scan: TrackingEvent) -> ScanView:
+    return ScanView(
+        scan.status_id,
+        scan.status_name,
+        scan.post_office_id,
+        scan.post_office_name,
+        scan.province_id,
+        scan.province_name,
+        scan.occurred_at,
+        scan.notes,
     )
-
-
-def _scan_view(scan: TrackingEvent) -> dict[str, Any]:
-    return {
-        "status_id": scan.status_id,
-        "status_name": scan.status_name,
-        "post_office_id": scan.post_office_id,
-        "post_office_name": scan.post_office_name,
-        "province_id": scan.province_id,
-        "province_name": scan.province_name,
-        "time": _iso(scan.occurred_at),
-        "notes": scan.notes,
-    }
 
 
 def _status_triplet(
@@ -346,13 +349,9 @@ def _copy_details(shipment: Shipment, result: TrackingResult) -> None:
         {"service_name": p.service_name, "service_id": p.service_id, "cost": str(p.cost)}
         for p in result.price_info
     ]
-    shipment.estimate_routes = _jsonable(result.estimate_routes)
+    shipment.estimate_routes = jsonable(result.estimate_routes)
     shipment.confirm_images = list(result.confirm_images)
     shipment.accept_date = result.accept_date
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str)) if value is not None else None
 
 
 # One statement each, run over many rows: SQLAlchemy compiles it once and sends the rows in bulk.
@@ -411,7 +410,7 @@ def scan_fingerprint(scan: TrackingEntry) -> str:
         scan.post_office_name,
         scan.province_id,
         scan.province_name,
-        _iso(scan.date_change),
+        iso_utc(scan.date_change),
         scan.notes,
     ]
     return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()
@@ -477,10 +476,10 @@ def _apply_failure(
 ) -> Applied:
     code = error.code if isinstance(error, CarrierErrorCode) else None
     shipment.last_error_code = code.value if code is not None else type(error).__name__
-    if isinstance(error, (ApiKeyLimit, ApiKeyNotFound, MissingApiKey)):
+    if isinstance(error, KeyRefusal):
         # The key's fault, not the shipment's: due again as soon as the account may poll.
         shipment.next_poll_at = ctx.now
-        return Applied(recorder.events, pause=type(error))
+        return Applied(recorder.events, pause=error)
     if isinstance(error, OrderCodeNotFound) and shipment.found_at is None:
         # New orders reach the carrier late; keep asking, less often, for a grace period.
         if ctx.now - shipment.registered_at >= NOT_FOUND_GRACE:
@@ -526,15 +525,6 @@ def stop_polling(
     shipment.active = False
     shipment.stopped_reason = reason
     recorder.emit(event, None, reason=reason)
-
-
-def pause_account(account: Account, error: type[CarrierErrorCode], now: datetime) -> None:
-    """Pause an account whose key the carrier refuses; ops must fix the key to resume it."""
-    account.paused_until = PAUSED_UNTIL_FIXED
-    account.pause_reason = (
-        f"{error.__name__}: the carrier refused the API key; fix it with "
-        f"`shipmon account set-key {account.name} --api-key KEY`"
-    )
 
 
 def lock_shipments(session: Session, ids: Sequence[int]) -> list[Shipment]:

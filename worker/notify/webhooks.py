@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session
 from standardwebhooks import Webhook
 
 from worker.core.crypto import decrypt, encrypt
+from worker.domain.deliveries import DeliveryState
 from worker.domain.models import Account, Delivery, WebhookEndpoint
 from worker.domain.vocabulary import EventType, Status
 
@@ -605,7 +606,7 @@ def set_endpoint_enabled(
         endpoint.circuit_open_until = None
     session.execute(
         update(Delivery)
-        .where(Delivery.endpoint_id == endpoint.id, Delivery.state == "pending")
+        .where(Delivery.endpoint_id == endpoint.id, Delivery.state == DeliveryState.PENDING)
         # Held deliveries are kept out of every claim's way until the endpoint is back.
         .values(next_attempt_at=now if enabled else HELD)
     )

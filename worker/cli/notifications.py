@@ -25,7 +25,7 @@ from worker.core.config import mask_url
 from worker.core.db import session_factory
 from worker.domain.deliveries import DeliveryState
 from worker.domain.models import Account, Delivery, EmailRecipient, WebhookEndpoint
-from worker.notify.outbox import replay
+from worker.notify.replay import replay
 from worker.notify.webhooks import (
     RotationInProgress,
     UnknownEndpoint,

@@ -88,6 +88,7 @@ CIRCUIT_REST = timedelta(minutes=1)
 # How many due deliveries a claim looks at for each one it wants: some endpoints have room for
 # fewer than they have waiting, and the rest of the slots go to those further down the line.
 CANDIDATES_PER_CLAIM = 4
+# The latest scans an event email lists.
 SCANS_IN_EMAIL = 5
 # How a delivery or an endpoint is locked to change it: FOR NO KEY UPDATE, which a fan-out
 # inserting deliveries (KEY SHARE on their endpoint, by the foreign key) never waits for.

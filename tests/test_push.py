@@ -28,7 +28,7 @@ from worker.carrier.parse import parse_tracking
 from worker.core.crypto import encrypt, hash_password, keyed_digest
 from worker.core.db import session_factory, transaction
 from worker.domain.models import Account, OutboxEvent, PushReceipt, Shipment, StatusEvent
-from worker.notify.outbox import fan_out_and_deliver_async
+from worker.notify.delivery import fan_out_and_deliver
 from worker.notify.webhooks.endpoints import add_endpoint
 from worker.notify.webhooks.sender import WebhookSender
 from worker.ops.rotation import store_api_key_digests
@@ -525,7 +525,7 @@ def test_a_pushed_change_reaches_a_webhook_receiver_signed_with_source_push(
     async def sweep() -> None:
         # What the delivery sweep does within seconds of the push.
         async with WebhookSender(allow_private=True) as sender:
-            await fan_out_and_deliver_async(
+            await fan_out_and_deliver(
                 session_factory(api.servers.database_url),
                 api.servers.settings(),
                 sender,

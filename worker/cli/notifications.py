@@ -23,8 +23,9 @@ from worker.cli.common import (
 )
 from worker.core.config import mask_url
 from worker.core.db import session_factory
+from worker.domain.deliveries import DeliveryState
 from worker.domain.models import Account, Delivery, EmailRecipient, WebhookEndpoint
-from worker.notify.outbox import replay
+from worker.notify.replay import replay
 from worker.notify.webhooks.endpoints import (
     RotationInProgress,
     UnknownEndpoint,
@@ -109,8 +110,8 @@ def endpoint_list(
     as_json: JsonOption = False,
 ) -> None:
     """List endpoints with their undelivered and dead deliveries."""
-    pending = func.count(case((Delivery.state == "pending", 1)))
-    dead = func.count(case((Delivery.state == "dead", 1)))
+    pending = func.count(case((Delivery.state == DeliveryState.PENDING, 1)))
+    dead = func.count(case((Delivery.state == DeliveryState.DEAD, 1)))
     query = (
         select(WebhookEndpoint, Account.name, pending, dead)
         .join(Account, Account.id == WebhookEndpoint.account_id)
@@ -118,7 +119,7 @@ def endpoint_list(
             Delivery,
             and_(
                 Delivery.endpoint_id == WebhookEndpoint.id,
-                Delivery.state.in_(("pending", "dead")),
+                Delivery.state.in_((DeliveryState.PENDING, DeliveryState.DEAD)),
             ),
         )
         .group_by(WebhookEndpoint.id, Account.name)

@@ -28,6 +28,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from worker.domain.deliveries import DeliveryState
 from worker.domain.vocabulary import ORDER_CODE_SQL_PATTERN
 
 # Stable constraint names, so migrations can refer to them.
@@ -313,17 +314,22 @@ class EmailRecipient(Base):
     created_at: Mapped[datetime] = _now()
 
 
+_DELIVERY_STATES = ", ".join(f"'{state}'" for state in DeliveryState)
+
+
 class Delivery(Base):
     """One event on its way to one endpoint or one email recipient."""
 
     __tablename__ = "deliveries"
     __table_args__ = (
         CheckConstraint("(endpoint_id IS NULL) <> (recipient_id IS NULL)", name="one_destination"),
-        CheckConstraint("state IN ('pending', 'succeeded', 'dead', 'skipped')", name="known_state"),
+        CheckConstraint(f"state IN ({_DELIVERY_STATES})", name="known_state"),
         UniqueConstraint("event_id", "endpoint_id"),
         UniqueConstraint("event_id", "recipient_id"),
         Index(
-            "ix_deliveries_pending", "next_attempt_at", postgresql_where=text("state = 'pending'")
+            "ix_deliveries_pending",
+            "next_attempt_at",
+            postgresql_where=text(f"state = '{DeliveryState.PENDING}'"),
         ),
         # An endpoint's deliveries by state: holding and resuming them, counting the dead ones,
         # and deleting them with their endpoint or recipient without a scan of the whole table.
@@ -349,7 +355,8 @@ class Delivery(Base):
     # Copied from the event so per-shipment ordering needs no join.
     shipment_id: Mapped[int] = mapped_column(BigInteger, index=True)
     sequence: Mapped[int] = mapped_column(Integer)
-    state: Mapped[str] = mapped_column(String(20), server_default=text("'pending'"))
+    # A `DeliveryState`, stored as its string.
+    state: Mapped[str] = mapped_column(String(20), server_default=DeliveryState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     next_attempt_at: Mapped[datetime] = _now()
     # While an attempt is on its way: when its claim runs out. Cleared when it is recorded.

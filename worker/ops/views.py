@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
+from worker.domain.deliveries import DeliveryState
 from worker.domain.events import jsonable
 from worker.domain.models import (
     Account,
@@ -502,8 +503,8 @@ def _status_counts(session: Session) -> list[StatusCount]:
 
 def failing_endpoints(session: Session) -> list[FailingEndpoint]:
     """Webhook endpoints failing now or disabled, with their pending and dead deliveries."""
-    pending = func.count(Delivery.id).filter(Delivery.state == "pending")
-    dead = func.count(Delivery.id).filter(Delivery.state == "dead")
+    pending = func.count(Delivery.id).filter(Delivery.state == DeliveryState.PENDING)
+    dead = func.count(Delivery.id).filter(Delivery.state == DeliveryState.DEAD)
     rows = session.execute(
         select(WebhookEndpoint, Account.name, pending, dead)
         .join(Account, Account.id == WebhookEndpoint.account_id)

@@ -23,8 +23,8 @@ from worker.core.clock import utcnow
 from worker.core.config import Settings, get_settings
 from worker.core.db import session_factory
 from worker.core.servers import Servers, resolve
+from worker.notify.delivery import fan_out_and_deliver
 from worker.notify.mail import MailError, send_ops_alert
-from worker.notify.outbox import fan_out_and_deliver_async
 from worker.notify.webhooks.sender import WebhookSender
 from worker.ops import retention, stalled
 from worker.quota.limiter import QuotaLimiter, effective_daily_quota, regrow_plans
@@ -187,7 +187,7 @@ def sweep_deliveries() -> int:
 def _deliver(event_ids: list[int] | None) -> int:
     p = process()
     return p.runner.run(
-        fan_out_and_deliver_async(
+        fan_out_and_deliver(
             p.sessions, p.settings, p.webhooks, event_ids, secret_key=p.servers.secret_key
         )
     )

@@ -31,6 +31,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from worker.api.tokens import create_token
 from worker.core.crypto import encrypt
+from worker.domain.deliveries import DeliveryState
 from worker.domain.events import EventData
 from worker.domain.models import Account, Delivery, OutboxEvent, Shipment, WebhookEndpoint
 from worker.notify.webhooks.endpoints import add_endpoint
@@ -189,7 +190,9 @@ class DemoView:
             delivered = session.scalar(
                 select(func.count())
                 .select_from(Delivery)
-                .where(Delivery.state == "succeeded", Delivery.created_at >= self.started)
+                .where(
+                    Delivery.state == DeliveryState.SUCCEEDED, Delivery.created_at >= self.started
+                )
             )
         for event in events:
             self.last_event_id = event.id

@@ -10,6 +10,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from worker.core.crypto import encrypt
+from worker.domain.deliveries import DeliveryState
 from worker.domain.events import StatusView
 from worker.domain.models import Account, Delivery, WebhookEndpoint
 from worker.domain.pauses import FOREVER
@@ -112,7 +113,7 @@ def set_endpoint_enabled(
         endpoint.circuit_open_until = None
     session.execute(
         update(Delivery)
-        .where(Delivery.endpoint_id == endpoint.id, Delivery.state == "pending")
+        .where(Delivery.endpoint_id == endpoint.id, Delivery.state == DeliveryState.PENDING)
         # Held deliveries are kept out of every claim's way until the endpoint is back.
         .values(next_attempt_at=now if enabled else HELD)
     )

@@ -1,6 +1,12 @@
-"""The `shipmon` command line."""
+"""The `shipmon` command line.
+
+Command modules import their heavy dependencies inside the commands (see `worker.cli.common`),
+so `shipmon --help` and `shipmon --version` answer at once.
+"""
 
 from __future__ import annotations
+
+from typing import Annotated
 
 import typer
 
@@ -16,10 +22,31 @@ from worker.cli.tokens import token_app
 
 app = typer.Typer(
     name="shipmon",
-    help="Monitor 247Express shipments: poll within quota, record changes, notify merchants.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,  # locals may hold API keys and secrets
 )
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        from importlib.metadata import version
+
+        typer.echo(f"shipmon {version('shipmon')}")
+        raise typer.Exit
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Monitor 247Express shipments: poll within quota, record changes, notify merchants."""
+
+
 app.add_typer(db_app, name="db")
 app.add_typer(account_app, name="account")
 app.command()(track)

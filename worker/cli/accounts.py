@@ -8,14 +8,8 @@ import sys
 from typing import Annotated
 
 import typer
-from sqlalchemy import select
 
 from worker.cli.common import console, fail, print_json, servers, session
-from worker.core.crypto import encrypt
-from worker.core.db import upgrade
-from worker.domain.models import Account
-from worker.tracking.intake import account_by_name, remove_account
-from worker.tracking.record import PAUSED_UNTIL_FIXED
 
 db_app = typer.Typer(help="Manage the database schema.", no_args_is_help=True)
 account_app = typer.Typer(help="Manage carrier accounts (one API key each).", no_args_is_help=True)
@@ -69,6 +63,8 @@ def _key_hint(api_key: str) -> str:
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Migrate the database to the newest schema (safe to run again)."""
+    from worker.core.db import upgrade
+
     upgrade(servers().database_url)
     console.print("database is at the newest schema")
 
@@ -88,6 +84,11 @@ def account_add(
     ] = None,
 ) -> None:
     """Add a carrier account with its API key."""
+    from sqlalchemy import select
+
+    from worker.core.crypto import encrypt
+    from worker.domain.models import Account
+
     if not ACCOUNT_NAME.fullmatch(name):
         fail("an account name is 1-100 letters, digits, '.', '_' or '-', starting with a letter")
     key = _api_key(api_key)
@@ -118,6 +119,10 @@ def account_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
 ) -> None:
     """List accounts (keys of 12+ characters are shown by their last four, others not at all)."""
+    from sqlalchemy import select
+
+    from worker.domain.models import Account
+
     with session() as s:
         accounts = s.scalars(select(Account).order_by(Account.name)).all()
         rows = [
@@ -147,6 +152,10 @@ def account_set_key(
     api_key: ApiKeyOption = None,
 ) -> None:
     """Replace an account's API key; an account paused for a refused key resumes polling."""
+    from worker.core.crypto import encrypt
+    from worker.tracking.intake import account_by_name
+    from worker.tracking.record import PAUSED_UNTIL_FIXED
+
     key = _api_key(api_key)
     secret_key = servers().secret_key
     with session() as s:
@@ -162,6 +171,8 @@ def account_set_key(
 @account_app.command("resume")
 def account_resume(name: Annotated[str, typer.Argument(help="The account's name.")]) -> None:
     """Resume polling for a paused account now."""
+    from worker.tracking.intake import account_by_name
+
     with session() as s:
         account = account_by_name(s, name)
         account.paused_until = None
@@ -175,6 +186,8 @@ def account_remove(
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
 ) -> None:
     """Delete an account with its shipments, history, endpoints and tokens (no undo)."""
+    from worker.tracking.intake import remove_account
+
     if not yes:
         typer.confirm(
             f"delete account {name!r} and all its shipments, events and endpoints?", abort=True

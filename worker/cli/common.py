@@ -1,4 +1,9 @@
-"""What every command needs: settings, servers, a database session, and readable failures."""
+"""What every command needs: settings, servers, a database session, and readable failures.
+
+`shipmon --help` imports every command module, so nothing here or in a command module
+imports SQLAlchemy, Redis, alembic, httpx, aiohttp, numpy, psycopg or pydantic at module
+level: each command imports what it uses when it runs.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +11,16 @@ import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 from rich.console import Console
-from sqlalchemy.exc import OperationalError, ProgrammingError
-from sqlalchemy.orm import Session
 
-from worker.core.config import ConfigError, Settings, get_settings
-from worker.core.crypto import SecretKeyMismatch
-from worker.core.db import transaction
-from worker.core.servers import EmbeddedServerError, Servers, resolve
-from worker.tracking.intake import UnknownAccount
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from worker.core.config import Settings
+    from worker.core.servers import Servers
 
 console = Console()
 err_console = Console(stderr=True)
@@ -25,20 +28,31 @@ err_console = Console(stderr=True)
 
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print an actionable error and exit."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    # soft_wrap: a terminal-wide line break must not split the command the message suggests.
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
 def settings() -> Settings:
+    from worker.core.config import ConfigError, get_settings
+
     try:
         return get_settings()
     except ConfigError as exc:
         fail(str(exc))
 
 
+def announce(what: str) -> None:
+    """Tell the user what a cold start is waiting for, while it waits."""
+    err_console.print(f"starting {what}…", highlight=False)
+
+
 def servers() -> Servers:
+    from worker.core.config import ConfigError
+    from worker.core.servers import EmbeddedServerError, resolve
+
     try:
-        return resolve(settings())
+        return resolve(settings(), announce=announce)
     except (ConfigError, EmbeddedServerError) as exc:
         fail(str(exc))
 
@@ -46,6 +60,12 @@ def servers() -> Servers:
 @contextmanager
 def session() -> Iterator[Session]:
     """A transaction on the configured database; known failures become readable errors."""
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
+    from worker.core.crypto import SecretKeyMismatch
+    from worker.core.db import transaction
+    from worker.tracking.intake import UnknownAccount
+
     try:
         with transaction(servers().database_url) as s:
             yield s

@@ -10,8 +10,6 @@ from typing import Annotated
 import typer
 
 from worker.cli.common import err_console, fail, print_json, session
-from worker.ops.views import ShipmentNotFound, stop_tracking
-from worker.tracking.intake import register_orders
 
 
 def _read_codes(codes: list[str], file: Path | None) -> list[str]:
@@ -44,6 +42,8 @@ def track(
     Refused codes are printed one per line with the carrier's error code; registering a code
     twice is harmless. Exits with status 1 if any code was refused.
     """
+    from worker.tracking.intake import register_orders
+
     if not account:
         fail("say which account the orders belong to: --account NAME")
     codes = _read_codes(order_codes or [], file)
@@ -74,6 +74,8 @@ def untrack(
 ) -> None:
     """Stop tracking shipments: polling ends and `shipment.polling_stopped` goes out, with
     reason `stopped_by_merchant` (as `DELETE /v1/shipments/CODE` does)."""
+    from worker.ops.views import ShipmentNotFound, stop_tracking
+
     with session() as s:
         try:
             for code in order_codes:

@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 import re
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
-from sqlalchemy import and_, case, delete, func, select
-from sqlalchemy.orm import Session
 
 from worker.cli.common import (
     console,
@@ -21,23 +19,11 @@ from worker.cli.common import (
     session,
     settings,
 )
-from worker.core.config import mask_url
-from worker.core.db import session_factory
-from worker.domain.models import Account, Delivery, EmailRecipient, WebhookEndpoint
-from worker.notify.outbox import replay
-from worker.notify.webhooks import (
-    RotationInProgress,
-    UnknownEndpoint,
-    UnsafeDestination,
-    WebhookSender,
-    add_endpoint,
-    get_endpoint,
-    rotate_secret,
-    sample_event,
-    set_endpoint_enabled,
-    signing_secrets,
-)
-from worker.tracking.intake import account_by_name
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from worker.domain.models import WebhookEndpoint
 
 endpoint_app = typer.Typer(help="Manage webhook endpoints.", no_args_is_help=True)
 email_app = typer.Typer(help="Manage email recipients of events.", no_args_is_help=True)
@@ -66,6 +52,8 @@ def _now() -> datetime:
 
 
 def _endpoint(s: Session, endpoint_id: int) -> WebhookEndpoint:
+    from worker.notify.webhooks import UnknownEndpoint, get_endpoint
+
     try:
         return get_endpoint(s, endpoint_id)
     except UnknownEndpoint as exc:
@@ -83,6 +71,10 @@ def endpoint_add(
     as_json: JsonOption = False,
 ) -> None:
     """Add a webhook endpoint and print its signing secret (shown only here)."""
+    from worker.core.config import mask_url
+    from worker.notify.webhooks import UnsafeDestination, add_endpoint
+    from worker.tracking.intake import account_by_name
+
     event_types = parse_event_types(events)
     allow_private = settings().webhook_allow_private
     secret_key = servers().secret_key
@@ -109,6 +101,12 @@ def endpoint_list(
     as_json: JsonOption = False,
 ) -> None:
     """List endpoints with their undelivered and dead deliveries."""
+    from sqlalchemy import and_, case, func, select
+
+    from worker.core.config import mask_url
+    from worker.domain.models import Account, Delivery, WebhookEndpoint
+    from worker.tracking.intake import account_by_name
+
     pending = func.count(case((Delivery.state == "pending", 1)))
     dead = func.count(case((Delivery.state == "dead", 1)))
     query = (
@@ -164,6 +162,8 @@ def endpoint_disable(
     ),
 ) -> None:
     """Stop sending to an endpoint; its events wait until it is enabled again."""
+    from worker.notify.webhooks import set_endpoint_enabled
+
     with session() as s:
         set_endpoint_enabled(s, _endpoint(s, endpoint_id), False, now=_now(), reason=reason)
     console.print(f"endpoint {endpoint_id} disabled")
@@ -174,6 +174,8 @@ def endpoint_enable(
     endpoint_id: Annotated[int, typer.Argument(help="The endpoint's id.")],
 ) -> None:
     """Send to an endpoint again, starting with the events it missed, oldest first."""
+    from worker.notify.webhooks import set_endpoint_enabled
+
     with session() as s:
         set_endpoint_enabled(s, _endpoint(s, endpoint_id), True, now=_now())
     console.print(f"endpoint {endpoint_id} enabled")
@@ -198,6 +200,8 @@ def endpoint_rotate_secret(
 
     Refused while a previous rotation's 24 hours are running.
     """
+    from worker.notify.webhooks import RotationInProgress, rotate_secret
+
     secret_key = servers().secret_key
     with session() as s:
         endpoint = _endpoint(s, endpoint_id)
@@ -219,6 +223,9 @@ def endpoint_test(
     endpoint_id: Annotated[int, typer.Argument(help="The endpoint's id.")],
 ) -> None:
     """Send a signed sample event (marked "test": true) and show the answer."""
+    from worker.core.config import mask_url
+    from worker.notify.webhooks import WebhookSender, sample_event, signing_secrets
+
     allow_private = settings().webhook_allow_private
     secret_key = servers().secret_key
     now = _now()
@@ -250,6 +257,11 @@ def email_add(
     events: EventsOption = None,
 ) -> None:
     """Email one message per event of the chosen types to an address."""
+    from sqlalchemy import select
+
+    from worker.domain.models import EmailRecipient
+    from worker.tracking.intake import account_by_name
+
     event_types = parse_event_types(events)
     if len(address) > MAX_EMAIL_LENGTH or not ADDRESS.fullmatch(address):
         fail(f"{address[:80]!r} is not an email address")
@@ -274,6 +286,11 @@ def email_list(
     as_json: JsonOption = False,
 ) -> None:
     """List email recipients."""
+    from sqlalchemy import select
+
+    from worker.domain.models import Account, EmailRecipient
+    from worker.tracking.intake import account_by_name
+
     query = (
         select(EmailRecipient, Account.name)
         .join(Account, Account.id == EmailRecipient.account_id)
@@ -302,6 +319,11 @@ def email_remove(
     address: Annotated[str, typer.Argument(help="The address to stop emailing.")],
 ) -> None:
     """Stop emailing an address; its unsent emails are dropped."""
+    from sqlalchemy import delete
+
+    from worker.domain.models import EmailRecipient
+    from worker.tracking.intake import account_by_name
+
     with session() as s:
         owner = account_by_name(s, account)
         removed = s.execute(
@@ -349,6 +371,10 @@ def webhooks_replay(
     as_json: JsonOption = False,
 ) -> None:
     """Resend webhooks once each, with their original webhook-id."""
+    from worker.core.config import mask_url
+    from worker.core.db import session_factory
+    from worker.notify.outbox import replay
+
     if (event_id is None) == (failed_since is None):
         fail("give either an event id or --failed-since TIME")
     since = _parse_time(failed_since) if failed_since is not None else None

@@ -5,16 +5,15 @@ from __future__ import annotations
 import os
 import signal
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import redis
 import typer
 from rich.table import Table
 
 from worker.cli.common import console, fail, print_json, servers, session, settings
-from worker.core.metrics import MULTIPROC_DIR, serve
-from worker.ops.views import ShipmentNotFound, ShipmentStory, Stats, collect_stats, shipment_story
-from worker.quota.limiter import QuotaLimiter
+
+if TYPE_CHECKING:
+    from worker.ops.views import ShipmentStory, Stats
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
 
@@ -38,6 +37,8 @@ def show(
     as_json: JsonOption = False,
 ) -> None:
     """Show a shipment: its state, status and scan history, delays, and every notification."""
+    from worker.ops.views import ShipmentNotFound, shipment_story
+
     with session() as s:
         try:
             story = shipment_story(s, order_code, account)
@@ -142,6 +143,11 @@ def _attempt(attempt: dict[str, Any]) -> str:
 def stats(as_json: JsonOption = False) -> None:
     """Show shipments by status and account, quota use, the poll backlog, the last 24 hours'
     transitions and delays, failing endpoints and stalled shipments."""
+    import redis
+
+    from worker.ops.views import collect_stats
+    from worker.quota.limiter import QuotaLimiter
+
     client: redis.Redis[bytes] = redis.Redis.from_url(servers().redis_url)
     try:
         with session() as s:
@@ -229,6 +235,8 @@ def metrics(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
 ) -> None:
     """Serve the worker processes' Prometheus metrics, summed from PROMETHEUS_MULTIPROC_DIR."""
+    from worker.core.metrics import MULTIPROC_DIR, serve
+
     if not os.environ.get(MULTIPROC_DIR):
         fail(
             f"set {MULTIPROC_DIR} to the folder the worker processes write their metrics to "

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import redis
 import typer
 from rich.table import Table
 
 from worker.cli.common import console, fail, print_json, servers, session, settings
-from worker.quota.limiter import QuotaLimiter
 
 
 def quota(
@@ -17,6 +15,10 @@ def quota(
 ) -> None:
     """Show per key: used today, allowed by now, the last hour's pace, projected end of day,
     and whether it is paused and why; then the total of all keys."""
+    import redis
+
+    from worker.quota.limiter import QuotaLimiter
+
     client: redis.Redis[bytes] = redis.Redis.from_url(servers().redis_url)
     try:
         with session() as s:

@@ -7,15 +7,16 @@ import signal
 import sys
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 from urllib.parse import urlsplit
 
 import typer
 
 from worker.cli.common import console, err_console, fail, servers, settings
-from worker.core.db import upgrade
-from worker.core.servers import Servers
-from worker.runtime.supervisor import Supervisor
+
+if TYPE_CHECKING:
+    from worker.core.servers import Servers
+    from worker.runtime.supervisor import Supervisor
 
 
 def system_env(found: Servers) -> dict[str, str]:
@@ -61,6 +62,9 @@ def run(
     ] = 2,
 ) -> None:
     """Run the whole system on this machine: workers and beat (embedded servers if unset)."""
+    from worker.core.db import upgrade
+    from worker.runtime.supervisor import Supervisor
+
     found = servers()
     upgrade(found.database_url)
     supervisor = Supervisor(system_env(found))
@@ -122,7 +126,8 @@ def demo(
     ] = 1200.0,
 ) -> None:
     """Watch the whole system live: a carrier, sample orders, polls, transitions, webhooks."""
-    from worker.core.db import session_factory
+    from worker.core.db import session_factory, upgrade
+    from worker.runtime.supervisor import Supervisor
     from worker.sim.demo import (
         DemoView,
         Receiver,

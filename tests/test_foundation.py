@@ -264,3 +264,27 @@ def test_secret_key_is_required_with_configured_servers(servers: RunServers) -> 
     )  # fmt: skip
     assert result.returncode == 2
     assert "SHIPMON_SECRET_KEY is required" in result.stderr
+
+
+HEAVY_LIBRARIES = ("sqlalchemy", "redis", "alembic", "httpx", "aiohttp", "numpy", "psycopg")
+
+
+@pytest.mark.parametrize("option", ["--help", "--version"])
+def test_help_and_version_load_no_database_or_network_library(option: str) -> None:
+    probe = (
+        "import sys\n"
+        "from worker.cli import app\n"
+        "try:\n"
+        f"    app([{option!r}])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        f"print([m for m in {HEAVY_LIBRARIES!r} if m in sys.modules])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    if option == "--version":
+        from importlib.metadata import version
+
+        assert result.stdout.startswith(f"shipmon {version('shipmon')}\n")

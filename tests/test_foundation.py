@@ -6,9 +6,11 @@ import json
 import subprocess
 import sys
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
+import redis
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, func, select, text
@@ -21,6 +23,7 @@ from worker.core.crypto import SecretKeyMismatch, decrypt, encrypt
 from worker.core.db import alembic_config, upgrade
 from worker.domain.models import Base, Shipment, StatusEvent
 from worker.domain.vocabulary import ErrorCode
+from worker.ops.heartbeat import HEARTBEAT_KEY, last_tick, record_tick, silence
 from worker.tracking.intake import UnknownAccount, register_orders
 
 
@@ -288,3 +291,43 @@ def test_help_and_version_load_no_database_or_network_library(option: str) -> No
         from importlib.metadata import version
 
         assert result.stdout.startswith(f"shipmon {version('shipmon')}\n")
+
+
+def test_show_and_stats_say_when_nothing_is_polling(
+    servers: RunServers, redis_client: redis.Redis[bytes]
+) -> None:
+    name = f"cli-{uuid.uuid4().hex[:6]}"
+    assert _shipmon(servers, "account", "add", name, "--api-key", "KEY-FOR-POLLING").returncode == 0
+    assert _shipmon(servers, "track", "--account", name, "IDLE00001").returncode == 0
+    redis_client.delete(HEARTBEAT_KEY)
+    shown = _shipmon(servers, "show", "IDLE00001")
+    assert shown.returncode == 0, shown.stderr
+    assert f"IDLE00001 of {name}: not looked up at the carrier yet" in shown.stdout
+    assert "nothing is polling: no dispatcher has run yet; start it with `shipmon run`" in (
+        shown.stdout
+    )
+    stats = _shipmon(servers, "stats", "--json")
+    assert json.loads(stats.stdout)["polling"] == {"last_dispatch": None, "active": False}
+
+    ticked = datetime.now(UTC)
+    record_tick(redis_client, ticked)
+    assert "nothing is polling" not in _shipmon(servers, "show", "IDLE00001").stdout
+    assert "nothing is polling" not in _shipmon(servers, "stats").stdout
+    stats = _shipmon(servers, "stats", "--json")
+    assert json.loads(stats.stdout)["polling"] == {
+        "last_dispatch": ticked.isoformat(),
+        "active": True,
+    }
+
+
+def test_a_dispatcher_silent_for_a_minute_is_reported_and_a_garbled_tick_is_none(
+    redis_client: redis.Redis[bytes],
+) -> None:
+    now = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
+    assert silence(now - timedelta(seconds=50), now) is None
+    note = silence(now - timedelta(minutes=12), now)
+    assert note is not None
+    assert note.startswith("nothing is polling: the dispatcher last ran 12 min ago")
+    for garbled in (b"yesterday", b"2026-12-02T12:00:00", b"9" * 500):
+        redis_client.set(HEARTBEAT_KEY, garbled)
+        assert last_tick(redis_client) is None

@@ -13,6 +13,8 @@ from rich.table import Table
 from worker.cli.common import console, fail, print_json, servers, session, settings
 
 if TYPE_CHECKING:
+    import redis
+
     from worker.ops.views import ShipmentStory, Stats
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
@@ -29,6 +31,20 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def _polling(client: redis.Redis[bytes], now: datetime) -> tuple[dict[str, Any], str | None]:
+    """Whether the dispatcher ticked lately, for `--json`, and what to say if it did not."""
+    from worker.ops.heartbeat import last_tick, silence
+
+    last = last_tick(client)
+    note = silence(last, now)
+    return {"last_dispatch": last.isoformat() if last else None, "active": note is None}, note
+
+
+def _warn(note: str | None) -> None:
+    if note is not None:
+        console.print(f"[yellow]{note}[/]", highlight=False, soft_wrap=True)
+
+
 def show(
     order_code: Annotated[str, typer.Argument(help="The order code.", metavar="CODE")],
     account: Annotated[
@@ -37,6 +53,8 @@ def show(
     as_json: JsonOption = False,
 ) -> None:
     """Show a shipment: its state, status and scan history, delays, and every notification."""
+    import redis
+
     from worker.ops.views import ShipmentNotFound, shipment_story
 
     with session() as s:
@@ -44,22 +62,33 @@ def show(
             story = shipment_story(s, order_code, account)
         except ShipmentNotFound as exc:
             fail(str(exc), code=1)
-    data = story.as_dict()
+    client: redis.Redis[bytes] = redis.Redis.from_url(servers().redis_url)
+    try:
+        polling, note = _polling(client, datetime.now(UTC))
+    except redis.RedisError as exc:
+        fail(f"cannot reach Redis: {exc}")
+    finally:
+        client.close()
+    data = story.as_dict() | {"polling": polling}
     if as_json:
         print_json(data)
         return
     _print_story(story, data)
+    if data["current"]["active"]:
+        _warn(note)
 
 
 def _print_story(story: ShipmentStory, data: dict[str, Any]) -> None:
     current = data["current"]
     status = current["status"]
     state = "watched" if current["active"] else f"stopped ({_text(current['stopped_reason'])})"
-    console.print(
-        f"[bold]{story.order_code}[/] of {story.account}: [bold]{_text(status['name'])}[/] "
-        f"({_text(status['id'])} {_text(status['code'])}) {_text(status['tracking_name'])}",
-        highlight=False,
+    said = (
+        f"[bold]{status['name']}[/] ({_text(status['id'])} {_text(status['code'])}) "
+        f"{_text(status['tracking_name'])}"
+        if status["name"] is not None
+        else "not looked up at the carrier yet"
     )
+    console.print(f"[bold]{story.order_code}[/] of {story.account}: {said}", highlight=False)
     facts = Table(show_header=False, box=None)
     facts.add_row("status since", _when(current["status_changed_at"]))
     facts.add_row("last scan", _when(current["last_scan_at"]))
@@ -153,15 +182,17 @@ def stats(as_json: JsonOption = False) -> None:
         with session() as s:
             quota = QuotaLimiter(client, settings()).status(s)
             result = collect_stats(s, datetime.now(UTC), quota)
+        polling, note = _polling(client, datetime.now(UTC))
     except redis.RedisError as exc:
         fail(f"cannot reach Redis: {exc}")
     finally:
         client.close()
-    data = result.as_dict()
+    data = result.as_dict() | {"polling": polling}
     if as_json:
         print_json(data)
         return
     _print_stats(result, data)
+    _warn(note)
 
 
 def _print_stats(result: Stats, data: dict[str, Any]) -> None:

@@ -24,6 +24,7 @@ from worker.core.servers import Servers, resolve
 from worker.notify.mail import MailError, send_ops_alert
 from worker.notify.outbox import fan_out_and_deliver_async
 from worker.notify.webhooks import WebhookSender
+from worker.ops.heartbeat import record_tick
 from worker.ops.views import PURGE_BATCH, detect_stalled, purge_finished
 from worker.quota.limiter import QuotaLimiter, effective_daily_quota, regrow_plans
 from worker.runtime.celery import POLL_TIME_LIMIT, TASK_TIME_LIMIT, app
@@ -117,6 +118,7 @@ def dispatch_due() -> int:
             first_lookup=first_lookup,
         )
     record_dispatch_tick(now)
+    record_tick(p.limiter.redis, now)
     for claim in claims:
         p.limiter.hold(claim.account_id, claim.batch, len(claim.shipment_ids))
         poll.delay(*claim.as_task_args())

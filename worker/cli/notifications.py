@@ -12,6 +12,7 @@ from rich.table import Table
 
 from worker.cli.common import (
     console,
+    err_console,
     fail,
     parse_event_types,
     print_json,
@@ -72,21 +73,31 @@ def endpoint_add(
 ) -> None:
     """Add a webhook endpoint and print its signing secret (shown only here)."""
     from worker.core.config import mask_url
-    from worker.notify.webhooks import UnsafeDestination, add_endpoint
+    from worker.notify.webhooks import UnresolvedHost, UnsafeDestination, add_endpoint
     from worker.tracking.intake import account_by_name
 
     event_types = parse_event_types(events)
     allow_private = settings().webhook_allow_private
     secret_key = servers().secret_key
+    warning = None
     with session() as s:
         owner = account_by_name(s, account)
         try:
             endpoint, secret = add_endpoint(
                 s, owner, url, event_types, secret_key=secret_key, allow_private=allow_private
             )
+        except UnresolvedHost as exc:
+            # A receiver whose DNS is not set up yet is normal at registration. Every delivery
+            # checks the addresses the name resolves to then, so none is unchecked.
+            warning = f"{exc}; added anyway: its address is checked at every delivery"
+            endpoint, secret = add_endpoint(
+                s, owner, url, event_types, secret_key=secret_key, allow_private=True
+            )
         except UnsafeDestination as exc:
             fail(str(exc))
         endpoint_id = endpoint.id
+    if warning is not None:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     if as_json:
         print_json({"id": endpoint_id, "account": account, "url": mask_url(url), "secret": secret})
         return

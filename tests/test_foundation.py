@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import uuid
@@ -198,13 +199,15 @@ def test_a_short_secret_key_is_refused_before_anything_is_encrypted(key: str) ->
         encrypt("api-key-123", key)
 
 
-def _shipmon(servers: RunServers, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+def _shipmon(
+    servers: RunServers, *args: str, stdin: str = "", **env: str
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "worker", *args],
         input=stdin,
         capture_output=True,
         text=True,
-        env=servers.env(),
+        env=servers.env(**env),
         timeout=60,
     )
 
@@ -331,3 +334,39 @@ def test_a_dispatcher_silent_for_a_minute_is_reported_and_a_garbled_tick_is_none
     for garbled in (b"yesterday", b"2026-12-02T12:00:00", b"9" * 500):
         redis_client.set(HEARTBEAT_KEY, garbled)
         assert last_tick(redis_client) is None
+
+
+def test_narrow_tables_fold_text_and_never_cut_an_id_or_a_number(servers: RunServers) -> None:
+    name = f"cli-narrow-{uuid.uuid4().hex[:6]}"
+    added = _shipmon(
+        servers,
+        "account",
+        "add",
+        name,
+        "--api-key",
+        "KEY-NARROW-123456",
+        "--daily-quota",
+        "2000000",
+    )
+    assert added.returncode == 0, added.stderr
+    for command in ("quota", "stats"):
+        shown = _shipmon(servers, command, COLUMNS="60")
+        assert shown.returncode == 0, shown.stderr
+        # Rich cuts a cell with an ellipsis at its end (a key hint starts with one).
+        assert re.search(r"…\s*[│┃]", shown.stdout) is None, shown.stdout
+    assert "2,000,000" in _shipmon(servers, "quota", COLUMNS="60").stdout
+    assert "2000000" in _shipmon(servers, "account", "list", COLUMNS="60").stdout
+
+
+def test_help_keeps_no_line_break_of_its_source_and_errors_keep_commands_whole(
+    servers: RunServers,
+) -> None:
+    shown = _shipmon(servers, "untrack", "--help", COLUMNS="200")
+    # The docstring breaks this sentence across two source lines.
+    assert "polling ends and `shipment.polling_stopped` goes out, with reason" in shown.stdout
+    refused = subprocess.run(
+        [sys.executable, "-m", "worker", "webhooks", "replay"],
+        capture_output=True, text=True, env=servers.env(COLUMNS="40"), timeout=60,
+    )  # fmt: skip
+    assert refused.returncode == 2
+    assert "give either an event id or --failed-since TIME" in refused.stderr

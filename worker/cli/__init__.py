@@ -6,6 +6,7 @@ so `shipmon --help` and `shipmon --version` answer at once.
 
 from __future__ import annotations
 
+import inspect
 from typing import Annotated
 
 import typer
@@ -64,6 +65,25 @@ app.command()(run)
 app.command()(sandbox)
 app.command()(demo)
 app.command()(api)
+
+
+def _reflow(text: str) -> str:
+    """A docstring's paragraphs each on one line, for rich to wrap at the terminal's width."""
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(" ".join(paragraph.split()) for paragraph in paragraphs)
+
+
+def _reflow_help(typer_app: typer.Typer) -> None:
+    """Help from docstrings without their source's line breaks (rich keeps every newline)."""
+    for command in typer_app.registered_commands:
+        if command.help is None and command.callback is not None and command.callback.__doc__:
+            command.help = _reflow(command.callback.__doc__)
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _reflow_help(group.typer_instance)
+
+
+_reflow_help(app)
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from worker.cli.common import console, fail, print_json, servers, session
+from worker.cli.common import console, fail, print_json, print_table, servers, session, uncut_table
 
 db_app = typer.Typer(help="Manage the database schema.", no_args_is_help=True)
 account_app = typer.Typer(help="Manage carrier accounts (one API key each).", no_args_is_help=True)
@@ -138,12 +138,13 @@ def account_list(
     if as_json:
         print_json(rows)
         return
-    from rich.table import Table
-
-    table = Table("name", "api key", "daily quota", "paused until", "why")
+    table = uncut_table(
+        "name", "api key", "daily quota", "paused until", "why",
+        whole=("api key", "daily quota", "paused until"),
+    )  # fmt: skip
     for r in rows:
         table.add_row(*(str(v) if v is not None else "" for v in r.values()))
-    console.print(table)
+    print_table(table)
 
 
 @account_app.command("set-key")

@@ -17,6 +17,9 @@ import typer
 from rich.console import Console
 
 if TYPE_CHECKING:
+    from collections.abc import Collection
+
+    from rich.table import Table
     from sqlalchemy.orm import Session
 
     from worker.core.config import Settings
@@ -24,6 +27,8 @@ if TYPE_CHECKING:
 
 console = Console()
 err_console = Console(stderr=True)
+# Wider than any terminal: a table is never made wider than this to keep its columns whole.
+MAX_TABLE_WIDTH = 1000
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -79,6 +84,34 @@ def session() -> Iterator[Session]:
         raise
     except OperationalError as exc:
         fail(f"cannot reach PostgreSQL: {str(exc.orig).strip()}")
+
+
+def uncut_table(*headers: str, whole: Collection[str] = (), **options: Any) -> Table:
+    """A table that never cuts its text with an ellipsis: columns too narrow fold their text.
+
+    The `whole` columns (ids, numbers, times) do not wrap either, so that `webhooks replay`
+    gets the event id it needs and `167,9…` is never read as a quota.
+    """
+    from rich.table import Table
+
+    shown = Table(**options)
+    for header in headers:
+        shown.add_column(header, overflow="fold", no_wrap=header in whole)
+    return shown
+
+
+def print_table(shown: Table) -> None:
+    """Print a table; wider than the terminal if its `whole` columns would not fit otherwise."""
+    from rich.measure import Measurement
+
+    needed = Measurement.get(console, console.options.update_width(MAX_TABLE_WIDTH), shown)
+    terminal = console.width
+    # Rich would crop columns that may not wrap to fit the terminal: the line wraps instead.
+    console.width = min(max(terminal, needed.minimum), MAX_TABLE_WIDTH)
+    try:
+        console.print(shown)
+    finally:
+        console.width = terminal
 
 
 def print_json(data: Any) -> None:

@@ -26,12 +26,10 @@ def _read_codes(codes: list[str], file: Path | None) -> list[str]:
 
 
 def track(
+    account: Annotated[str, typer.Option("--account", help="The account the orders belong to.")],
     order_codes: Annotated[
         list[str] | None, typer.Argument(help="Order codes, or '-' to read them from stdin.")
     ] = None,
-    account: Annotated[
-        str, typer.Option("--account", help="The account the orders belong to.")
-    ] = "",
     file: Annotated[
         Path | None, typer.Option("--file", help="A file with one order code per line.")
     ] = None,
@@ -44,8 +42,6 @@ def track(
     """
     from worker.tracking.intake import register_orders
 
-    if not account:
-        fail("say which account the orders belong to: --account NAME")
     codes = _read_codes(order_codes or [], file)
     if not codes:
         fail("no order codes given; pass them as arguments, with --file PATH, or '-' for stdin")

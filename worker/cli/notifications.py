@@ -8,7 +8,6 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.table import Table
 
 from worker.cli.common import (
     console,
@@ -16,9 +15,11 @@ from worker.cli.common import (
     fail,
     parse_event_types,
     print_json,
+    print_table,
     servers,
     session,
     settings,
+    uncut_table,
 )
 
 if TYPE_CHECKING:
@@ -153,7 +154,10 @@ def endpoint_list(
     if as_json:
         print_json(rows)
         return
-    table = Table("id", "account", "url", "events", "state", "pending", "dead")
+    table = uncut_table(
+        "id", "account", "url", "events", "state", "pending", "dead",
+        whole=("id", "pending", "dead"),
+    )  # fmt: skip
     for r in rows:
         state = "enabled" if r["enabled"] else f"disabled: {r['disabled_reason'] or ''}"
         if r["enabled"] and r["failing_since"] is not None:
@@ -162,7 +166,7 @@ def endpoint_list(
         table.add_row(
             str(r["id"]), r["account"], r["url"], events, state, str(r["pending"]), str(r["dead"])
         )
-    console.print(table)
+    print_table(table)
 
 
 @endpoint_app.command("disable")
@@ -317,11 +321,11 @@ def email_list(
     if as_json:
         print_json(rows)
         return
-    table = Table("id", "account", "address", "events")
+    table = uncut_table("id", "account", "address", "events", whole=("id",))
     for row in rows:
         events = ", ".join(row["events"]) if row["events"] is not None else "all"
         table.add_row(str(row["id"]), row["account"], row["address"], events)
-    console.print(table)
+    print_table(table)
 
 
 @email_app.command("remove")
@@ -416,12 +420,14 @@ def webhooks_replay(
     elif not rows:
         console.print("nothing to resend (disabled endpoints are left out; enable them first)")
     else:
-        table = Table("event", "endpoint", "url", "answer", "ms")
+        table = uncut_table(
+            "event", "endpoint", "url", "answer", "ms", whole=("event", "endpoint", "ms")
+        )
         for r in rows:
             answer = f"HTTP {r['status_code']}" if r["status_code"] is not None else r["error"]
             table.add_row(
                 r["event_id"], str(r["endpoint"]), r["url"], answer, str(r["duration_ms"])
             )
-        console.print(table)
+        print_table(table)
     if not all(r["delivered"] for r in rows):
         raise typer.Exit(1)

@@ -8,9 +8,17 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.table import Table
 
-from worker.cli.common import console, fail, print_json, servers, session, settings
+from worker.cli.common import (
+    console,
+    fail,
+    print_json,
+    print_table,
+    servers,
+    session,
+    settings,
+    uncut_table,
+)
 
 if TYPE_CHECKING:
     import redis
@@ -89,7 +97,7 @@ def _print_story(story: ShipmentStory, data: dict[str, Any]) -> None:
         else "not looked up at the carrier yet"
     )
     console.print(f"[bold]{story.order_code}[/] of {story.account}: {said}", highlight=False)
-    facts = Table(show_header=False, box=None)
+    facts = uncut_table("fact", "value", show_header=False, box=None)
     facts.add_row("status since", _when(current["status_changed_at"]))
     facts.add_row("last scan", _when(current["last_scan_at"]))
     if current["delay"] is not None:
@@ -107,9 +115,12 @@ def _print_story(story: ShipmentStory, data: dict[str, Any]) -> None:
         facts.add_row(
             "last error", f"{current['last_error_code']} ({current['consecutive_errors']} in a row)"
         )
-    console.print(facts)
+    print_table(facts)
 
-    statuses = Table("time (UTC)", "status", "id", "code", "carrier's words", title="statuses")
+    statuses = uncut_table(
+        "time (UTC)", "status", "id", "code", "carrier's words", title="statuses",
+        whole=("time (UTC)", "id", "code"),
+    )  # fmt: skip
     for row in data["statuses"]:
         statuses.add_row(
             _when(row["occurred_at"]),
@@ -118,9 +129,12 @@ def _print_story(story: ShipmentStory, data: dict[str, Any]) -> None:
             _text(row["status_code"]),
             _text(row["tracking_name"]),
         )
-    console.print(statuses)
+    print_table(statuses)
 
-    scans = Table("time (UTC)", "scan", "post office", "province", "notes", title="scans")
+    scans = uncut_table(
+        "time (UTC)", "scan", "post office", "province", "notes", title="scans",
+        whole=("time (UTC)",),
+    )  # fmt: skip
     for row in data["scans"]:
         scans.add_row(
             _when(row["occurred_at"]),
@@ -129,19 +143,22 @@ def _print_story(story: ShipmentStory, data: dict[str, Any]) -> None:
             _text(row["province"]),
             _text(row["notes"]),
         )
-    console.print(scans)
+    print_table(scans)
 
     if data["delays"]:
-        delays = Table("seen (UTC)", "code", "reason", "note", title="delays")
+        delays = uncut_table(
+            "seen (UTC)", "code", "reason", "note", title="delays", whole=("seen (UTC)", "code")
+        )
         for row in data["delays"]:
             delays.add_row(
                 _when(row["seen_at"]), _text(row["code"]), _text(row["reason"]), _text(row["note"])
             )
-        console.print(delays)
+        print_table(delays)
 
-    notifications = Table(
-        "#", "event", "type", "created (UTC)", "sent to", "state", "attempts", title="notifications"
-    )
+    notifications = uncut_table(
+        "#", "event", "type", "created (UTC)", "sent to", "state", "attempts",
+        title="notifications", whole=("#", "event", "created (UTC)"),
+    )  # fmt: skip
     for event in data["notifications"]:
         deliveries = event["deliveries"] or [None]
         created = _when(event["created_at"])
@@ -159,7 +176,7 @@ def _print_story(story: ShipmentStory, data: dict[str, Any]) -> None:
                 delivery["state"],
                 "; ".join(_attempt(a) for a in delivery["attempts"]),
             )
-    console.print(notifications)
+    print_table(notifications)
 
 
 def _attempt(attempt: dict[str, Any]) -> str:
@@ -196,14 +213,20 @@ def stats(as_json: JsonOption = False) -> None:
 
 
 def _print_stats(result: Stats, data: dict[str, Any]) -> None:
-    shipments = Table("account", "status", "watched", "finished or stopped", title="shipments")
+    shipments = uncut_table(
+        "account", "status", "watched", "finished or stopped", title="shipments",
+        whole=("watched", "finished or stopped"),
+    )  # fmt: skip
     for row in data["shipments"]:
         shipments.add_row(
             row["account"], row["status"] or "(not found yet)", str(row["open"]), str(row["closed"])
         )
-    console.print(shipments)
+    print_table(shipments)
 
-    quota = Table("account", "polls today", "allowed by now", "daily quota", title="quota today")
+    quota = uncut_table(
+        "account", "polls today", "allowed by now", "daily quota", title="quota today",
+        whole=("polls today", "allowed by now", "daily quota"),
+    )  # fmt: skip
     for line in result.quota:
         quota.add_row(
             line.account or "[bold]all keys[/]",
@@ -211,7 +234,7 @@ def _print_stats(result: Stats, data: dict[str, Any]) -> None:
             f"{line.allowed_now:,}",
             f"{line.daily_quota:,}",
         )
-    console.print(quota)
+    print_table(quota)
 
     oldest = data["oldest_overdue"]
     backlog = f"due now: {result.due:,}"
@@ -222,19 +245,26 @@ def _print_stats(result: Stats, data: dict[str, Any]) -> None:
         )
     console.print(backlog, highlight=False)
 
-    transitions = Table("from", "to", "count", title="transitions, last 24 h")
+    transitions = uncut_table(
+        "from", "to", "count", title="transitions, last 24 h", whole=("count",)
+    )
     for row in data["transitions"]:
         transitions.add_row(
             row["from_status"] or "(new)", _text(row["to_status"]), str(row["count"])
         )
-    console.print(transitions)
+    print_table(transitions)
 
-    delays = Table("code", "reason", "count", title="delays, last 24 h")
+    delays = uncut_table(
+        "code", "reason", "count", title="delays, last 24 h", whole=("code", "count")
+    )
     for row in data["delays"]:
         delays.add_row(_text(row["code"]), _text(row["reason"]), str(row["count"]))
-    console.print(delays)
+    print_table(delays)
 
-    endpoints = Table("id", "account", "url", "state", "pending", "dead", title="failing endpoints")
+    endpoints = uncut_table(
+        "id", "account", "url", "state", "pending", "dead", title="failing endpoints",
+        whole=("id", "pending", "dead"),
+    )  # fmt: skip
     for row in data["failing_endpoints"]:
         state = (
             f"failing since {_when(row['failing_since'])}"
@@ -244,11 +274,12 @@ def _print_stats(result: Stats, data: dict[str, Any]) -> None:
         endpoints.add_row(
             str(row["id"]), row["account"], row["url"], state, str(row["pending"]), str(row["dead"])
         )
-    console.print(endpoints)
+    print_table(endpoints)
 
-    stalled = Table(
+    stalled = uncut_table(
         "account", "order", "status", "last change", "stalled since",
         title=f"stalled shipments: {result.stalled:,}",
+        whole=("order", "last change", "stalled since"),
     )  # fmt: skip
     for row in data["stalled_oldest"]:
         stalled.add_row(
@@ -258,7 +289,7 @@ def _print_stats(result: Stats, data: dict[str, Any]) -> None:
             _when(row["last_change_at"]),
             _when(row["stalled_at"]),
         )
-    console.print(stalled)
+    print_table(stalled)
 
 
 def metrics(

@@ -5,9 +5,16 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from worker.cli.common import console, fail, print_json, servers, session, settings
+from worker.cli.common import (
+    fail,
+    print_json,
+    print_table,
+    servers,
+    session,
+    settings,
+    uncut_table,
+)
 
 
 def quota(
@@ -30,7 +37,7 @@ def quota(
     if as_json:
         print_json([line.as_dict() for line in lines])
         return
-    table = Table(
+    table = uncut_table(
         "account",
         "api key",
         "used today",
@@ -40,6 +47,7 @@ def quota(
         "projected",
         "paused until",
         "why",
+        whole=("used today", "allowed by now", "daily quota", "last hour", "projected"),
     )
     for line in lines:
         row = line.as_dict()
@@ -54,4 +62,4 @@ def quota(
             row["paused_until"] or "",
             line.pause_reason or "",
         )
-    console.print(table)
+    print_table(table)

@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from worker.cli.common import console, fail, print_json, session
+from worker.cli.common import console, fail, print_json, print_table, session, uncut_table
 
 token_app = typer.Typer(help="Manage HTTP API tokens.", no_args_is_help=True)
 
@@ -55,12 +54,12 @@ def token_list(
     if as_json:
         print_json(rows)
         return
-    table = Table("id", "name", "created", "revoked")
+    table = uncut_table("id", "name", "created", "revoked", whole=("id", "created", "revoked"))
     for r in rows:
         table.add_row(
             str(r["id"]), str(r["name"]), str(r["created_at"]), str(r["revoked_at"] or "")
         )
-    console.print(table)
+    print_table(table)
 
 
 @token_app.command("revoke")

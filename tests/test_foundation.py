@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import uuid
+import zipfile
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -18,10 +22,10 @@ from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
 
-from tests.conftest import RunServers, make_account
+from tests.conftest import ROOT, RunServers, make_account
 from worker.core.config import ConfigError, Settings, load_settings, mask_url
 from worker.core.crypto import SecretKeyMismatch, decrypt, encrypt
-from worker.core.db import alembic_config, upgrade
+from worker.core.db import alembic_config, migrations_folder, upgrade
 from worker.domain.models import Base, Shipment, StatusEvent
 from worker.domain.vocabulary import ErrorCode
 from worker.ops.heartbeat import HEARTBEAT_KEY, last_tick, record_tick, silence
@@ -370,3 +374,31 @@ def test_help_keeps_no_line_break_of_its_source_and_errors_keep_commands_whole(
     )  # fmt: skip
     assert refused.returncode == 2
     assert "give either an event id or --failed-since TIME" in refused.stderr
+
+
+def test_a_checkout_migrates_from_its_own_migrations_folder() -> None:
+    assert migrations_folder() == ROOT / "migrations"
+
+
+@pytest.mark.skipif(shutil.which("uv") is None, reason="building a wheel needs uv")
+def test_an_installed_wheel_carries_its_migrations_and_finds_them(tmp_path: Path) -> None:
+    built = subprocess.run(
+        ["uv", "build", "--wheel", "--offline", "-o", str(tmp_path / "dist"), str(ROOT)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("shipmon-*.whl")
+    installed = tmp_path / "site-packages"
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        archive.extractall(installed)
+    for migration in (ROOT / "migrations" / "versions").glob("*.py"):
+        assert f"worker/migrations/versions/{migration.name}" in names
+    # Imported from the unpacked wheel alone, as from site-packages: it finds its own copy.
+    found = subprocess.run(
+        [sys.executable, "-c",
+         "from worker.core.db import migrations_folder; print(migrations_folder())"],
+        capture_output=True, text=True, check=True, timeout=60, cwd=tmp_path,
+        env={"PATH": os.environ["PATH"], "PYTHONPATH": str(installed)},
+    )  # fmt: skip
+    assert Path(found.stdout.strip()) == installed / "worker" / "migrations"

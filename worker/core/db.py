@@ -13,7 +13,12 @@ from sqlalchemy.orm import Session, sessionmaker
 if TYPE_CHECKING:
     from alembic.config import Config
 
-MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
+
+def migrations_folder() -> Path:
+    """The alembic scripts: inside the package when installed from a wheel, else the checkout's."""
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "migrations"
+    return installed if (installed / "env.py").is_file() else package.parent / "migrations"
 
 
 _engines: dict[str, Engine] = {}
@@ -54,7 +59,7 @@ def alembic_config(url: str) -> Config:
     from alembic.config import Config
 
     config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("script_location", str(migrations_folder()))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return config
 

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 import subprocess
 import sys
 import uuid
+import warnings
 import zipfile
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -26,6 +30,7 @@ from tests.conftest import ROOT, RunServers, make_account
 from worker.core.config import ConfigError, Settings, load_settings, mask_url
 from worker.core.crypto import SecretKeyMismatch, decrypt, encrypt
 from worker.core.db import alembic_config, migrations_folder, upgrade
+from worker.core.logs import QUIET_LIBRARIES, configure_logging
 from worker.domain.models import Base, Shipment, StatusEvent
 from worker.domain.vocabulary import ErrorCode
 from worker.ops.heartbeat import HEARTBEAT_KEY, last_tick, record_tick, silence
@@ -402,3 +407,51 @@ def test_an_installed_wheel_carries_its_migrations_and_finds_them(tmp_path: Path
         env={"PATH": os.environ["PATH"], "PYTHONPATH": str(installed)},
     )  # fmt: skip
     assert Path(found.stdout.strip()) == installed / "worker" / "migrations"
+
+
+def _json_log_lines(capsys: pytest.CaptureFixture[str]) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+
+
+@pytest.fixture
+def restored_logging() -> Iterator[None]:
+    """The logging setup a test changes, put back afterwards."""
+    root = logging.getLogger()
+    saved = {name: logging.getLogger(name).level for name in QUIET_LIBRARIES}
+    handlers, level = root.handlers[:], root.level
+    yield
+    logging.captureWarnings(False)
+    root.handlers[:], root.level = handlers, level
+    for name, quiet_level in saved.items():
+        logging.getLogger(name).setLevel(quiet_level)
+
+
+@pytest.mark.usefixtures("restored_logging")
+def test_celerys_numeric_loglevel_is_honoured_and_request_lines_are_silenced(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging(logging.INFO)  # as Celery passes `--loglevel INFO`
+    logging.getLogger("worker.test").debug("below the level")
+    logging.getLogger("worker.test").info("polled")
+    logging.getLogger("httpx").info('HTTP Request: GET https://carrier/ "HTTP/1.1 200 OK"')
+    logging.getLogger("httpx").warning("the carrier's certificate expires soon")
+    logging.getLogger("uvicorn.error").info("Application startup complete.")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("a deprecated setting", DeprecationWarning, stacklevel=1)
+    lines = _json_log_lines(capsys)
+    assert [(line["logger"], line["level"]) for line in lines] == [
+        ("worker.test", "INFO"),
+        ("httpx", "WARNING"),
+        ("uvicorn.error", "INFO"),
+        ("py.warnings", "WARNING"),
+    ]
+    assert "a deprecated setting" in lines[-1]["message"]
+
+
+@pytest.mark.usefixtures("restored_logging")
+def test_a_loglevel_of_warning_keeps_info_lines_out(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("WARNING")
+    logging.getLogger("worker.test").info("not shown")
+    logging.getLogger("worker.test").warning("shown")
+    assert [line["message"] for line in _json_log_lines(capsys)] == ["shown"]

@@ -27,6 +27,7 @@ from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
 
 from tests.conftest import ROOT, RunServers, make_account
+from worker.cli.common import pace_bar
 from worker.core.config import ConfigError, Settings, load_settings, mask_url
 from worker.core.crypto import SecretKeyMismatch, decrypt, encrypt
 from worker.core.db import alembic_config, migrations_folder, upgrade
@@ -455,3 +456,11 @@ def test_a_loglevel_of_warning_keeps_info_lines_out(capsys: pytest.CaptureFixtur
     logging.getLogger("worker.test").info("not shown")
     logging.getLogger("worker.test").warning("shown")
     assert [line["message"] for line in _json_log_lines(capsys)] == ["shown"]
+
+
+def test_the_pace_bar_marks_the_pace_line_and_turns_red_ahead_of_it() -> None:
+    within = pace_bar(30, 50, 100, width=10)
+    assert within == "[green]███[/]··│····"
+    ahead = pace_bar(70, 50, 100, width=10)
+    assert ahead == "[red]█████│█[/]···"
+    assert pace_bar(5, 0, 0) == ""

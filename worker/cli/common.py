@@ -100,6 +100,22 @@ def uncut_table(*headers: str, whole: Collection[str] = (), **options: Any) -> T
     return shown
 
 
+def pace_bar(used: int, allowed_now: int, daily_quota: int, width: int = 24) -> str:
+    """The day's use as a bar against the daily quota, with the pace line marked `│`.
+
+    Green while the use is within the pace line, red once it is ahead of it (the quota would
+    run out before the carrier day ends).
+    """
+    if daily_quota <= 0:
+        return ""
+    filled = min(width, round(used / daily_quota * width))
+    pace = min(width - 1, round(allowed_now / daily_quota * width))
+    cells = ["█" if i < filled else "·" for i in range(width)]
+    cells[pace] = "│"
+    colour = "green" if used <= allowed_now else "red"
+    return f"[{colour}]{''.join(cells[:filled])}[/]{''.join(cells[filled:])}"
+
+
 def print_table(shown: Table) -> None:
     """Print a table; wider than the terminal if its `whole` columns would not fit otherwise."""
     from rich.measure import Measurement

@@ -12,6 +12,7 @@ import typer
 from worker.cli.common import (
     console,
     fail,
+    pace_bar,
     print_json,
     print_table,
     servers,
@@ -224,8 +225,9 @@ def _print_stats(result: Stats, data: dict[str, Any]) -> None:
     print_table(shipments)
 
     quota = uncut_table(
-        "account", "polls today", "allowed by now", "daily quota", title="quota today",
-        whole=("polls today", "allowed by now", "daily quota"),
+        "account", "polls today", "allowed by now", "daily quota", "use, │ pace",
+        title="quota today",
+        whole=("polls today", "allowed by now", "daily quota", "use, │ pace"),
     )  # fmt: skip
     for line in result.quota:
         quota.add_row(
@@ -233,6 +235,7 @@ def _print_stats(result: Stats, data: dict[str, Any]) -> None:
             f"{line.used_today:,}",
             f"{line.allowed_now:,}",
             f"{line.daily_quota:,}",
+            pace_bar(line.used_today, line.allowed_now, line.daily_quota),
         )
     print_table(quota)
 

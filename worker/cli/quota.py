@@ -8,6 +8,7 @@ import typer
 
 from worker.cli.common import (
     fail,
+    pace_bar,
     print_json,
     print_table,
     servers,
@@ -43,11 +44,19 @@ def quota(
         "used today",
         "allowed by now",
         "daily quota",
+        "use, │ pace",
         "last hour",
         "projected",
         "paused until",
         "why",
-        whole=("used today", "allowed by now", "daily quota", "last hour", "projected"),
+        whole=(
+            "used today",
+            "allowed by now",
+            "daily quota",
+            "use, │ pace",
+            "last hour",
+            "projected",
+        ),
     )
     for line in lines:
         row = line.as_dict()
@@ -57,6 +66,7 @@ def quota(
             f"{line.used_today:,}",
             f"{line.allowed_now:,}",
             f"{line.daily_quota:,}",
+            pace_bar(line.used_today, line.allowed_now, line.daily_quota),
             f"{line.last_hour:,}",
             f"{line.projected:,}",
             row["paused_until"] or "",

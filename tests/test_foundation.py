@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 
 from tests.conftest import ROOT, RunServers, make_account
 from worker.cli.common import pace_bar
+from worker.cli.ops import _timeline
 from worker.core.config import ConfigError, Settings, load_settings, mask_url
 from worker.core.crypto import SecretKeyMismatch, decrypt, encrypt
 from worker.core.db import alembic_config, migrations_folder, upgrade
@@ -464,3 +465,17 @@ def test_the_pace_bar_marks_the_pace_line_and_turns_red_ahead_of_it() -> None:
     ahead = pace_bar(70, 50, 100, width=10)
     assert ahead == "[red]█████│█[/]···"
     assert pace_bar(5, 0, 0) == ""
+
+
+def test_show_draws_the_statuses_as_a_timeline_with_the_time_spent_in_each() -> None:
+    start = datetime(2026, 12, 1, 8, 0, tzinfo=UTC)
+    statuses = [
+        {"status": "ACCEPTED", "occurred_at": start.isoformat()},
+        {"status": "PICKED_UP", "occurred_at": (start + timedelta(hours=2)).isoformat()},
+        {"status": "IN_TRANSIT", "occurred_at": (start + timedelta(days=1, hours=5)).isoformat()},
+    ]
+    now = start + timedelta(days=1, hours=5, minutes=40)
+    assert _timeline(statuses, True, now) == (
+        "ACCEPTED [dim]2h 0m[/] → PICKED_UP [dim]1d 3h[/] → IN_TRANSIT [dim]40m[/]"
+    )
+    assert _timeline(statuses, False, now).endswith("→ IN_TRANSIT")

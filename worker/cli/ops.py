@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -47,6 +47,29 @@ def _polling(client: redis.Redis[bytes], now: datetime) -> tuple[dict[str, Any],
     last = last_tick(client)
     note = silence(last, now)
     return {"last_dispatch": last.isoformat() if last else None, "active": note is None}, note
+
+
+def _duration(span: timedelta) -> str:
+    """A span as its two largest units: 2d 3h, 5h 12m, 40m."""
+    minutes = max(0, int(span.total_seconds() // 60))
+    days, hours, minutes = minutes // 1440, minutes // 60 % 24, minutes % 60
+    if days:
+        return f"{days}d {hours}h"
+    return f"{hours}h {minutes}m" if hours else f"{minutes}m"
+
+
+def _timeline(statuses: list[dict[str, Any]], active: bool, now: datetime) -> str:
+    """The statuses in order, each with how long the shipment stayed in it.
+
+    The last one's span runs to now while the shipment is watched; a finished one has none.
+    """
+    times = [datetime.fromisoformat(row["occurred_at"]) for row in statuses]
+    steps = []
+    for i, row in enumerate(statuses):
+        end = times[i + 1] if i + 1 < len(times) else (now if active else None)
+        span = f" [dim]{_duration(end - times[i])}[/]" if end is not None else ""
+        steps.append(f"{row['status']}{span}")
+    return " → ".join(steps)
 
 
 def _warn(note: str | None) -> None:
@@ -98,6 +121,9 @@ def _print_story(story: ShipmentStory, data: dict[str, Any]) -> None:
         else "not looked up at the carrier yet"
     )
     console.print(f"[bold]{story.order_code}[/] of {story.account}: {said}", highlight=False)
+    if data["statuses"]:
+        timeline = _timeline(data["statuses"], current["active"], datetime.now(UTC))
+        console.print(timeline, highlight=False)
     facts = uncut_table("fact", "value", show_header=False, box=None)
     facts.add_row("status since", _when(current["status_changed_at"]))
     facts.add_row("last scan", _when(current["last_scan_at"]))

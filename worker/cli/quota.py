@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import redis
 import typer
-from rich.table import Table
 
-from worker.cli.common import console, fail, print_json, servers, session, settings
-from worker.domain.pauses import until_words
-from worker.quota.limiter import QuotaLimiter
+from worker.cli.common import (
+    fail,
+    pace_bar,
+    print_json,
+    print_table,
+    servers,
+    session,
+    settings,
+    uncut_table,
+)
 
 
 def quota(
@@ -18,6 +23,11 @@ def quota(
 ) -> None:
     """Show per key: used today, allowed by now, the last hour's pace, projected end of day,
     and whether it is paused and why; then the total of all keys."""
+    import redis
+
+    from worker.domain.pauses import until_words
+    from worker.quota.limiter import QuotaLimiter
+
     client: redis.Redis[bytes] = redis.Redis.from_url(servers().redis_url)
     try:
         with session() as s:
@@ -29,16 +39,25 @@ def quota(
     if as_json:
         print_json([line.as_dict() for line in lines])
         return
-    table = Table(
+    table = uncut_table(
         "account",
         "api key",
         "used today",
         "allowed by now",
         "daily quota",
+        "use, │ pace",
         "last hour",
         "projected",
         "paused until",
         "why",
+        whole=(
+            "used today",
+            "allowed by now",
+            "daily quota",
+            "use, │ pace",
+            "last hour",
+            "projected",
+        ),
     )
     for line in lines:
         row = line.as_dict()
@@ -48,9 +67,10 @@ def quota(
             f"{line.used_today:,}",
             f"{line.allowed_now:,}",
             f"{line.daily_quota:,}",
+            pace_bar(line.used_today, line.allowed_now, line.daily_quota),
             f"{line.last_hour:,}",
             f"{line.projected:,}",
             until_words(line.paused_until) if line.paused_until else "",
             line.pause_reason or "",
         )
-    console.print(table)
+    print_table(table)

@@ -27,6 +27,7 @@ from worker.notify.delivery import fan_out_and_deliver
 from worker.notify.mail import MailError, send_ops_alert
 from worker.notify.webhooks.sender import WebhookSender
 from worker.ops import retention, stalled
+from worker.ops.heartbeat import record_tick
 from worker.quota.limiter import QuotaLimiter, effective_daily_quota, regrow_plans
 from worker.runtime.celery import POLL_TIME_LIMIT, TASK_TIME_LIMIT, app
 from worker.scheduling import learning
@@ -113,6 +114,7 @@ def dispatch() -> int:
             first_lookup=first_lookup,
         )
     metrics.record_dispatch_tick(now)
+    record_tick(p.limiter.redis, now)
     for claim in claims:
         p.limiter.hold(claim.account_id, claim.batch, len(claim.shipment_ids))
         poll.delay(*claim.as_task_args())

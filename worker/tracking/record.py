@@ -38,7 +38,13 @@ from worker.carrier.client import (
 )
 from worker.domain.models import Account, OutboxEvent, Shipment, StatusEvent, TrackingEvent
 from worker.domain.vocabulary import EventType, Status, delay_reason, parse_status
-from worker.scheduling.model import LearnedModel, ShipmentState, next_poll_at
+from worker.scheduling.model import (
+    NO_PUSHES,
+    LearnedModel,
+    PushCoverage,
+    ShipmentState,
+    next_poll_at,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +69,8 @@ class PollContext:
     model: LearnedModel
     price: float
     max_interval: timedelta
+    # The account's push coverage: what pushes report needs fewer lookups.
+    pushes: PushCoverage = NO_PUSHES
 
     def due_in(self, delay: timedelta) -> datetime:
         """`delay` from now, but never beyond the longest interval allowed."""
@@ -70,7 +78,7 @@ class PollContext:
 
     def plan(self, state: ShipmentState) -> datetime:
         """When the scheduler wants this shipment polled next, within the ceiling."""
-        planned = next_poll_at(state, self.model, self.price, self.max_interval)
+        planned = next_poll_at(state, self.model, self.price, self.max_interval, self.pushes)
         return min(planned or self.now + self.max_interval, self.now + self.max_interval)
 
 

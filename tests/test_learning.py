@@ -15,6 +15,7 @@ from worker.domain.vocabulary import Status
 from worker.scheduling.learning import (
     LEARNING_WINDOW,
     PlanCache,
+    account_coverage,
     planned_rates,
     push_coverage,
     recorded_stays,
@@ -26,6 +27,7 @@ from worker.scheduling.model import (
     LONGEST_PUSH_DELAY_SECONDS,
     NO_PUSHES,
     NOT_FOUND,
+    PushCounts,
     fit_model,
     fit_statistics,
     summarise_stays,
@@ -314,3 +316,25 @@ def test_a_status_a_push_reported_after_the_last_lookup_is_censored_at_its_entry
     sampled = stay_statistics(session, NOW - LEARNING_WINDOW)[Status.PICKED_UP.value].sample
     censored = [s for s in sampled if s.entered_at == entered and s.exited_at is None]
     assert censored and all(s.observed_until == entered for s in censored)
+
+
+def test_every_account_is_listed_with_its_push_coverage_then_all_accounts(
+    session: Session,
+) -> None:
+    pushed = make_account(session, name="aaa-pushed")
+    quiet = make_account(session, name="aaa-quiet")
+    at = NOW - timedelta(hours=3)
+    _record(
+        session,
+        pushed.id,
+        "PUSHLIST",
+        [(Status.ACCEPTED, at, 6.0), (Status.PICKED_UP, at + timedelta(hours=1), 8.0)],
+    )
+    listed = account_coverage(session, NOW)
+    names = [name for name, _ in listed]
+    assert names[-1] is None and names.index("aaa-pushed") < names.index("aaa-quiet")
+    coverage = dict(listed)
+    assert coverage["aaa-pushed"].overall == PushCounts(2, 2, 7.0, 7.0)
+    assert coverage["aaa-quiet"] == NO_PUSHES
+    assert coverage[None].overall.pushed >= 2
+    assert quiet.name in coverage

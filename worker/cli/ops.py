@@ -12,9 +12,12 @@ import typer
 from rich.table import Table
 
 from worker.cli.common import console, fail, print_json, servers, session, settings
+from worker.cli.quota import push_cells
 from worker.core.metrics import MULTIPROC_DIR, serve
 from worker.ops.views import ShipmentNotFound, ShipmentStory, Stats, collect_stats, shipment_story
 from worker.quota.limiter import QuotaLimiter
+from worker.scheduling.learning import LEARNING_WINDOW, account_coverage
+from worker.scheduling.model import PushCoverage
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
 
@@ -141,24 +144,30 @@ def _attempt(attempt: dict[str, Any]) -> str:
 
 def stats(as_json: JsonOption = False) -> None:
     """Show shipments by status and account, quota use, the poll backlog, the last 24 hours'
-    transitions and delays, failing endpoints and stalled shipments."""
+    transitions and delays, the share of changes the carrier's pushes reported first, failing
+    endpoints and stalled shipments."""
     client: redis.Redis[bytes] = redis.Redis.from_url(servers().redis_url)
     try:
         with session() as s:
+            now = datetime.now(UTC)
             quota = QuotaLimiter(client, settings()).status(s)
-            result = collect_stats(s, datetime.now(UTC), quota)
+            result = collect_stats(s, now, quota)
+            coverage = account_coverage(s, now)
     except redis.RedisError as exc:
         fail(f"cannot reach Redis: {exc}")
     finally:
         client.close()
     data = result.as_dict()
+    data["push_coverage"] = [{"account": name} | c.to_json() for name, c in coverage]
     if as_json:
         print_json(data)
         return
-    _print_stats(result, data)
+    _print_stats(result, data, coverage)
 
 
-def _print_stats(result: Stats, data: dict[str, Any]) -> None:
+def _print_stats(
+    result: Stats, data: dict[str, Any], coverage: list[tuple[str | None, PushCoverage]]
+) -> None:
     shipments = Table("account", "status", "watched", "finished or stopped", title="shipments")
     for row in data["shipments"]:
         shipments.add_row(
@@ -196,6 +205,12 @@ def _print_stats(result: Stats, data: dict[str, Any]) -> None:
     for row in data["delays"]:
         delays.add_row(_text(row["code"]), _text(row["reason"]), str(row["count"]))
     console.print(delays)
+
+    days = LEARNING_WINDOW.days
+    pushes = Table("account", "by push", "push delay (median)", title=f"pushes, last {days} days")
+    for name, covered in coverage:
+        pushes.add_row(name or "[bold]all accounts[/]", *push_cells(covered))
+    console.print(pushes)
 
     endpoints = Table("id", "account", "url", "state", "pending", "dead", title="failing endpoints")
     for row in data["failing_endpoints"]:

@@ -19,12 +19,13 @@ from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from worker.domain.models import SchedulerState, Shipment
+from worker.domain.models import Account, SchedulerState, Shipment
 from worker.domain.vocabulary import Status, parse_status
 from worker.scheduling.model import (
     INITIAL_PRICE,
     LONGEST_PUSH_DELAY_SECONDS,
     MAX_STAYS_FOR_QUIET_HOURS,
+    NO_PUSHES,
     NOT_FOUND,
     LearnedModel,
     PriceController,
@@ -240,6 +241,19 @@ def push_coverage(session: Session, since: datetime) -> dict[int | None, PushCov
         account: PushCoverage(counts, tuple(sorted(by_status.get(account, []))))
         for account, counts in overall.items()
     }
+
+
+def account_coverage(session: Session, now: datetime) -> list[tuple[str | None, PushCoverage]]:
+    """Each account's push coverage over the learning window, by name; then all accounts' (None).
+
+    Accounts with no transitions in the window are listed with no coverage.
+    """
+    learned = push_coverage(session, now - LEARNING_WINDOW)
+    accounts = session.execute(select(Account.id, Account.name).order_by(Account.name))
+    named: list[tuple[str | None, PushCoverage]] = [
+        (name, learned.get(account_id, NO_PUSHES)) for account_id, name in accounts
+    ]
+    return [*named, (None, learned.get(None, NO_PUSHES))]
 
 
 def relearn(session: Session, timezone: str, now: datetime) -> LearnedModel:

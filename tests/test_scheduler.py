@@ -558,6 +558,17 @@ def test_a_status_a_push_reported_still_gets_a_follow_up_lookup() -> None:
     assert happened < due <= happened + DEFAULT_MAX_INTERVAL
 
 
+def test_a_final_status_a_push_reported_gets_one_lookup_at_its_price() -> None:
+    model = chain_model()
+    delivered = local(3, 15)
+    pushed = ShipmentState(local(3, 1), Status.DELIVERED, delivered, local(3, 12), True)
+    assert next_poll_at(pushed, model, 1800.0) == delivered + timedelta(seconds=1800)
+    assert next_poll_at(pushed, model, 7200.0) == delivered + timedelta(seconds=7200)
+    # Once a lookup has read it, or when a lookup found it, it is never looked up again.
+    polled = ShipmentState(local(3, 1), Status.DELIVERED, delivered, local(3, 16))
+    assert next_poll_at(polled, model, 1800.0) is None
+
+
 def test_planned_push_shares_fall_back_to_the_account_where_a_status_has_few() -> None:
     pushes = summarise_transitions(
         [("PICKED_UP", 5.0)] * 900 + [("PICKED_UP", None)] * 100 + [("DELIVERING", 20.0)] * 10

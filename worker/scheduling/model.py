@@ -108,6 +108,9 @@ class ShipmentState:
     # The carrier's event time of the current status (from statuses[]).
     status_entered_at: datetime | None = None
     last_polled_at: datetime | None = None
+    # The carrier's push reported the current status and no lookup has read it since: its scans,
+    # fees and delivery photo are still to fetch.
+    status_by_push: bool = False
 
 
 @dataclass(frozen=True)
@@ -383,15 +386,19 @@ def next_poll_at(
     probably come to know it, sooner the cheaper lookups are. `pushes` is the account's push
     coverage: the more of a status's changes pushes report, the later its lookups. A status a
     push reported is planned from its entry, like one a lookup just found: its follow-up lookup
-    (for the scans, fees and photos a push lacks) comes at its price like any other.
+    (for the scans, fees and photos a push lacks) comes at its price like any other; a final
+    status a push reported gets one such lookup, `price` seconds after it, the delay at which
+    the lookup is just worth its price.
     """
-    if state.status is not None and state.status.terminal:
-        return None
     entered = state.status_entered_at if state.status is not None else None
     entered = entered or state.registered_at
     # A status a push reported after the last lookup is planned as if a lookup had found it.
     polled = max(state.last_polled_at or state.registered_at, entered)
     ceiling = polled + max_interval
+    if state.status is not None and state.status.terminal:
+        if not state.status_by_push:
+            return None
+        return min(entered + timedelta(seconds=price), ceiling)
     if max_interval.total_seconds() <= GRID_SECONDS:
         return ceiling  # a ceiling within one step of the plan's grid leaves nothing to plan
     # The carrier's local hours, at one offset for the whole horizon: the carrier's timezone has

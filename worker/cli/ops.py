@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import redis
 
     from worker.ops.views import ShipmentStory, Stats
+    from worker.scheduling.model import PushCoverage
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
 
@@ -215,31 +216,41 @@ def _attempt(attempt: dict[str, Any]) -> str:
 
 def stats(as_json: JsonOption = False) -> None:
     """Show shipments by status and account, quota use, the poll backlog, the last 24 hours'
-    transitions and delays, failing endpoints and stalled shipments."""
+    transitions and delays, the share of changes the carrier's pushes reported first, failing
+    endpoints and stalled shipments."""
     import redis
 
     from worker.ops.views import collect_stats
     from worker.quota.limiter import QuotaLimiter
+    from worker.scheduling.learning import account_coverage
 
     client: redis.Redis[bytes] = redis.Redis.from_url(servers().redis_url)
     try:
         with session() as s:
             quota = QuotaLimiter(client, settings()).status(s)
-            result = collect_stats(s, datetime.now(UTC), quota)
-        polling, note = _polling(client, datetime.now(UTC))
+            now = datetime.now(UTC)
+            result = collect_stats(s, now, quota)
+            coverage = account_coverage(s, now)
+        polling, note = _polling(client, now)
     except redis.RedisError as exc:
         fail(f"cannot reach Redis: {exc}")
     finally:
         client.close()
     data = result.as_dict() | {"polling": polling}
+    data["push_coverage"] = [{"account": name} | c.to_json() for name, c in coverage]
     if as_json:
         print_json(data)
         return
-    _print_stats(result, data)
+    _print_stats(result, data, coverage)
     _warn(note)
 
 
-def _print_stats(result: Stats, data: dict[str, Any]) -> None:
+def _print_stats(
+    result: Stats, data: dict[str, Any], coverage: list[tuple[str | None, PushCoverage]]
+) -> None:
+    from worker.cli.quota import push_cells
+    from worker.scheduling.learning import LEARNING_WINDOW
+
     shipments = uncut_table(
         "account", "status", "watched", "finished or stopped", title="shipments",
         whole=("watched", "finished or stopped"),
@@ -319,6 +330,14 @@ def _print_stats(result: Stats, data: dict[str, Any]) -> None:
             _when(row["stalled_at"]),
         )
     print_table(stalled)
+
+    pushes = uncut_table(
+        "account", "by push", "push delay (median)",
+        title=f"pushes, last {LEARNING_WINDOW.days} days",
+    )  # fmt: skip
+    for name, covered in coverage:
+        pushes.add_row(name or "[bold]all accounts[/]", *push_cells(covered))
+    print_table(pushes)
 
 
 def metrics(

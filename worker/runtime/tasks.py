@@ -103,7 +103,8 @@ def dispatch() -> int:
             state = ShipmentState(registered_at=registered)
             price = p.plans.price(account_id)
             ceiling = p.plans.max_interval(account_id, p.max_interval)
-            return next_poll_at(state, model, price, ceiling) or registered
+            pushes = model.coverage(account_id)
+            return next_poll_at(state, model, price, ceiling, pushes) or registered
 
         claims = dispatching.dispatch(
             session,

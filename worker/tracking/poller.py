@@ -186,7 +186,7 @@ def _apply_all(
         now = clock()
         model = plans.current(session)
         ceiling = plans.max_interval(account_id, max_interval)
-        ctx = PollContext(now, model, plans.price(account_id), ceiling)
+        ctx = PollContext(now, model, plans.price(account_id), ceiling, model.coverage(account_id))
         account = session.get(Account, account_id, with_for_update=True)
         assert account is not None
         events = []

@@ -43,7 +43,13 @@ from worker.domain.events import (
 )
 from worker.domain.models import Account, OutboxEvent, Shipment, StatusEvent, TrackingEvent
 from worker.domain.vocabulary import EventType, Status, delay_reason, parse_status
-from worker.scheduling.model import LearnedModel, ShipmentState, next_poll_at
+from worker.scheduling.model import (
+    NO_PUSHES,
+    LearnedModel,
+    PushCoverage,
+    ShipmentState,
+    next_poll_at,
+)
 from worker.tracking.accounts import KeyRefusal
 
 log = logging.getLogger(__name__)
@@ -67,6 +73,8 @@ class PollContext:
     model: LearnedModel
     price: float
     max_interval: timedelta
+    # The account's push coverage: what pushes report needs fewer lookups.
+    pushes: PushCoverage = NO_PUSHES
 
     def due_in(self, delay: timedelta) -> datetime:
         """`delay` from now, but never beyond the longest interval allowed."""
@@ -74,7 +82,7 @@ class PollContext:
 
     def plan(self, state: ShipmentState) -> datetime:
         """When the scheduler wants this shipment polled next, within the ceiling."""
-        planned = next_poll_at(state, self.model, self.price, self.max_interval)
+        planned = next_poll_at(state, self.model, self.price, self.max_interval, self.pushes)
         return min(planned or self.now + self.max_interval, self.now + self.max_interval)
 
 
@@ -464,6 +472,7 @@ def _schedule_after_result(shipment: Shipment, ctx: PollContext, pushed: bool) -
         status=status,
         status_entered_at=shipment.status_changed_at,
         last_polled_at=ctx.now,
+        status_by_push=pushed,
     )
     shipment.next_poll_at = ctx.plan(state)
 

@@ -112,7 +112,10 @@ def _apply(state: ApiState, push: StatusPush, authorization: str | None) -> None
         ceiling = plans.max_interval(
             account.id, timedelta(seconds=setting) if setting else DEFAULT_MAX_INTERVAL
         )
-        ctx = PollContext(now, plans.current(session), plans.price(account.id), ceiling)
+        model = plans.current(session)
+        ctx = PollContext(
+            now, model, plans.price(account.id), ceiling, pushes=model.coverage(account.id)
+        )
         received = receive_push(session, account, push, ctx)
         log.debug(
             "carrier push for order %s: %s",

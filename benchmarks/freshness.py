@@ -8,8 +8,14 @@ ceiling, applied per tick. Orders arrive from the engine's generator into an emp
 first --warmup-days are not measured. A transition's detection delay runs from its carrier time
 to the first lookup that shows it. The scheduler sees only the carrier's answers.
 
+With --push-drop P the carrier also pushes: each transition is pushed with probability 1 - P
+after a lognormal delay (--push-delay-s P50,P99), and a pushed transition is seen when its push
+arrives. The scheduler then learns each key's push coverage from what it has seen, by push or by
+lookup, as the worker learns it from recorded history, and is run a second time without pushes
+("project_poll_only") on the same carrier; round-robin gets no pushes, the baseline of the ratios.
+
     uv run python benchmarks/freshness.py --workload ../shared/workloads/vn-ecommerce.json \
-        --keys 1 --key-quota 40000 --orders-per-day 6000 --days 7
+        --keys 1 --key-quota 40000 --orders-per-day 6000 --days 7 [--push-drop 0.1]
 
 The last line printed is one JSON object with the figures.
 """
@@ -21,6 +27,7 @@ import bisect
 import heapq
 import json
 import math
+import random
 import statistics
 import sys
 import time
@@ -35,11 +42,14 @@ from worker.domain.vocabulary import ErrorCode, Status, parse_status
 from worker.quota.pacing import allowed_by, elapsed_share, per_second_ceiling
 from worker.scheduling.model import (
     DEFAULT_MAX_INTERVAL,
+    NO_PUSHES,
     LearnedModel,
+    PushCoverage,
     ShipmentState,
     Stay,
     fit_model,
     next_poll_at,
+    summarise_transitions,
 )
 from worker.scheduling.pricing import PriceController, planned_rate
 from worker.sim.workload import Carrier, Workload, generate_orders, load_workload
@@ -87,6 +97,10 @@ class CarrierView:
             raise RuntimeError(f"the view disagrees with the carrier's answer for {code}")
         return rows
 
+    def exited(self, code: str, k: int) -> str:
+        """The key of the status the order's k-th transition left."""
+        return NOT_FOUND if k == 0 else self.rows[code][k - 1][1].value
+
     def _from_body(self, code: str, at: datetime) -> list[tuple[datetime, Status]] | None:
         body = self.carrier.tracking_body(code, at)
         if body["errorCode"] == ErrorCode.ORDERCODE_NOT_FOUND:
@@ -103,6 +117,33 @@ class CarrierView:
         return rows
 
 
+class CarrierPushes:
+    """The carrier's pushes: each transition sent with probability 1 - drop, after a lognormal
+    delay, from a generator of its own so that the lookups' randomness is untouched."""
+
+    def __init__(self, drop: float, delay_p50: float, delay_p99: float, seed: int) -> None:
+        self.drop = drop
+        self.log_mu = math.log(delay_p50)
+        self.log_sigma = math.log(delay_p99 / delay_p50) / 2.326
+        self.rng = random.Random(seed * 7919 + 1)
+        # (arrival time, serial, order code, index of the transition)
+        self.queue: list[tuple[float, int, str, int]] = []
+        self.sent = 0
+
+    def send(self, code: str, times: list[float]) -> None:
+        for k, ts in enumerate(times):
+            if self.rng.random() < self.drop:
+                continue
+            delay = math.exp(self.rng.gauss(self.log_mu, self.log_sigma))
+            self.sent += 1
+            heapq.heappush(self.queue, (ts + delay, self.sent, code, k))
+
+    def arrived(self, until: float) -> Iterator[tuple[float, str, int]]:
+        while self.queue and self.queue[0][0] < until:
+            at, _, code, k = heapq.heappop(self.queue)
+            yield at, code, k
+
+
 @dataclass
 class Shipment:
     """One order as a poller knows it, from the carrier's answers only."""
@@ -113,10 +154,18 @@ class Shipment:
     status: Status | None = None
     entered_at: datetime | None = None
     last_polled_at: datetime | None = None
-    # When each statuses[] row was first seen, in the carrier's order.
-    seen_at: list[float] = field(default_factory=list)
+    # When each statuses[] row was first seen, by its index in the carrier's order, and which
+    # of them a push reported first.
+    seen_at: dict[int, float] = field(default_factory=dict)
+    pushed: set[int] = field(default_factory=set)
+    # The index of the current status (-1: not yet known to the carrier), and whether a push
+    # reported it with no lookup since.
+    top: int = -1
+    top_by_push: bool = False
     # Lookups per day the latest plan asks for (the scheduler's demand signal).
     planned: float = 0.0
+    # The serial of its latest planned lookup; earlier ones a push made stale are skipped.
+    ticket: int = 0
 
     def state(self) -> ShipmentState:
         return ShipmentState(
@@ -124,6 +173,7 @@ class Shipment:
             status=self.status,
             status_entered_at=self.entered_at,
             last_polled_at=self.last_polled_at,
+            status_by_push=self.top_by_push,
         )
 
 
@@ -148,6 +198,9 @@ class Poller:
         self.open_shipments = [0] * keys
         # Ended stays, in the order they were seen, for the model.
         self.ended: deque[Stay] = deque()
+        # Transitions as first seen: (carrier time, status key left, push delay or None), in
+        # the order they were seen, for the push coverage.
+        self.seen: list[deque[tuple[float, str, float | None]]] = [deque() for _ in range(keys)]
         self.day = ""
         self.polls_by_status: dict[str, int] = defaultdict(int)
 
@@ -176,11 +229,32 @@ class Poller:
         load.used_today += 1
         load.per_day[self.day] += 1
         shipment.last_polled_at = at
+        shipment.top_by_push = False
         rows = self.view.statuses(shipment.code, at)
         if rows is None:
             return
-        seen_ts = at.timestamp()
-        for entered, status in rows[len(shipment.seen_at) :]:
+        for k in range(len(rows)):
+            self.reveal(shipment, k, at.timestamp(), None)
+
+    def reveal(self, shipment: Shipment, k: int, seen_ts: float, push_delay: float | None) -> None:
+        """Take in the order's k-th transition, seen at `seen_ts` (by push: `push_delay` late).
+
+        A transition seen before is left as it was; one older than the current status fills
+        history without moving the shipment back (nor counts as a stay: its neighbours were not
+        both known when it ended).
+        """
+        if k in shipment.seen_at:
+            return
+        shipment.seen_at[k] = seen_ts
+        entered, status = self.view.rows[shipment.code][k]
+        self.seen[shipment.key].append(
+            (entered.timestamp(), self.view.exited(shipment.code, k), push_delay)
+        )
+        if push_delay is not None:
+            shipment.pushed.add(k)
+        if k < shipment.top:
+            return
+        if k == shipment.top + 1:
             self.ended.append(
                 Stay(
                     shipment.status,
@@ -189,11 +263,19 @@ class Poller:
                     next_status=status,
                 )
             )
-            shipment.status, shipment.entered_at = status, entered
-            shipment.seen_at.append(seen_ts)
-        if shipment.status is not None and shipment.status.terminal:
+        shipment.status, shipment.entered_at, shipment.top = status, entered, k
+        shipment.top_by_push = push_delay is not None
+        if status.terminal:
             del self.active[shipment.code]
             self.open_shipments[shipment.key] -= 1
+
+    def coverage(self, key: int, now: datetime) -> PushCoverage:
+        """The key's push coverage of the transitions seen that happened within HISTORY."""
+        cutoff = (now - HISTORY).timestamp()
+        seen = self.seen[key]
+        while seen and seen[0][0] < cutoff - HISTORY.total_seconds():
+            seen.popleft()
+        return summarise_transitions((k, d) for ts, k, d in seen if ts >= cutoff)
 
     def stays(self, now: datetime) -> list[Stay]:
         """Stays entered within HISTORY of `now`, ended or still open, for fitting."""
@@ -204,16 +286,26 @@ class Poller:
         for shipment in self.active.values():
             entered = shipment.entered_at or shipment.registered_at
             if entered >= cutoff and shipment.last_polled_at is not None:
-                chosen.append(Stay(shipment.status, entered, None, shipment.last_polled_at))
+                observed = max(shipment.last_polled_at, entered)
+                chosen.append(Stay(shipment.status, entered, None, observed))
         return chosen
 
 
 class ProjectPoller(Poller):
     """Polls as the worker does: due shipments by next_poll_at, most overdue first."""
 
-    def __init__(self, view: CarrierView, keys: int, quota: int, max_interval: timedelta) -> None:
+    def __init__(
+        self,
+        view: CarrierView,
+        keys: int,
+        quota: int,
+        max_interval: timedelta,
+        pushes: CarrierPushes | None = None,
+    ) -> None:
         super().__init__(view, keys, quota)
         self.max_interval = max_interval
+        self.pushes = pushes
+        self.covered = [NO_PUSHES] * keys
         self.model = LearnedModel(timezone=view.carrier.workload.timezone)
         zone = view.carrier.workload.timezone
         self.controllers = [PriceController(quota, zone) for _ in range(keys)]
@@ -228,41 +320,60 @@ class ProjectPoller(Poller):
     def register(self, code: str, key: int, at: datetime) -> None:
         shipment = self.add(code, key, at)
         self.registered[key] += 1
-        controller = self.controllers[key]
+        if self.pushes is not None:
+            self.pushes.send(code, self.view.times[code])
+        self.replan(shipment)
+
+    def replan(self, shipment: Shipment) -> None:
+        controller = self.controllers[shipment.key]
         ceiling = controller.max_interval(self.max_interval)
-        self.schedule(
-            shipment, next_poll_at(shipment.state(), self.model, controller.price, ceiling)
-        )
+        pushes = self.covered[shipment.key]
+        due = next_poll_at(shipment.state(), self.model, controller.price, ceiling, pushes)
+        self.schedule(shipment, due)
 
     def schedule(self, shipment: Shipment, due: datetime | None) -> None:
         key = shipment.key
         self.planned[key] -= shipment.planned
         shipment.planned = 0.0
+        # A new plan, or none, makes any lookup planned before it stale.
+        self.serial += 1
+        shipment.ticket = self.serial
         if due is None:
             return
         if shipment.last_polled_at is not None:
             shipment.planned = planned_rate(shipment.last_polled_at, due)
             self.planned[key] += shipment.planned
-        self.serial += 1
         heapq.heappush(self.due[key], (due.timestamp(), self.serial, shipment.code))
 
     def tick(self, start: datetime, end: datetime) -> None:
         if self.refitted_at is None or end - self.refitted_at >= REFIT_EVERY:
             self.model = fit_model(self.stays(end), self.model.timezone, self.model)
+            if self.pushes is not None:
+                self.covered = [self.coverage(key, end) for key in range(len(self.keys))]
             self.refitted_at = end
         end_ts, start_ts = end.timestamp(), start.timestamp()
+        if self.pushes is not None:
+            for at, code, k in self.pushes.arrived(end_ts):
+                shipment = self.shipments[code]
+                top = shipment.top
+                self.reveal(shipment, k, at, at - self.view.times[code][k])
+                if shipment.top != top:
+                    # As the worker does on a push: the new status gets its own plan.
+                    self.replan(shipment)
         for key, heap in enumerate(self.due):
             ready = self.ready[key]
             while heap and heap[0][0] <= end_ts:
                 ready.append(heapq.heappop(heap))
             controller = self.controllers[key]
-            price, ceiling = controller.price, controller.max_interval(self.max_interval)
-            for _ in range(min(self.allowance(key, end), len(ready))):
-                due_ts, _, code = ready.popleft()
+            budget = self.allowance(key, end)
+            while budget > 0 and ready:
+                due_ts, ticket, code = ready.popleft()
                 shipment = self.shipments[code]
+                if ticket != shipment.ticket:
+                    continue
+                budget -= 1
                 self.poll(shipment, datetime.fromtimestamp(max(due_ts, start_ts), UTC))
-                due = next_poll_at(shipment.state(), self.model, price, ceiling)
-                self.schedule(shipment, due)
+                self.replan(shipment)
             controller.open_shipments = self.open_shipments[key]
             controller.observe(end, self.planned[key], self.registered[key])
             self.registered[key] = 0
@@ -334,15 +445,17 @@ def measure(poller: Poller, window: tuple[float, float], end: float) -> dict[str
     """Detection delays of the transitions inside the measured window."""
     delays: list[float] = []
     by_exited: dict[str, list[float]] = defaultdict(list)
-    unseen = 0
+    unseen = pushed = 0
     for shipment in poller.shipments.values():
         truth = poller.view.rows[shipment.code]
         for k, (at, _) in enumerate(truth):
             ts = at.timestamp()
             if not window[0] <= ts < window[1]:
                 continue
-            if k < len(shipment.seen_at):
-                delay = shipment.seen_at[k] - ts
+            seen = shipment.seen_at.get(k)
+            if seen is not None:
+                delay = seen - ts
+                pushed += k in shipment.pushed
             else:
                 unseen += 1
                 delay = end - ts
@@ -359,6 +472,7 @@ def measure(poller: Poller, window: tuple[float, float], end: float) -> dict[str
         "max_polls_per_key_day": max(per_day, default=0),
         "over_quota_key_days": sum(n > poller.keys[0].quota for n in per_day),
         "unseen_at_end": unseen,
+        "seen_first_by_push": pushed,
         "polls_by_status": dict(sorted(poller.polls_by_status.items())),
         "mean_delay_by_exited_status_s": {
             status: round(statistics.fmean(values), 1)
@@ -378,15 +492,41 @@ def run(workload: Workload, args: Any) -> dict[str, Any]:
         carrier.add_account(f"account-{key}", f"key-{key}", args.key_quota)
     view = CarrierView(carrier)
     max_interval = timedelta(hours=args.max_interval_hours)
-    project = ProjectPoller(view, args.keys, args.key_quota, max_interval)
-    uniform = UniformPoller(view, args.keys, args.key_quota)
-    end = simulate(view, [project, uniform], args.keys, workload, args)
+    pushes = None
+    if args.push_drop is not None:
+        p50, p99 = args.push_delay_s
+        pushes = CarrierPushes(args.push_drop, p50, p99, args.seed)
+    pollers: dict[str, Poller] = {
+        "project": ProjectPoller(view, args.keys, args.key_quota, max_interval, pushes),
+        "uniform": UniformPoller(view, args.keys, args.key_quota),
+    }
+    if pushes is not None:
+        pollers["project_poll_only"] = ProjectPoller(view, args.keys, args.key_quota, max_interval)
+    end = simulate(view, list(pollers.values()), args.keys, workload, args)
     start = START.replace(tzinfo=workload.zone).timestamp()
     window = (start + args.warmup_days * 86_400, start + (args.warmup_days + args.days) * 86_400)
-    results = {"project": measure(project, window, end), "uniform": measure(uniform, window, end)}
-    results["project"]["final_prices_s"] = [round(c.price, 1) for c in project.controllers]
+    results = {name: measure(poller, window, end) for name, poller in pollers.items()}
+    for name, poller in pollers.items():
+        if isinstance(poller, ProjectPoller):
+            results[name]["final_prices_s"] = [round(c.price, 1) for c in poller.controllers]
+    project = pollers["project"]
+    assert isinstance(project, ProjectPoller)
+    if pushes is not None:
+        results["project"]["pushes_sent"] = pushes.sent
+        results["project"]["learned_push_coverage"] = [c.to_json() for c in project.covered]
     print(json.dumps({"learned_model": project.model.to_json()}), file=sys.stderr)
     return results
+
+
+def delay_pair(text: str) -> tuple[float, float]:
+    """P50,P99 in seconds, the median first."""
+    try:
+        p50, p99 = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected P50,P99 in seconds, got {text!r}") from None
+    if not 0 < p50 <= p99:
+        raise argparse.ArgumentTypeError("expected 0 < P50 <= P99")
+    return p50, p99
 
 
 def main() -> None:
@@ -404,7 +544,21 @@ def main() -> None:
         default=DEFAULT_MAX_INTERVAL.total_seconds() / 3600,
         help="the scheduler's ceiling on the interval between two lookups of a shipment",
     )
+    parser.add_argument(
+        "--push-drop",
+        type=float,
+        default=None,
+        help="the carrier pushes each transition, dropping this share (1: none arrives)",
+    )
+    parser.add_argument(
+        "--push-delay-s",
+        type=delay_pair,
+        default=(5.0, 60.0),
+        help="the pushes' delay, as P50,P99 in seconds (lognormal)",
+    )
     args = parser.parse_args()
+    if args.push_drop is not None and not 0.0 <= args.push_drop <= 1.0:
+        parser.error("--push-drop must be between 0 and 1")
     workload = load_workload(args.workload)
     began = time.perf_counter()
     results = run(workload, args)
@@ -416,6 +570,8 @@ def main() -> None:
         "days": args.days,
         "warmup_days": args.warmup_days,
         "seed": args.seed,
+        "push_drop": args.push_drop,
+        "push_delay_s": list(args.push_delay_s) if args.push_drop is not None else None,
         "transitions": next(iter(results.values()))["transitions"],
         **results,
         "over_quota_key_days": sum(r["over_quota_key_days"] for r in results.values()),
@@ -425,6 +581,17 @@ def main() -> None:
         results["project"]["mean_detection_delay_s"] / results["uniform"]["mean_detection_delay_s"],
         3,
     )
+    if "project_poll_only" in results:
+        summary["ratio_mean_to_poll_only"] = round(
+            results["project"]["mean_detection_delay_s"]
+            / results["project_poll_only"]["mean_detection_delay_s"],
+            3,
+        )
+        summary["ratio_mean_poll_only"] = round(
+            results["project_poll_only"]["mean_detection_delay_s"]
+            / results["uniform"]["mean_detection_delay_s"],
+            3,
+        )
     print(json.dumps(summary))
 
 

@@ -5,10 +5,10 @@ Each event is written and committed the way the poll pipeline does it, then hand
 after-commit path at once; a receiver on 127.0.0.1 notes when each POST arrives. Two ways of
 running the after-commit path are measured:
 
-- per call: `fan_out_and_deliver`, a fresh event loop and HTTP client per call (what a task
-  wrapper that calls the plain function does);
-- kept loop: `fan_out_and_deliver_async` on one event loop and one `WebhookSender` kept across
-  calls (what a worker process that keeps its loop does).
+- per call: `fan_out_and_deliver` in a fresh event loop with a fresh HTTP client per call (what
+  a task that runs it with `asyncio.run` would do);
+- kept loop: `fan_out_and_deliver` on one event loop and one `WebhookSender` kept across calls
+  (what a worker process that keeps its loop does).
 
 The baseline, measured in the same run against the same receiver, is one signed POST by the kept
 sender with no database work at all: the floor the two paths above are compared with.
@@ -43,7 +43,7 @@ from worker.core.db import session_factory, upgrade
 from worker.core.servers import resolve
 from worker.domain.models import Account, OutboxEvent, Shipment
 from worker.domain.vocabulary import EventType
-from worker.notify.outbox import fan_out_and_deliver, fan_out_and_deliver_async
+from worker.notify.delivery import fan_out_and_deliver
 from worker.notify.webhooks.endpoints import add_endpoint
 from worker.notify.webhooks.sender import WebhookSender
 from worker.notify.webhooks.signing import event_body
@@ -168,15 +168,21 @@ def main() -> None:
             assert result.succeeded, result
             return receiver.wait_for(event_id) - started
 
+        async def with_fresh_sender(event: int) -> int:
+            async with WebhookSender(allow_private=settings.webhook_allow_private) as fresh:
+                return await fan_out_and_deliver(
+                    sessions, settings, fresh, [event], secret_key=servers.secret_key
+                )
+
         def per_call(i: int) -> float:
             event, event_id, committed = write_event(sessions, shipment_ids[i % len(shipment_ids)])
-            fan_out_and_deliver(sessions, settings, [event], secret_key=servers.secret_key)
+            asyncio.run(with_fresh_sender(event))
             return receiver.wait_for(event_id) - committed
 
         def kept_loop(i: int) -> float:
             event, event_id, committed = write_event(sessions, shipment_ids[i % len(shipment_ids)])
             runner.run(
-                fan_out_and_deliver_async(
+                fan_out_and_deliver(
                     sessions, settings, sender, [event], secret_key=servers.secret_key
                 )
             )

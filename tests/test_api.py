@@ -412,7 +412,7 @@ def test_the_api_conforms_to_its_own_openapi(api: Api, merchants: list[Merchant]
     schema = schemathesis.openapi.from_url(f"{api.url}/openapi.json")
     headers = {"Authorization": f"Bearer {merchants[0].token}"}
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 7
+    assert len(operations) == 8
 
     for operation in operations:
 

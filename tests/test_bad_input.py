@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import socket
 import string
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -446,3 +447,31 @@ def test_email_add_refuses_a_duplicate_recipient(shipmon: Shipmon, servers: RunS
     assert shipmon("email", "add", name, "ops@example.com").exit_code == 0
     assert_refused(shipmon("email", "add", name, "ops@example.com"))
     assert stored(servers, EmailRecipient, account_id=owner) == 1
+
+
+def test_endpoint_add_warns_of_a_host_that_does_not_resolve_yet_and_adds_it(
+    shipmon: Shipmon, servers: RunServers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host: str, *args: Any, **kwargs: Any) -> Any:
+        # Answered here, as a resolver without the name would: no lookup leaves the machine.
+        if host == "hooks.not-yet.example":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        if host == "hooks.inside.example":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.0.0.7", 0))]
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    name = new_account(shipmon)
+    owner = account_id(servers, name)
+    added = shipmon("endpoint", "add", name, "https://hooks.not-yet.example/in", "--json")
+    assert added.exit_code == 0, added.output
+    assert "warning: hooks.not-yet.example does not resolve" in added.output
+    assert "checked at every delivery" in added.output
+    assert stored(servers, WebhookEndpoint, account_id=owner) == 1
+    # A name that resolves to a private address is still refused at once.
+    refused = shipmon("endpoint", "add", name, "https://hooks.inside.example/in")
+    assert_refused(refused)
+    assert "10.0.0.7" in refused.output
+    assert stored(servers, WebhookEndpoint, account_id=owner) == 1

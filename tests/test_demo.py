@@ -1,15 +1,22 @@
-"""`shipmon demo`, the quick start's first command, runs the whole system and ends cleanly."""
+"""`shipmon demo`, the quick start's first command, runs the whole system and ends cleanly, in
+a state of its own."""
 
 from __future__ import annotations
 
 import re
+import secrets
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from tests.conftest import RunServers
+from tests.conftest import RunServers, make_account
+from worker.core.db import transaction
+from worker.domain.models import Account, Base, Shipment
+from worker.tracking.intake import register_orders, remove_account
 
 pytestmark = pytest.mark.e2e
 
@@ -19,7 +26,9 @@ def test_the_demo_shows_polls_transitions_and_verified_webhooks(
 ) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "worker", "demo", "--duration", "25", "--orders", "10"],
-        env=servers.env(SHIPMON_HOME=str(tmp_path / "home"), COLUMNS="160"),
+        env=servers.env(
+            SHIPMON_HOME=str(tmp_path / "home"), COLUMNS="160", SHIPMON_EMBEDDED_IDLE_TIMEOUT="0"
+        ),
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -31,4 +40,45 @@ def test_the_demo_shows_polls_transitions_and_verified_webhooks(
     assert "rejected: 0" in result.stdout
     assert "→" in result.stdout  # transitions were shown
     assert "What to try next" in result.stdout
-    assert (tmp_path / "home" / "demo.log").exists()
+    assert (tmp_path / "home" / "demo" / "demo.log").exists()
+
+
+def test_the_demo_neither_touches_nor_leaves_anything_in_the_users_state(
+    servers: RunServers, tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    name = f"real-{secrets.token_hex(4)}"
+    with transaction(servers.database_url) as s:
+        account = make_account(s, name=name)
+        register_orders(s, name, ["REAL12345"])
+        account_before = _row(s, Account, account.id)
+        shipment = s.scalars(select(Shipment).where(Shipment.account_id == account.id)).one()
+        shipment_before = _row(s, Shipment, shipment.id)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "worker", "demo", "--duration", "8", "--orders", "3"],
+            # No idle time: the demo's own servers stop as it ends.
+            env=servers.env(SHIPMON_HOME=str(home), SHIPMON_EMBEDDED_IDLE_TIMEOUT="0"),
+            capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        with transaction(servers.database_url) as s:
+            # The real account was neither polled nor paused, and no demo account was left.
+            assert _row(s, Account, account.id) == account_before
+            assert _row(s, Shipment, shipment.id) == shipment_before
+            names = set(s.scalars(select(Account.name)))
+            assert not names & {"demo-shop", "demo-market"}
+        # The demo kept to a folder of its own and stopped its servers.
+        assert {p.name for p in home.iterdir()} == {"demo"}
+        assert not (home / "demo" / "postgres" / "postmaster.pid").exists()
+        assert "demo" in result.stdout
+    finally:
+        with transaction(servers.database_url) as s:
+            remove_account(s, name)
+
+
+def _row(s: Session, model: type[Base], row_id: int) -> dict[str, object]:
+    """Every column of one row, read afresh from the database."""
+    row = s.get(model, row_id, populate_existing=True)
+    assert row is not None
+    return {c.key: getattr(row, c.key) for c in model.__table__.columns}

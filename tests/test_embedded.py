@@ -14,7 +14,8 @@ import psycopg
 import pytest
 import redis
 
-from worker.core.servers import EmbeddedServerError, EmbeddedServers
+from worker.core import servers as embedded_servers
+from worker.core.servers import WATCHER_PID, EmbeddedServerError, EmbeddedServers
 
 
 def test_embedded_servers_are_shared_and_stopped_by_the_last_holder(tmp_path: Path) -> None:
@@ -50,6 +51,37 @@ def test_embedded_servers_are_shared_and_stopped_by_the_last_holder(tmp_path: Pa
         first.release()
     assert first._postgres_port() is None
     assert first._redis_pid() is None
+
+
+def test_with_an_idle_timeout_the_servers_outlive_the_last_holder_then_stop(
+    tmp_path: Path,
+) -> None:
+    home = tmp_path / "home"
+    started: list[str] = []
+    first = EmbeddedServers(home, idle_timeout_s=2.0, announce=started.append)
+    try:
+        servers = first.acquire()
+        # A cold start says what it starts while the user waits.
+        assert [what.split()[1] for what in started] == ["embedded", "embedded"]
+        assert "PostgreSQL" in started[0] and "Redis" in started[1]
+        first.release()
+        # The next command finds them up: it starts nothing and gets the same servers.
+        restarted: list[str] = []
+        again = EmbeddedServers(home, idle_timeout_s=2.0, announce=restarted.append)
+        assert again.acquire() == servers
+        assert restarted == []
+        with psycopg.connect(servers.database_url.replace("+psycopg", "")) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        again.release()
+        # Once nobody has held them for the timeout, the watcher stops them and leaves.
+        watcher = embedded_servers._watchers[-1]
+        assert watcher.pid == int((home / WATCHER_PID).read_text())
+        assert watcher.wait(timeout=60) == 0
+        assert again._postgres_port() is None
+        assert again._redis_pid() is None
+        assert not (home / WATCHER_PID).exists()
+    finally:
+        EmbeddedServers(home).stop()
 
 
 def _read_key_at_once(

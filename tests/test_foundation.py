@@ -3,24 +3,39 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
+import shutil
 import subprocess
 import sys
 import uuid
+import warnings
+import zipfile
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
+import redis
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
 
-from tests.conftest import RunServers, make_account
+from tests.conftest import ROOT, RunServers, make_account
+from worker.cli.common import pace_bar
+from worker.cli.ops import _timeline
 from worker.core.config import ConfigError, Settings, load_settings, mask_url
 from worker.core.crypto import SecretKeyMismatch, decrypt, encrypt
-from worker.core.db import alembic_config, upgrade
+from worker.core.db import alembic_config, migrations_folder, upgrade
+from worker.core.logs import QUIET_LIBRARIES, configure_logging
 from worker.domain.models import Base, Shipment, StatusEvent
 from worker.domain.vocabulary import ErrorCode
+from worker.ops.heartbeat import HEARTBEAT_KEY, last_tick, record_tick, silence
 from worker.tracking.intake import UnknownAccount, register_orders
 
 
@@ -195,13 +210,15 @@ def test_a_short_secret_key_is_refused_before_anything_is_encrypted(key: str) ->
         encrypt("api-key-123", key)
 
 
-def _shipmon(servers: RunServers, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+def _shipmon(
+    servers: RunServers, *args: str, stdin: str = "", **env: str
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "worker", *args],
         input=stdin,
         capture_output=True,
         text=True,
-        env=servers.env(),
+        env=servers.env(**env),
         timeout=60,
     )
 
@@ -264,3 +281,201 @@ def test_secret_key_is_required_with_configured_servers(servers: RunServers) -> 
     )  # fmt: skip
     assert result.returncode == 2
     assert "SHIPMON_SECRET_KEY is required" in result.stderr
+
+
+HEAVY_LIBRARIES = ("sqlalchemy", "redis", "alembic", "httpx", "aiohttp", "numpy", "psycopg")
+
+
+@pytest.mark.parametrize("option", ["--help", "--version"])
+def test_help_and_version_load_no_database_or_network_library(option: str) -> None:
+    probe = (
+        "import sys\n"
+        "from worker.cli import app\n"
+        "try:\n"
+        f"    app([{option!r}])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        f"print([m for m in {HEAVY_LIBRARIES!r} if m in sys.modules])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    if option == "--version":
+        from importlib.metadata import version
+
+        assert result.stdout.startswith(f"shipmon {version('shipmon')}\n")
+
+
+def test_show_and_stats_say_when_nothing_is_polling(
+    servers: RunServers, redis_client: redis.Redis[bytes]
+) -> None:
+    name = f"cli-{uuid.uuid4().hex[:6]}"
+    assert _shipmon(servers, "account", "add", name, "--api-key", "KEY-FOR-POLLING").returncode == 0
+    assert _shipmon(servers, "track", "--account", name, "IDLE00001").returncode == 0
+    redis_client.delete(HEARTBEAT_KEY)
+    shown = _shipmon(servers, "show", "IDLE00001")
+    assert shown.returncode == 0, shown.stderr
+    assert f"IDLE00001 of {name}: not looked up at the carrier yet" in shown.stdout
+    assert "nothing is polling: no dispatcher has run yet; start it with `shipmon run`" in (
+        shown.stdout
+    )
+    stats = _shipmon(servers, "stats", "--json")
+    assert json.loads(stats.stdout)["polling"] == {"last_dispatch": None, "active": False}
+
+    ticked = datetime.now(UTC)
+    record_tick(redis_client, ticked)
+    assert "nothing is polling" not in _shipmon(servers, "show", "IDLE00001").stdout
+    assert "nothing is polling" not in _shipmon(servers, "stats").stdout
+    stats = _shipmon(servers, "stats", "--json")
+    assert json.loads(stats.stdout)["polling"] == {
+        "last_dispatch": ticked.isoformat(),
+        "active": True,
+    }
+
+
+def test_a_dispatcher_silent_for_a_minute_is_reported_and_a_garbled_tick_is_none(
+    redis_client: redis.Redis[bytes],
+) -> None:
+    now = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
+    assert silence(now - timedelta(seconds=50), now) is None
+    note = silence(now - timedelta(minutes=12), now)
+    assert note is not None
+    assert note.startswith("nothing is polling: the dispatcher last ran 12 min ago")
+    for garbled in (b"yesterday", b"2026-12-02T12:00:00", b"9" * 500):
+        redis_client.set(HEARTBEAT_KEY, garbled)
+        assert last_tick(redis_client) is None
+
+
+def test_narrow_tables_fold_text_and_never_cut_an_id_or_a_number(servers: RunServers) -> None:
+    name = f"cli-narrow-{uuid.uuid4().hex[:6]}"
+    added = _shipmon(
+        servers,
+        "account",
+        "add",
+        name,
+        "--api-key",
+        "KEY-NARROW-123456",
+        "--daily-quota",
+        "2000000",
+    )
+    assert added.returncode == 0, added.stderr
+    for command in ("quota", "stats"):
+        shown = _shipmon(servers, command, COLUMNS="60")
+        assert shown.returncode == 0, shown.stderr
+        # Rich cuts a cell with an ellipsis at its end (a key hint starts with one).
+        assert re.search(r"…\s*[│┃]", shown.stdout) is None, shown.stdout
+    assert "2,000,000" in _shipmon(servers, "quota", COLUMNS="60").stdout
+    assert "2000000" in _shipmon(servers, "account", "list", COLUMNS="60").stdout
+
+
+def test_help_keeps_no_line_break_of_its_source_and_errors_keep_commands_whole(
+    servers: RunServers,
+) -> None:
+    shown = _shipmon(servers, "untrack", "--help", COLUMNS="200")
+    # The docstring breaks this sentence across two source lines.
+    assert "polling ends and `shipment.polling_stopped` goes out, with reason" in shown.stdout
+    refused = subprocess.run(
+        [sys.executable, "-m", "worker", "webhooks", "replay"],
+        capture_output=True, text=True, env=servers.env(COLUMNS="40"), timeout=60,
+    )  # fmt: skip
+    assert refused.returncode == 2
+    assert "give either an event id or --failed-since TIME" in refused.stderr
+
+
+def test_a_checkout_migrates_from_its_own_migrations_folder() -> None:
+    assert migrations_folder() == ROOT / "migrations"
+
+
+@pytest.mark.skipif(shutil.which("uv") is None, reason="building a wheel needs uv")
+def test_an_installed_wheel_carries_its_migrations_and_finds_them(tmp_path: Path) -> None:
+    built = subprocess.run(
+        ["uv", "build", "--wheel", "--offline", "-o", str(tmp_path / "dist"), str(ROOT)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("shipmon-*.whl")
+    installed = tmp_path / "site-packages"
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        archive.extractall(installed)
+    for migration in (ROOT / "migrations" / "versions").glob("*.py"):
+        assert f"worker/migrations/versions/{migration.name}" in names
+    # Imported from the unpacked wheel alone, as from site-packages: it finds its own copy.
+    found = subprocess.run(
+        [sys.executable, "-c",
+         "from worker.core.db import migrations_folder; print(migrations_folder())"],
+        capture_output=True, text=True, check=True, timeout=60, cwd=tmp_path,
+        env={"PATH": os.environ["PATH"], "PYTHONPATH": str(installed)},
+    )  # fmt: skip
+    assert Path(found.stdout.strip()) == installed / "worker" / "migrations"
+
+
+def _json_log_lines(capsys: pytest.CaptureFixture[str]) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+
+
+@pytest.fixture
+def restored_logging() -> Iterator[None]:
+    """The logging setup a test changes, put back afterwards."""
+    root = logging.getLogger()
+    saved = {name: logging.getLogger(name).level for name in QUIET_LIBRARIES}
+    handlers, level = root.handlers[:], root.level
+    yield
+    logging.captureWarnings(False)
+    root.handlers[:], root.level = handlers, level
+    for name, quiet_level in saved.items():
+        logging.getLogger(name).setLevel(quiet_level)
+
+
+@pytest.mark.usefixtures("restored_logging")
+def test_celerys_numeric_loglevel_is_honoured_and_request_lines_are_silenced(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging(logging.INFO)  # as Celery passes `--loglevel INFO`
+    logging.getLogger("worker.test").debug("below the level")
+    logging.getLogger("worker.test").info("polled")
+    logging.getLogger("httpx").info('HTTP Request: GET https://carrier/ "HTTP/1.1 200 OK"')
+    logging.getLogger("httpx").warning("the carrier's certificate expires soon")
+    logging.getLogger("uvicorn.error").info("Application startup complete.")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("a deprecated setting", DeprecationWarning, stacklevel=1)
+    lines = _json_log_lines(capsys)
+    assert [(line["logger"], line["level"]) for line in lines] == [
+        ("worker.test", "INFO"),
+        ("httpx", "WARNING"),
+        ("uvicorn.error", "INFO"),
+        ("py.warnings", "WARNING"),
+    ]
+    assert "a deprecated setting" in lines[-1]["message"]
+
+
+@pytest.mark.usefixtures("restored_logging")
+def test_a_loglevel_of_warning_keeps_info_lines_out(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("WARNING")
+    logging.getLogger("worker.test").info("not shown")
+    logging.getLogger("worker.test").warning("shown")
+    assert [line["message"] for line in _json_log_lines(capsys)] == ["shown"]
+
+
+def test_the_pace_bar_marks_the_pace_line_and_turns_red_ahead_of_it() -> None:
+    within = pace_bar(30, 50, 100, width=10)
+    assert within == "[green]███[/]··│····"
+    ahead = pace_bar(70, 50, 100, width=10)
+    assert ahead == "[red]█████│█[/]···"
+    assert pace_bar(5, 0, 0) == ""
+
+
+def test_show_draws_the_statuses_as_a_timeline_with_the_time_spent_in_each() -> None:
+    start = datetime(2026, 12, 1, 8, 0, tzinfo=UTC)
+    statuses = [
+        {"status": "ACCEPTED", "occurred_at": start.isoformat()},
+        {"status": "PICKED_UP", "occurred_at": (start + timedelta(hours=2)).isoformat()},
+        {"status": "IN_TRANSIT", "occurred_at": (start + timedelta(days=1, hours=5)).isoformat()},
+    ]
+    now = start + timedelta(days=1, hours=5, minutes=40)
+    assert _timeline(statuses, True, now) == (
+        "ACCEPTED [dim]2h 0m[/] → PICKED_UP [dim]1d 3h[/] → IN_TRANSIT [dim]40m[/]"
+    )
+    assert _timeline(statuses, False, now).endswith("→ IN_TRANSIT")

@@ -7,7 +7,6 @@ receivers are real servers on 127.0.0.1 (`worker.sim.hostile`); time moves by pa
 
 from __future__ import annotations
 
-import asyncio
 import json
 import secrets
 import subprocess
@@ -28,12 +27,7 @@ from worker.cli.run import start_system
 from worker.core.db import session_factory
 from worker.domain.models import Account, Delivery, DeliveryAttempt, OutboxEvent, Shipment
 from worker.domain.vocabulary import EventType
-from worker.notify.outbox import (
-    CIRCUIT_AFTER,
-    CIRCUIT_REST,
-    ENDPOINT_IN_FLIGHT,
-    fan_out_and_deliver_async,
-)
+from worker.notify.delivery import CIRCUIT_AFTER, CIRCUIT_REST, ENDPOINT_IN_FLIGHT
 from worker.notify.webhooks.endpoints import add_endpoint
 from worker.notify.webhooks.sender import EXCERPT_LIMIT, RETRY_DELAYS, WebhookSender
 from worker.runtime.supervisor import Supervisor
@@ -107,13 +101,9 @@ def many_shipments(world: World, account_id: int, count: int) -> None:
 def deliver(world: World, now: Any) -> int:
     """One delivery run with a sender whose attempts end after ATTEMPT_TIMEOUT."""
 
-    async def run() -> int:
-        async with WebhookSender(allow_private=True, attempt_timeout=ATTEMPT_TIMEOUT) as sender:
-            return await fan_out_and_deliver_async(
-                world.sessions, world.settings, sender, secret_key=world.secret_key, now=now
-            )
-
-    return asyncio.run(run())
+    return world.deliver(
+        now, sender=WebhookSender(allow_private=True, attempt_timeout=ATTEMPT_TIMEOUT)
+    )
 
 
 def attempts_of(world: World, endpoint_id: int) -> list[DeliveryAttempt]:

@@ -13,14 +13,26 @@ from tests.conftest import make_account
 from worker.domain.models import SchedulerState, Shipment, StatusEvent
 from worker.domain.vocabulary import Status
 from worker.scheduling.learning import (
+    LEARNING_WINDOW,
     PlanCache,
+    account_coverage,
     planned_rates,
+    push_coverage,
     recorded_stays,
     relearn,
     stay_statistics,
     update_prices,
 )
-from worker.scheduling.model import fit_model, fit_statistics, summarise_stays
+from worker.scheduling.model import (
+    LONGEST_PUSH_DELAY_SECONDS,
+    NO_PUSHES,
+    NOT_FOUND,
+    PushCounts,
+    fit_model,
+    fit_statistics,
+    summarise_stays,
+    summarise_transitions,
+)
 
 NOW = datetime(2026, 11, 27, 3, 0, tzinfo=UTC)
 ZONE = "Asia/Ho_Chi_Minh"
@@ -194,3 +206,135 @@ def test_the_model_fitted_in_sql_equals_the_one_fitted_from_every_stay(session: 
     stored = relearn(session, ZONE, NOW)
     assert stored.dwell.keys() == expected.dwell.keys()
     assert stored.dwell[Status.PICKED_UP.value].next_shares
+
+
+def _record(
+    session: Session, account_id: int, code: str, rows: list[tuple[Status, datetime, float | None]]
+) -> None:
+    """A shipment with status rows (status, happened, push delay in seconds or None if polled)."""
+    shipment = Shipment(
+        account_id=account_id,
+        order_code=code,
+        registered_at=rows[0][1] - timedelta(minutes=30),
+        found_at=rows[0][1] + timedelta(minutes=10),
+        last_polled_at=NOW,
+        next_poll_at=NOW + timedelta(hours=1),
+    )
+    session.add(shipment)
+    session.flush()
+    for status, at, delay in rows:
+        pushed = delay is not None
+        session.add(
+            StatusEvent(
+                shipment_id=shipment.id,
+                status=status.value,
+                occurred_at=at,
+                seen_at=at + timedelta(seconds=delay if pushed else 1800),
+                source="push" if pushed else "poll",
+            )
+        )
+    session.flush()
+
+
+def test_push_coverage_is_learned_from_which_rows_a_push_reported_first(
+    session: Session,
+) -> None:
+    account = make_account(session)
+    other = make_account(session)
+    expected: list[tuple[str, float | None]] = []
+    for i in range(100):
+        start = NOW - timedelta(hours=30 - i % 20)
+        # Nine in ten pickups came by push, 2 to 14 s late; the rest of the history by poll.
+        delay = None if i % 10 == 0 else 2.0 * (i % 7 + 1)
+        rows = [
+            (Status.ACCEPTED, start, None),
+            (Status.PICKED_UP, start + timedelta(hours=3), delay),
+            (Status.IN_TRANSIT, start + timedelta(hours=9), None),
+        ]
+        _record(session, account.id, f"PUSH{i:04d}", rows)
+        expected += [(NOT_FOUND, None), ("ACCEPTED", delay), ("PICKED_UP", None)]
+    # Accepted before the window, picked up within it: the status left is still ACCEPTED.
+    old = NOW - timedelta(days=9)
+    _record(
+        session,
+        account.id,
+        "PUSHOLD1",
+        [(Status.ACCEPTED, old, None), (Status.PICKED_UP, NOW - timedelta(hours=1), 4.0)],
+    )
+    expected.append(("ACCEPTED", 4.0))
+    # A clock ahead of the carrier's and a push days late are bounded, not taken as said.
+    _record(
+        session,
+        other.id,
+        "PUSHSKEW",
+        [
+            (Status.ACCEPTED, NOW - timedelta(hours=5), -60.0),
+            (Status.PICKED_UP, NOW - timedelta(hours=4), 9 * 86_400.0),
+        ],
+    )
+
+    learned = push_coverage(session, NOW - LEARNING_WINDOW)
+
+    mine = learned[account.id]
+    assert mine.overall.transitions == 301
+    assert mine.overall.pushed == 91
+    accepted = dict(mine.by_status)["ACCEPTED"]
+    assert (accepted.transitions, accepted.pushed) == (101, 91)
+    assert dict(mine.by_status)["PICKED_UP"].pushed == 0
+    assert mine.to_json() == summarise_transitions(expected).to_json()
+    skewed = learned[other.id].overall
+    assert skewed.pushed == 2
+    assert skewed.median_delay_s == pytest.approx(LONGEST_PUSH_DELAY_SECONDS / 2)
+    everyone = learned[None].overall
+    assert everyone.transitions >= 303 and everyone.pushed >= 93
+
+    model = relearn(session, ZONE, NOW)
+    assert model.coverage(account.id).to_json() == mine.to_json()
+    assert model.coverage(other.id + 1000) == NO_PUSHES
+    # The plan counts pushes for leaving ACCEPTED, none where polls saw every exit, and the
+    # account's share where a status's own exits are too few to tell (IN_TRANSIT).
+    terms = {key: share for key, share, _ in model.coverage(account.id).terms(model.dwell)}
+    assert terms["ACCEPTED"] == 0.9
+    assert terms["IN_TRANSIT"] == 0.3
+    assert NOT_FOUND not in terms and "PICKED_UP" not in terms
+
+
+def test_a_status_a_push_reported_after_the_last_lookup_is_censored_at_its_entry(
+    session: Session,
+) -> None:
+    account = make_account(session)
+    entered = NOW - timedelta(hours=2)
+    _record(
+        session,
+        account.id,
+        "PUSHCENS",
+        [(Status.ACCEPTED, NOW - timedelta(hours=8), None), (Status.PICKED_UP, entered, 3.0)],
+    )
+    shipment = session.scalars(select(Shipment).where(Shipment.order_code == "PUSHCENS")).one()
+    shipment.last_polled_at = NOW - timedelta(hours=5)  # looked up before the pushed pickup
+    session.flush()
+    sampled = stay_statistics(session, NOW - LEARNING_WINDOW)[Status.PICKED_UP.value].sample
+    censored = [s for s in sampled if s.entered_at == entered and s.exited_at is None]
+    assert censored and all(s.observed_until == entered for s in censored)
+
+
+def test_every_account_is_listed_with_its_push_coverage_then_all_accounts(
+    session: Session,
+) -> None:
+    pushed = make_account(session, name="aaa-pushed")
+    quiet = make_account(session, name="aaa-quiet")
+    at = NOW - timedelta(hours=3)
+    _record(
+        session,
+        pushed.id,
+        "PUSHLIST",
+        [(Status.ACCEPTED, at, 6.0), (Status.PICKED_UP, at + timedelta(hours=1), 8.0)],
+    )
+    listed = account_coverage(session, NOW)
+    names = [name for name, _ in listed]
+    assert names[-1] is None and names.index("aaa-pushed") < names.index("aaa-quiet")
+    coverage = dict(listed)
+    assert coverage["aaa-pushed"].overall == PushCounts(2, 2, 7.0, 7.0)
+    assert coverage["aaa-quiet"] == NO_PUSHES
+    assert coverage[None].overall.pushed >= 2
+    assert quiet.name in coverage

@@ -591,10 +591,12 @@ def test_stats_prints_the_system_for_people_and_for_machines(
     assert (line["used_today"], line["daily_quota"]) == (0, 900)
     assert data["quota"][-1]["account"] is None
     assert {d["code"] for d in data["delays"]} >= {13}
+    [pushes] = [c for c in data["push_coverage"] if c["account"] == committed.account]
+    assert (pushes["pushed"], pushes["share"], pushes["median_delay_s"]) == (0, 0.0, None)
 
     table = shipmon("stats")
     assert table.exit_code == 0, table.output
-    for title in ("shipments", "quota today", "due now", "transitions", "failing endpoints"):
+    for title in ("shipments", "quota", "due now", "transitions", "pushes", "failing endpoints"):
         assert title in table.output
 
 

@@ -44,15 +44,9 @@ from worker.domain.models import (
     WebhookEndpoint,
 )
 from worker.domain.vocabulary import EventType
-from worker.notify.outbox import (
-    DEFAULT_LEASE,
-    _claim,
-    _record,
-    fan_out,
-    fan_out_and_deliver,
-    fan_out_and_deliver_async,
-    replay,
-)
+from worker.notify.delivery import DEFAULT_LEASE, _claim, _record, fan_out_and_deliver
+from worker.notify.outbox import fan_out
+from worker.notify.replay import replay
 from worker.notify.webhooks.endpoints import add_endpoint, set_endpoint_enabled
 from worker.notify.webhooks.sender import RETRY_DELAYS, AttemptResult, WebhookSender
 
@@ -242,10 +236,24 @@ class World:
             s.flush()
             return event.id, event.event_id
 
-    def deliver(self, now: datetime, **options: Any) -> int:
-        return fan_out_and_deliver(
-            self.sessions, self.settings, secret_key=self.secret_key, now=now, **options
-        )
+    def deliver(
+        self,
+        now: datetime,
+        event_ids: list[int] | None = None,
+        *,
+        sender: WebhookSender | None = None,
+    ) -> int:
+        """One run of the worker's delivery task, with an HTTP client of its own by default."""
+
+        async def run() -> int:
+            client = sender or WebhookSender(allow_private=self.settings.webhook_allow_private)
+            async with client:
+                return await fan_out_and_deliver(
+                    self.sessions, self.settings, client, event_ids,
+                    secret_key=self.secret_key, now=now,
+                )  # fmt: skip
+
+        return asyncio.run(run())
 
     def deliveries(self, endpoint_id: int) -> list[Delivery]:
         with self.sessions() as s:
@@ -553,9 +561,7 @@ def test_an_earlier_event_not_yet_fanned_out_holds_the_later_one(
     world.event(shipment)
     second, _ = world.event(shipment)
 
-    fan_out_and_deliver(
-        world.sessions, world.settings, [second], secret_key=world.secret_key, now=T0
-    )
+    world.deliver(T0, [second])
     assert receiver.received == []
     world.deliver(T0)
     assert receiver.sequences(code) == [1, 2]
@@ -586,13 +592,7 @@ def test_an_attempt_that_fails_unexpectedly_is_recorded_and_stops_no_other(
         for _ in range(3):
             world.event(shipment)
 
-    async def run() -> int:
-        async with _BrokenFor(broken.url) as sender:
-            return await fan_out_and_deliver_async(
-                world.sessions, world.settings, sender, secret_key=world.secret_key, now=T0
-            )
-
-    assert asyncio.run(run()) == 4
+    assert world.deliver(T0, sender=_BrokenFor(broken.url)) == 4
     assert len(healthy.received) == 3
     first = world.deliveries(broken_id)[0]
     assert first.state == "pending"
@@ -604,17 +604,25 @@ def test_an_attempt_that_fails_unexpectedly_is_recorded_and_stops_no_other(
 # --- At least once ---------------------------------------------------------------------------
 
 CHILD = """
+import asyncio
 import sys
 from datetime import datetime
 from worker.core.config import load_settings
 from worker.core.db import session_factory
-from worker.notify.outbox import fan_out_and_deliver
+from worker.notify.delivery import fan_out_and_deliver
+from worker.notify.webhooks.sender import WebhookSender
 
 settings = load_settings()
-fan_out_and_deliver(
-    session_factory(settings.database_url), settings,
-    secret_key=settings.secret_key.get_secret_value(), now=datetime.fromisoformat(sys.argv[1]),
-)
+
+async def run():
+    async with WebhookSender(allow_private=settings.webhook_allow_private) as sender:
+        await fan_out_and_deliver(
+            session_factory(settings.database_url), settings, sender,
+            secret_key=settings.secret_key.get_secret_value(),
+            now=datetime.fromisoformat(sys.argv[1]),
+        )
+
+asyncio.run(run())
 """
 
 

@@ -16,16 +16,20 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from tests.conftest import RunServers
 from worker.carrier.client import CarrierClient
+from worker.carrier.errors import ApiKeyLimit, ApiKeyNotFound
 from worker.carrier.parse import parse_tracking
 from worker.core.crypto import encrypt
 from worker.core.db import session_factory
+from worker.domain.events import EventData
 from worker.domain.models import Account, OutboxEvent, QuotaUsage, Shipment, StatusEvent
+from worker.domain.pauses import FOREVER, until_words
 from worker.domain.vocabulary import EventType, Status
 from worker.quota.limiter import QuotaLimiter, counter_key
 from worker.scheduling.learning import PlanCache
 from worker.scheduling.model import LearnedModel
 from worker.sim.sandbox import ManualClock, SandboxHandle, running_sandbox
 from worker.sim.workload import Faults
+from worker.tracking.accounts import pause
 from worker.tracking.dispatch import Claim, FirstLookup, database_now, dispatch
 from worker.tracking.poller import BatchReport, poll_claim
 from worker.tracking.record import PollContext, apply_outcome
@@ -206,6 +210,38 @@ def test_a_new_order_is_polled_at_once_and_its_status_announced(pipe: Pipeline) 
     assert data["status"]["id"] == 21
     assert data["event_time"] is not None
     assert data["seen_at"] == START.isoformat()
+    assert data["source"] == "poll"
+
+
+def test_every_event_written_reads_back_as_the_same_typed_data(pipe: Pipeline) -> None:
+    pipe.sandbox.add_order(pipe.account.api_key, "SHOP00009", status="ACCEPTED")  # type: ignore[attr-defined]
+    pipe.register("SHOP00009")
+    pipe.poll_due()
+    events = pipe.events("SHOP00009")
+    assert events
+    for event in events:
+        data = EventData.from_json(event.data)
+        assert data.to_json() == event.data
+        assert (data.order_code, data.sequence, data.source) == (
+            "SHOP00009",
+            event.sequence,
+            "poll",
+        )
+
+
+def test_event_data_that_is_not_as_written_is_refused_saying_what_is_wrong(
+    pipe: Pipeline,
+) -> None:
+    pipe.sandbox.add_order(pipe.account.api_key, "SHOP00010", status="ACCEPTED")  # type: ignore[attr-defined]
+    pipe.register("SHOP00010")
+    pipe.poll_due()
+    stored = pipe.events("SHOP00010")[0].data
+    with pytest.raises(ValueError, match="'seen_at' is missing"):
+        EventData.from_json({k: v for k, v in stored.items() if k != "seen_at"})
+    with pytest.raises(ValueError, match="source must be"):
+        EventData.from_json(stored | {"source": "fax"})
+    with pytest.raises(ValueError, match="must be a JSON object"):
+        EventData.from_json(stored | {"status": "DELIVERED"})
 
 
 def test_several_transitions_caught_by_one_poll_each_get_one_event(pipe: Pipeline) -> None:
@@ -304,14 +340,21 @@ def test_a_key_the_carrier_does_not_know_pauses_the_account(
     assert reports[0].paused == "ApiKeyNotFound"
     alert = reports[0].alert
     assert alert is not None
-    assert alert.to == "ops@shop.example"
+    assert alert.ops_email == "ops@shop.example"
     assert pipe.account.name in alert.subject
     assert "shipmon account set-key" in alert.body
+    # The pause waits for a person, and says so in words, not as a placeholder date.
+    assert "until the key is fixed" in alert.body and "9999" not in alert.body
     with sessions.begin() as s:
         acc = s.get(Account, pipe.account.id)
         assert acc is not None
         assert acc.paused_until is not None
         assert "refused the API key" in (acc.pause_reason or "")
+        assert acc.paused_until == FOREVER
+        # The same refusal seen by another batch pauses nothing new and tells no one again.
+        refusal = ApiKeyNotFound("refused", order_code="X", code_raw="APIKEY_NOT_FOUND",
+                                 carrier_message=None)  # fmt: skip
+        assert pause(s, acc, refusal, pipe.clock.now(), lambda *_: None) is None
     assert pipe.shipment("SHOP00004").active
     assert pipe.claims() == []  # paused accounts are not dispatched
 
@@ -577,3 +620,29 @@ def test_a_poll_task_that_waited_past_its_lease_gives_its_grants_back(
     assert _spent(pipe, redis_client) == (2, 2)
     assert pipe.poll(fresh).polled == 2
     assert _spent(pipe, redis_client) == (2, 2)
+
+
+def test_a_key_refused_for_quota_sends_ops_the_limiters_careful_message_once(
+    limited: Pipeline,
+) -> None:
+    pipe = limited
+    assert pipe.limiter is not None
+    refusal = ApiKeyLimit("refused", order_code="X", code_raw="APIKEY_LIMIT", carrier_message=None)
+    with pipe.sessions.begin() as s:
+        acc = s.get_one(Account, pipe.account.id)
+        acc.ops_email = "ops@shop.example"
+        alert = pause(s, acc, refusal, pipe.clock.now(), pipe.limiter.pause_for_limit)
+        assert alert is not None
+        assert alert.ops_email == "ops@shop.example" and pipe.account.name in alert.subject
+        # What the limiter knows goes out: when polling resumes and the key's new daily plan.
+        assert alert.paused_until == acc.paused_until and alert.paused_until < FOREVER
+        assert "APIKEY_LIMIT" in alert.body and "daily plan" in alert.body
+        assert alert.paused_until.isoformat() in alert.body
+        assert pause(s, acc, refusal, pipe.clock.now(), pipe.limiter.pause_for_limit) is None
+
+
+def test_a_pause_waiting_for_a_person_reads_until_fixed_whatever_date_it_holds() -> None:
+    assert until_words(FOREVER) == "fixed"
+    # Rows written before the one placeholder, with the held deliveries' date, read alike.
+    assert until_words(datetime(9999, 12, 31, tzinfo=UTC)) == "fixed"
+    assert until_words(datetime(2026, 12, 3, 17, 0, tzinfo=UTC)) == "2026-12-03 17:00 UTC"

@@ -389,6 +389,7 @@ def test_shipmon_quota_json(
     assert mine["last_hour"] == 1
     assert mine["api_key"] == f"…{committed_account.api_key_hint}"
     assert mine["paused_until"] is None
+    assert mine["push_coverage"]["transitions"] == 0
     assert 10 <= mine["allowed_now"] <= 1000
     assert lines[-1]["account"] is None
     assert lines[-1]["daily_quota"] == settings.global_daily_quota

@@ -5,9 +5,12 @@ Every function takes its clock as an argument, so these tests drive simulated ti
 
 from __future__ import annotations
 
+import hashlib
 import heapq
+import json
 import math
 import random
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -17,13 +20,16 @@ from worker.domain.vocabulary import Status
 from worker.quota.pacing import allowed_by, elapsed_share
 from worker.scheduling.model import (
     DEFAULT_MAX_INTERVAL,
+    NO_PUSHES,
     NOT_FOUND,
     DwellModel,
     LearnedModel,
+    PushCoverage,
     ShipmentState,
     Stay,
     fit_model,
     next_poll_at,
+    summarise_transitions,
 )
 from worker.scheduling.policy import GRID_SECONDS
 from worker.scheduling.pricing import PriceController, planned_rate
@@ -456,3 +462,129 @@ def test_the_ceiling_stretches_when_the_quota_cannot_afford_it() -> None:
     controller.open_shipments = 1600  # 3.2 days, rounded up to the next 6 hours
     assert controller.max_interval(DEFAULT_MAX_INTERVAL) == timedelta(days=3, hours=6)
     assert PriceController.from_json(controller.to_json()).open_shipments == 1600
+
+
+# ---------------------------------------------------------------------------------------------
+# Push coverage
+
+
+def chain_model() -> LearnedModel:
+    """A fixed lifecycle, with quiet hours, a loop and a terminal exit, to compare plans on."""
+    return LearnedModel(
+        ZONE_NAME,
+        {
+            NOT_FOUND: DwellModel(math.log(0.5 * HOUR), 1.0, None, 500, {"ACCEPTED": 1.0}),
+            "ACCEPTED": DwellModel(
+                math.log(3 * HOUR), 0.8, (72_000, 25_200), 500, {"PICKED_UP": 0.9, "CANCEL": 0.1}
+            ),
+            "PICKED_UP": DwellModel(math.log(8 * HOUR), 0.6, None, 500, {"DELIVERING": 1.0}),
+            "DELIVERING": DwellModel(
+                math.log(4 * HOUR),
+                0.5,
+                (72_000, 28_800),
+                500,
+                {"DELIVERED": 0.95, "PICKED_UP": 0.05},
+            ),
+        },
+    )
+
+
+def plan_digest(model: LearnedModel, pushes: PushCoverage = NO_PUSHES) -> str:
+    digest = hashlib.sha256()
+    for price in (600.0, 1800.0, 7200.0):
+        plan = model.plan(price, timedelta(hours=24), pushes)
+        for key in sorted(plan.waits):
+            digest.update(key.encode())
+            digest.update(plan.waits[key].tobytes())
+    return digest.hexdigest()
+
+
+def coverage(share: float, transitions: int = 1000, delay: float = 9.0) -> PushCoverage:
+    """An account whose pushes report `share` of every status's transitions `delay` s late."""
+    pushed = round(share * transitions)
+    return summarise_transitions(
+        (key, delay if i < pushed else None)
+        for key in (NOT_FOUND, "ACCEPTED", "PICKED_UP", "DELIVERING")
+        for i in range(transitions)
+    )
+
+
+def test_an_account_without_pushes_gets_exactly_the_poll_only_plan() -> None:
+    # The digest of these plans as solved before the scheduler knew of pushes.
+    poll_only = "e382325fd95fb230bda2c682c9ebe3a4c2d8d2450c0b0c84392dc6c6c8929403"
+    assert plan_digest(chain_model()) == poll_only
+    assert plan_digest(chain_model(), coverage(0.0)) == poll_only
+    # Too few transitions to know a share: planned as if no push came.
+    assert plan_digest(chain_model(), coverage(1.0, transitions=10)) == poll_only
+
+
+def wait_hours(model: LearnedModel, pushes: PushCoverage, status: Status, price: float) -> float:
+    entered = local(3, 9)
+    state = ShipmentState(local(3, 8), status, entered, entered + timedelta(minutes=15))
+    due = next_poll_at(state, model, price, DEFAULT_MAX_INTERVAL, pushes)
+    assert due is not None
+    return (due - entered).total_seconds() / HOUR
+
+
+def test_the_more_pushes_cover_the_later_the_lookups() -> None:
+    model = chain_model()
+    waits = [wait_hours(model, coverage(c), Status.PICKED_UP, 1800.0) for c in (0.0, 0.5, 0.9)]
+    assert waits[0] < waits[1] < waits[2]
+
+
+def test_lookups_move_to_the_statuses_pushes_miss() -> None:
+    model = chain_model()
+    # Pushes report every exit from PICKED_UP and none from DELIVERING.
+    pushes = summarise_transitions(
+        [("PICKED_UP", 5.0)] * 500 + [("DELIVERING", None)] * 500 + [("ACCEPTED", None)] * 500
+    )
+    assert wait_hours(model, pushes, Status.PICKED_UP, 1800.0) > wait_hours(
+        model, NO_PUSHES, Status.PICKED_UP, 1800.0
+    )
+    # DELIVERING is no better covered, so its lookups stay as frequent or grow more frequent.
+    assert wait_hours(model, pushes, Status.DELIVERING, 1800.0) <= wait_hours(
+        model, NO_PUSHES, Status.DELIVERING, 1800.0
+    )
+
+
+def test_a_status_a_push_reported_still_gets_a_follow_up_lookup() -> None:
+    model = chain_model()
+    happened = local(3, 10)
+    # Pushed into DELIVERING, never looked up since it was picked up.
+    state = ShipmentState(local(3, 1), Status.DELIVERING, happened, local(3, 2))
+    due = next_poll_at(state, model, 1800.0, DEFAULT_MAX_INTERVAL, coverage(0.9))
+    assert due is not None
+    assert happened < due <= happened + DEFAULT_MAX_INTERVAL
+
+
+def test_a_final_status_a_push_reported_gets_one_lookup_at_its_price() -> None:
+    model = chain_model()
+    delivered = local(3, 15)
+    pushed = ShipmentState(local(3, 1), Status.DELIVERED, delivered, local(3, 12), True)
+    assert next_poll_at(pushed, model, 1800.0) == delivered + timedelta(seconds=1800)
+    assert next_poll_at(pushed, model, 7200.0) == delivered + timedelta(seconds=7200)
+    # Once a lookup has read it, or when a lookup found it, it is never looked up again.
+    polled = ShipmentState(local(3, 1), Status.DELIVERED, delivered, local(3, 16))
+    assert next_poll_at(polled, model, 1800.0) is None
+
+
+def test_planned_push_shares_fall_back_to_the_account_where_a_status_has_few() -> None:
+    pushes = summarise_transitions(
+        [("PICKED_UP", 5.0)] * 900 + [("PICKED_UP", None)] * 100 + [("DELIVERING", 20.0)] * 10
+    )
+    terms = dict(
+        (key, (share, delay))
+        for key, share, delay in pushes.terms(["PICKED_UP", "DELIVERING", "*"])
+    )
+    assert terms["PICKED_UP"] == (0.9, 5.0)
+    # DELIVERING saw too few: the account's share (910 of 1010) and mean delay (about 5.2 s).
+    assert terms["DELIVERING"] == (0.9, 5.0)
+    assert terms["*"] == (0.9, 5.0)
+
+
+def test_push_coverage_survives_json_with_the_model() -> None:
+    model = replace(chain_model(), pushes={7: coverage(0.6)})
+    again = LearnedModel.from_json(json.loads(json.dumps(model.to_json())))
+    assert again.coverage(7) == coverage(0.6)
+    assert again.coverage(8) == NO_PUSHES
+    assert plan_digest(again, again.coverage(7)) == plan_digest(model, coverage(0.6))

@@ -10,10 +10,13 @@ from fastapi import FastAPI
 from worker.api import problems
 from worker.api.deps import ApiState
 from worker.api.limits import BodyLimit, RateLimiter
-from worker.api.routes import health, quota, shipments
+from worker.api.routes import carrier, health, quota, shipments
+from worker.carrier.push import MAX_PUSH_BYTES
 from worker.core.config import Settings, get_settings
 from worker.core.db import session_factory
 from worker.core.servers import resolve
+from worker.ops.rotation import store_api_key_digests
+from worker.scheduling.learning import PlanCache
 
 DESCRIPTION = """\
 Register 247Express order codes and read what the carrier says about them, from any language.
@@ -28,17 +31,26 @@ def create_app(settings: Settings) -> FastAPI:
     servers = resolve(settings)
     client: redis.Redis[Any] = redis.Redis.from_url(servers.redis_url)
     app = FastAPI(title="shipmon", version="1", description=DESCRIPTION)
+    sessions = session_factory(servers.database_url)
+    old_keys = [k.get_secret_value() for k in settings.old_secret_keys]
+    # Accounts added before pushes were received get the digest a push finds them by.
+    store_api_key_digests(sessions, servers.secret_key, old_keys, every=False)
     app.state.shipmon = ApiState(
         settings=settings,
-        sessions=session_factory(servers.database_url),
+        sessions=sessions,
         redis=client,
         limiter=RateLimiter(client, settings.api_rate_limit),
+        plans=PlanCache(settings.quota_timezone),
+        secret_key=servers.secret_key,
     )
     problems.install(app)
     app.include_router(shipments.router)
     app.include_router(quota.router)
     app.include_router(health.router)
+    app.include_router(carrier.router)
     app.add_middleware(BodyLimit)
+    # Added last, so it runs first: a push over its own limit is refused in the carrier's shape.
+    app.add_middleware(carrier.PushBodyLimit, limit=MAX_PUSH_BYTES)
     return app
 
 

@@ -16,6 +16,7 @@ from worker.api.limits import RateLimiter
 from worker.api.problems import ApiErrorCode, ApiProblem
 from worker.api.tokens import Principal, verify_token
 from worker.core.config import Settings
+from worker.scheduling.learning import PlanCache
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,9 @@ class ApiState:
     sessions: sessionmaker[Session]
     redis: redis.Redis[Any]
     limiter: RateLimiter
+    # What applying a carrier push needs: the scheduler's plan, and the key of API key digests.
+    plans: PlanCache
+    secret_key: str
 
 
 async def get_state(request: Request) -> ApiState:

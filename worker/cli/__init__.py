@@ -1,6 +1,13 @@
-"""The `shipmon` command line."""
+"""The `shipmon` command line.
+
+Command modules import their heavy dependencies inside the commands (see `worker.cli.common`),
+so `shipmon --help` and `shipmon --version` answer at once.
+"""
 
 from __future__ import annotations
+
+import inspect
+from typing import Annotated
 
 import typer
 
@@ -16,10 +23,31 @@ from worker.cli.tokens import token_app
 
 app = typer.Typer(
     name="shipmon",
-    help="Monitor 247Express shipments: poll within quota, record changes, notify merchants.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,  # locals may hold API keys and secrets
 )
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        from importlib.metadata import version
+
+        typer.echo(f"shipmon {version('shipmon')}")
+        raise typer.Exit
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Monitor 247Express shipments: poll within quota, record changes, notify merchants."""
+
+
 app.add_typer(db_app, name="db")
 app.add_typer(account_app, name="account")
 app.command()(track)
@@ -37,6 +65,25 @@ app.command()(run)
 app.command()(sandbox)
 app.command()(demo)
 app.command()(api)
+
+
+def _reflow(text: str) -> str:
+    """A docstring's paragraphs each on one line, for rich to wrap at the terminal's width."""
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(" ".join(paragraph.split()) for paragraph in paragraphs)
+
+
+def _reflow_help(typer_app: typer.Typer) -> None:
+    """Help from docstrings without their source's line breaks (rich keeps every newline)."""
+    for command in typer_app.registered_commands:
+        if command.help is None and command.callback is not None and command.callback.__doc__:
+            command.help = _reflow(command.callback.__doc__)
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _reflow_help(group.typer_instance)
+
+
+_reflow_help(app)
 
 
 def main() -> None:

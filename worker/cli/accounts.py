@@ -5,17 +5,12 @@ from __future__ import annotations
 import getpass
 import re
 import sys
+from datetime import datetime
 from typing import Annotated
 
 import typer
-from sqlalchemy import select
 
-from worker.cli.common import console, fail, print_json, servers, session
-from worker.core.crypto import encrypt
-from worker.core.db import upgrade
-from worker.domain.models import Account
-from worker.tracking.intake import account_by_name, remove_account
-from worker.tracking.record import PAUSED_UNTIL_FIXED
+from worker.cli.common import console, fail, print_json, print_table, servers, session, uncut_table
 
 db_app = typer.Typer(help="Manage the database schema.", no_args_is_help=True)
 account_app = typer.Typer(help="Manage carrier accounts (one API key each).", no_args_is_help=True)
@@ -69,6 +64,8 @@ def _key_hint(api_key: str) -> str:
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Migrate the database to the newest schema (safe to run again)."""
+    from worker.core.db import upgrade
+
     upgrade(servers().database_url)
     console.print("database is at the newest schema")
 
@@ -88,6 +85,11 @@ def account_add(
     ] = None,
 ) -> None:
     """Add a carrier account with its API key."""
+    from sqlalchemy import select
+
+    from worker.core.crypto import encrypt, keyed_digest
+    from worker.domain.models import Account
+
     if not ACCOUNT_NAME.fullmatch(name):
         fail("an account name is 1-100 letters, digits, '.', '_' or '-', starting with a letter")
     key = _api_key(api_key)
@@ -106,6 +108,7 @@ def account_add(
                 name=name,
                 api_key_encrypted=encrypt(key, secret_key),
                 api_key_hint=_key_hint(key),
+                api_key_digest=keyed_digest(key, secret_key),
                 daily_quota=daily_quota,
                 ops_email=ops_email,
             )
@@ -118,6 +121,11 @@ def account_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
 ) -> None:
     """List accounts (keys of 12+ characters are shown by their last four, others not at all)."""
+    from sqlalchemy import select
+
+    from worker.domain.models import Account
+    from worker.domain.pauses import until_words
+
     with session() as s:
         accounts = s.scalars(select(Account).order_by(Account.name)).all()
         rows = [
@@ -133,12 +141,15 @@ def account_list(
     if as_json:
         print_json(rows)
         return
-    from rich.table import Table
-
-    table = Table("name", "api key", "daily quota", "paused until", "why")
+    table = uncut_table(
+        "name", "api key", "daily quota", "paused until", "why",
+        whole=("api key", "daily quota", "paused until"),
+    )  # fmt: skip
     for r in rows:
+        until = r["paused_until"]
+        r["paused_until"] = until_words(until) if isinstance(until, datetime) else None
         table.add_row(*(str(v) if v is not None else "" for v in r.values()))
-    console.print(table)
+    print_table(table)
 
 
 @account_app.command("set-key")
@@ -147,25 +158,58 @@ def account_set_key(
     api_key: ApiKeyOption = None,
 ) -> None:
     """Replace an account's API key; an account paused for a refused key resumes polling."""
+    from worker.core.crypto import encrypt, keyed_digest
+    from worker.tracking.accounts import paused_until_fixed, resume
+    from worker.tracking.intake import account_by_name
+
     key = _api_key(api_key)
     secret_key = servers().secret_key
     with session() as s:
         account = account_by_name(s, name)
         account.api_key_encrypted = encrypt(key, secret_key)
         account.api_key_hint = _key_hint(key)
-        if account.paused_until == PAUSED_UNTIL_FIXED:
-            account.paused_until = None
-            account.pause_reason = None
+        account.api_key_digest = keyed_digest(key, secret_key)
+        if paused_until_fixed(account):
+            resume(account)
     console.print(f"account [bold]{name}[/] has a new API key")
+
+
+# Basic auth passwords the carrier sends with each push; long enough to resist guessing.
+MIN_PUSH_PASSWORD_LENGTH = 16
+MAX_PUSH_PASSWORD_LENGTH = 200
+
+
+@account_app.command("set-push-auth")
+def account_set_push_auth(name: Annotated[str, typer.Argument(help="The account's name.")]) -> None:
+    """Set the Basic auth password 247Express may push with (user: the account's name).
+
+    Reads the password from standard input, or asks for it; it is stored hashed.
+    """
+    if sys.stdin.isatty():
+        password = getpass.getpass("push password (not shown): ")
+    else:
+        password = sys.stdin.readline(MAX_PUSH_PASSWORD_LENGTH + 2).rstrip("\r\n")
+    if not MIN_PUSH_PASSWORD_LENGTH <= len(password) <= MAX_PUSH_PASSWORD_LENGTH:
+        fail(
+            f"the push password must be {MIN_PUSH_PASSWORD_LENGTH}-{MAX_PUSH_PASSWORD_LENGTH} "
+            "characters; generate one, e.g. with `openssl rand -hex 16`"
+        )
+    from worker.core.crypto import hash_password
+    from worker.tracking.intake import account_by_name
+
+    with session() as s:
+        account_by_name(s, name).push_password_hash = hash_password(password)
+    console.print(f"pushes to /carrier/247/status may now use Basic auth as [bold]{name}[/]")
 
 
 @account_app.command("resume")
 def account_resume(name: Annotated[str, typer.Argument(help="The account's name.")]) -> None:
     """Resume polling for a paused account now."""
+    from worker.tracking.accounts import resume
+    from worker.tracking.intake import account_by_name
+
     with session() as s:
-        account = account_by_name(s, name)
-        account.paused_until = None
-        account.pause_reason = None
+        resume(account_by_name(s, name))
     console.print(f"account [bold]{name}[/] resumed")
 
 
@@ -175,6 +219,8 @@ def account_remove(
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
 ) -> None:
     """Delete an account with its shipments, history, endpoints and tokens (no undo)."""
+    from worker.tracking.intake import remove_account
+
     if not yes:
         typer.confirm(
             f"delete account {name!r} and all its shipments, events and endpoints?", abort=True

@@ -15,6 +15,7 @@ def serve_api(host: str, port: int, workers: int) -> None:
     import uvicorn
 
     from worker.cli.run import system_env
+    from worker.core.logs import logging_config
 
     os.environ.update(system_env(servers()))
     uvicorn.run(
@@ -24,6 +25,7 @@ def serve_api(host: str, port: int, workers: int) -> None:
         port=port,
         workers=workers,
         log_level=settings().log_level.lower(),
+        log_config=logging_config(settings().log_level),
         server_header=False,
         # The access log shows method, path and status; never a header, so never a token.
         access_log=True,

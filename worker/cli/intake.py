@@ -10,8 +10,6 @@ from typing import Annotated
 import typer
 
 from worker.cli.common import err_console, fail, print_json, session
-from worker.ops.views import ShipmentNotFound, stop_tracking
-from worker.tracking.intake import register_orders
 
 
 def _read_codes(codes: list[str], file: Path | None) -> list[str]:
@@ -28,12 +26,10 @@ def _read_codes(codes: list[str], file: Path | None) -> list[str]:
 
 
 def track(
+    account: Annotated[str, typer.Option("--account", help="The account the orders belong to.")],
     order_codes: Annotated[
         list[str] | None, typer.Argument(help="Order codes, or '-' to read them from stdin.")
     ] = None,
-    account: Annotated[
-        str, typer.Option("--account", help="The account the orders belong to.")
-    ] = "",
     file: Annotated[
         Path | None, typer.Option("--file", help="A file with one order code per line.")
     ] = None,
@@ -44,8 +40,8 @@ def track(
     Refused codes are printed one per line with the carrier's error code; registering a code
     twice is harmless. Exits with status 1 if any code was refused.
     """
-    if not account:
-        fail("say which account the orders belong to: --account NAME")
+    from worker.tracking.intake import register_orders
+
     codes = _read_codes(order_codes or [], file)
     if not codes:
         fail("no order codes given; pass them as arguments, with --file PATH, or '-' for stdin")
@@ -74,6 +70,8 @@ def untrack(
 ) -> None:
     """Stop tracking shipments: polling ends and `shipment.polling_stopped` goes out, with
     reason `stopped_by_merchant` (as `DELETE /v1/shipments/CODE` does)."""
+    from worker.ops.views import ShipmentNotFound, stop_tracking
+
     with session() as s:
         try:
             for code in order_codes:

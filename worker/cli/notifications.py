@@ -5,39 +5,27 @@ from __future__ import annotations
 import asyncio
 import re
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.table import Table
-from sqlalchemy import and_, case, delete, func, select
-from sqlalchemy.orm import Session
 
 from worker.cli.common import (
     console,
+    err_console,
     fail,
     parse_event_types,
     print_json,
+    print_table,
     servers,
     session,
     settings,
+    uncut_table,
 )
-from worker.core.config import mask_url
-from worker.core.db import session_factory
-from worker.domain.models import Account, Delivery, EmailRecipient, WebhookEndpoint
-from worker.notify.outbox import replay
-from worker.notify.webhooks.endpoints import (
-    RotationInProgress,
-    UnknownEndpoint,
-    add_endpoint,
-    get_endpoint,
-    rotate_secret,
-    sample_event,
-    set_endpoint_enabled,
-)
-from worker.notify.webhooks.guard import UnsafeDestination
-from worker.notify.webhooks.sender import WebhookSender
-from worker.notify.webhooks.signing import signing_secrets
-from worker.tracking.intake import account_by_name
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from worker.domain.models import WebhookEndpoint
 
 endpoint_app = typer.Typer(help="Manage webhook endpoints.", no_args_is_help=True)
 email_app = typer.Typer(help="Manage email recipients of events.", no_args_is_help=True)
@@ -66,6 +54,8 @@ def _now() -> datetime:
 
 
 def _endpoint(s: Session, endpoint_id: int) -> WebhookEndpoint:
+    from worker.notify.webhooks.endpoints import UnknownEndpoint, get_endpoint
+
     try:
         return get_endpoint(s, endpoint_id)
     except UnknownEndpoint as exc:
@@ -83,18 +73,33 @@ def endpoint_add(
     as_json: JsonOption = False,
 ) -> None:
     """Add a webhook endpoint and print its signing secret (shown only here)."""
+    from worker.core.config import mask_url
+    from worker.notify.webhooks.endpoints import add_endpoint
+    from worker.notify.webhooks.guard import UnresolvedHost, UnsafeDestination
+    from worker.tracking.intake import account_by_name
+
     event_types = parse_event_types(events)
     allow_private = settings().webhook_allow_private
     secret_key = servers().secret_key
+    warning = None
     with session() as s:
         owner = account_by_name(s, account)
         try:
             endpoint, secret = add_endpoint(
                 s, owner, url, event_types, secret_key=secret_key, allow_private=allow_private
             )
+        except UnresolvedHost as exc:
+            # A receiver whose DNS is not set up yet is normal at registration. Every delivery
+            # checks the addresses the name resolves to then, so none is unchecked.
+            warning = f"{exc}; added anyway: its address is checked at every delivery"
+            endpoint, secret = add_endpoint(
+                s, owner, url, event_types, secret_key=secret_key, allow_private=True
+            )
         except UnsafeDestination as exc:
             fail(str(exc))
         endpoint_id = endpoint.id
+    if warning is not None:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     if as_json:
         print_json({"id": endpoint_id, "account": account, "url": mask_url(url), "secret": secret})
         return
@@ -109,8 +114,15 @@ def endpoint_list(
     as_json: JsonOption = False,
 ) -> None:
     """List endpoints with their undelivered and dead deliveries."""
-    pending = func.count(case((Delivery.state == "pending", 1)))
-    dead = func.count(case((Delivery.state == "dead", 1)))
+    from sqlalchemy import and_, case, func, select
+
+    from worker.core.config import mask_url
+    from worker.domain.deliveries import DeliveryState
+    from worker.domain.models import Account, Delivery, WebhookEndpoint
+    from worker.tracking.intake import account_by_name
+
+    pending = func.count(case((Delivery.state == DeliveryState.PENDING, 1)))
+    dead = func.count(case((Delivery.state == DeliveryState.DEAD, 1)))
     query = (
         select(WebhookEndpoint, Account.name, pending, dead)
         .join(Account, Account.id == WebhookEndpoint.account_id)
@@ -118,7 +130,7 @@ def endpoint_list(
             Delivery,
             and_(
                 Delivery.endpoint_id == WebhookEndpoint.id,
-                Delivery.state.in_(("pending", "dead")),
+                Delivery.state.in_((DeliveryState.PENDING, DeliveryState.DEAD)),
             ),
         )
         .group_by(WebhookEndpoint.id, Account.name)
@@ -144,7 +156,10 @@ def endpoint_list(
     if as_json:
         print_json(rows)
         return
-    table = Table("id", "account", "url", "events", "state", "pending", "dead")
+    table = uncut_table(
+        "id", "account", "url", "events", "state", "pending", "dead",
+        whole=("id", "pending", "dead"),
+    )  # fmt: skip
     for r in rows:
         state = "enabled" if r["enabled"] else f"disabled: {r['disabled_reason'] or ''}"
         if r["enabled"] and r["failing_since"] is not None:
@@ -153,7 +168,7 @@ def endpoint_list(
         table.add_row(
             str(r["id"]), r["account"], r["url"], events, state, str(r["pending"]), str(r["dead"])
         )
-    console.print(table)
+    print_table(table)
 
 
 @endpoint_app.command("disable")
@@ -164,6 +179,8 @@ def endpoint_disable(
     ),
 ) -> None:
     """Stop sending to an endpoint; its events wait until it is enabled again."""
+    from worker.notify.webhooks.endpoints import set_endpoint_enabled
+
     with session() as s:
         set_endpoint_enabled(s, _endpoint(s, endpoint_id), False, now=_now(), reason=reason)
     console.print(f"endpoint {endpoint_id} disabled")
@@ -174,6 +191,8 @@ def endpoint_enable(
     endpoint_id: Annotated[int, typer.Argument(help="The endpoint's id.")],
 ) -> None:
     """Send to an endpoint again, starting with the events it missed, oldest first."""
+    from worker.notify.webhooks.endpoints import set_endpoint_enabled
+
     with session() as s:
         set_endpoint_enabled(s, _endpoint(s, endpoint_id), True, now=_now())
     console.print(f"endpoint {endpoint_id} enabled")
@@ -198,6 +217,8 @@ def endpoint_rotate_secret(
 
     Refused while a previous rotation's 24 hours are running.
     """
+    from worker.notify.webhooks.endpoints import RotationInProgress, rotate_secret
+
     secret_key = servers().secret_key
     with session() as s:
         endpoint = _endpoint(s, endpoint_id)
@@ -219,6 +240,11 @@ def endpoint_test(
     endpoint_id: Annotated[int, typer.Argument(help="The endpoint's id.")],
 ) -> None:
     """Send a signed sample event (marked "test": true) and show the answer."""
+    from worker.core.config import mask_url
+    from worker.notify.webhooks.endpoints import sample_event
+    from worker.notify.webhooks.sender import WebhookSender
+    from worker.notify.webhooks.signing import signing_secrets
+
     allow_private = settings().webhook_allow_private
     secret_key = servers().secret_key
     now = _now()
@@ -250,6 +276,11 @@ def email_add(
     events: EventsOption = None,
 ) -> None:
     """Email one message per event of the chosen types to an address."""
+    from sqlalchemy import select
+
+    from worker.domain.models import EmailRecipient
+    from worker.tracking.intake import account_by_name
+
     event_types = parse_event_types(events)
     if len(address) > MAX_EMAIL_LENGTH or not ADDRESS.fullmatch(address):
         fail(f"{address[:80]!r} is not an email address")
@@ -274,6 +305,11 @@ def email_list(
     as_json: JsonOption = False,
 ) -> None:
     """List email recipients."""
+    from sqlalchemy import select
+
+    from worker.domain.models import Account, EmailRecipient
+    from worker.tracking.intake import account_by_name
+
     query = (
         select(EmailRecipient, Account.name)
         .join(Account, Account.id == EmailRecipient.account_id)
@@ -289,11 +325,11 @@ def email_list(
     if as_json:
         print_json(rows)
         return
-    table = Table("id", "account", "address", "events")
+    table = uncut_table("id", "account", "address", "events", whole=("id",))
     for row in rows:
         events = ", ".join(row["events"]) if row["events"] is not None else "all"
         table.add_row(str(row["id"]), row["account"], row["address"], events)
-    console.print(table)
+    print_table(table)
 
 
 @email_app.command("remove")
@@ -302,6 +338,11 @@ def email_remove(
     address: Annotated[str, typer.Argument(help="The address to stop emailing.")],
 ) -> None:
     """Stop emailing an address; its unsent emails are dropped."""
+    from sqlalchemy import delete
+
+    from worker.domain.models import EmailRecipient
+    from worker.tracking.intake import account_by_name
+
     with session() as s:
         owner = account_by_name(s, account)
         removed = s.execute(
@@ -349,6 +390,10 @@ def webhooks_replay(
     as_json: JsonOption = False,
 ) -> None:
     """Resend webhooks once each, with their original webhook-id."""
+    from worker.core.config import mask_url
+    from worker.core.db import session_factory
+    from worker.notify.replay import replay
+
     if (event_id is None) == (failed_since is None):
         fail("give either an event id or --failed-since TIME")
     since = _parse_time(failed_since) if failed_since is not None else None
@@ -379,12 +424,14 @@ def webhooks_replay(
     elif not rows:
         console.print("nothing to resend (disabled endpoints are left out; enable them first)")
     else:
-        table = Table("event", "endpoint", "url", "answer", "ms")
+        table = uncut_table(
+            "event", "endpoint", "url", "answer", "ms", whole=("event", "endpoint", "ms")
+        )
         for r in rows:
             answer = f"HTTP {r['status_code']}" if r["status_code"] is not None else r["error"]
             table.add_row(
                 r["event_id"], str(r["endpoint"]), r["url"], answer, str(r["duration_ms"])
             )
-        console.print(table)
+        print_table(table)
     if not all(r["delivered"] for r in rows):
         raise typer.Exit(1)

@@ -7,29 +7,34 @@ import signal
 import sys
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 from urllib.parse import urlsplit
 
 import typer
 
-from worker.cli.common import console, err_console, fail, servers, settings
-from worker.core.db import upgrade
-from worker.core.servers import Servers
-from worker.runtime.supervisor import Supervisor
+from worker.cli.common import announce, console, err_console, fail, servers, settings
+
+if TYPE_CHECKING:
+    from worker.core.servers import EmbeddedServers, Servers
+    from worker.runtime.supervisor import Supervisor
 
 
-def system_env(found: Servers) -> dict[str, str]:
-    """The environment for child processes: the servers as URLs, so none starts its own."""
+def system_env(found: Servers, home: Path | None = None) -> dict[str, str]:
+    """The environment for child processes: the servers as URLs, so none starts its own.
+
+    `home`: the state folder they use [default: SHIPMON_HOME].
+    """
+    home = (home or settings().home).resolve()
     env = dict(os.environ)
     env.update(
         SHIPMON_DATABASE_URL=found.database_url,
         SHIPMON_REDIS_URL=found.redis_url,
         SHIPMON_BROKER_URL=found.broker_url,
         SHIPMON_SECRET_KEY=found.secret_key,
-        SHIPMON_HOME=str(settings().home.resolve()),
+        SHIPMON_HOME=str(home),
     )
     # Prefork workers write their metrics here; `shipmon metrics` serves the sum.
-    env.setdefault("PROMETHEUS_MULTIPROC_DIR", str(settings().home.resolve() / "metrics"))
+    env.setdefault("PROMETHEUS_MULTIPROC_DIR", str(home / "metrics"))
     return env
 
 
@@ -51,6 +56,34 @@ def start_api(supervisor: Supervisor, port: int) -> None:
     supervisor.start("api", [sys.executable, "-m", "worker", "api", "--port", str(port)])
 
 
+def demo_servers(home: Path) -> tuple[EmbeddedServers, Servers]:
+    """The demo's own embedded servers in `home`, emptied of the last demo's state.
+
+    Never the configured servers nor SHIPMON_HOME's own: the demo's accounts and fake keys
+    must not meet a real account, and a later `shipmon run` must not find them.
+    """
+    import redis
+    from sqlalchemy import text
+
+    from worker.core.db import get_engine
+    from worker.core.servers import EmbeddedServerError, EmbeddedServers
+
+    # Up a while after the demo, like SHIPMON_HOME's, for a look at what it left.
+    embedded = EmbeddedServers(
+        home, idle_timeout_s=settings().embedded_idle_timeout, announce=announce
+    )
+    try:
+        found = embedded.acquire()
+    except EmbeddedServerError as exc:
+        fail(str(exc))
+    with get_engine(found.database_url).begin() as conn:
+        conn.execute(text("DROP SCHEMA public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+    with redis.Redis.from_url(found.redis_url) as client:
+        client.flushdb()
+    return embedded, found
+
+
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
@@ -61,6 +94,9 @@ def run(
     ] = 2,
 ) -> None:
     """Run the whole system on this machine: workers and beat (embedded servers if unset)."""
+    from worker.core.db import upgrade
+    from worker.runtime.supervisor import Supervisor
+
     found = servers()
     upgrade(found.database_url)
     supervisor = Supervisor(system_env(found))
@@ -122,7 +158,8 @@ def demo(
     ] = 1200.0,
 ) -> None:
     """Watch the whole system live: a carrier, sample orders, polls, transitions, webhooks."""
-    from worker.core.db import session_factory
+    from worker.core.db import dispose_engines, session_factory, upgrade
+    from worker.runtime.supervisor import Supervisor
     from worker.sim.demo import (
         DemoView,
         Receiver,
@@ -133,22 +170,22 @@ def demo(
         watch,
     )
 
-    found = servers()
-    console.print("starting: database and Redis, the sandbox carrier, a webhook receiver…")
+    home = settings().home / "demo"
+    embedded, found = demo_servers(home)
+    console.print("starting: the sandbox carrier, a webhook receiver, workers and beat…")
     upgrade(found.database_url)
     sandbox_process, sandbox_url = start_sandbox(speed, seed=247)
     receiver = Receiver()
     receiver.start()
     sessions = session_factory(found.database_url)
-    env = system_env(found) | {
+    env = system_env(found, home) | {
         "SHIPMON_CARRIER_BASE_URL": sandbox_url,
         "SHIPMON_WEBHOOK_ALLOW_PRIVATE": "true",
         # The carrier's clock runs fast; poll often enough to see it move.
         "SHIPMON_MAX_POLL_INTERVAL": "3",
         "SHIPMON_LOG_LEVEL": "WARNING",
     }
-    settings().home.mkdir(parents=True, exist_ok=True)
-    log = settings().home / "demo.log"
+    log = home / "demo.log"
     supervisor = Supervisor(env, log=log)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     console.print(f"workers and beat log to {log}")
@@ -171,17 +208,25 @@ def demo(
         supervisor.stop()
         sandbox_process.terminate()
         sandbox_process.wait(10)
+        dispose_engines()
+        embedded.release()
     # Not the URL: its password would stay in the terminal's scrollback. psql asks for it.
     db = urlsplit(found.database_url)
     psql = f"psql -h {db.hostname} -p {db.port} -U {db.username} {db.path.lstrip('/')}"
     example = "SELECT order_code, status, delay_reason, polls_made FROM shipment_overview;"
+    # The demo's commands name its home and nothing else: they must not reach the user's servers.
+    own = f"SHIPMON_HOME={home}"
+    if settings().database_url is not None:
+        own = f"env -u SHIPMON_DATABASE_URL -u SHIPMON_REDIS_URL {own}"
     console.print(
-        "\n[bold]What to try next[/]\n"
-        f"  query the shipments, while `uv run shipmon run` runs:  {psql}\n"
-        f"    (the embedded server's password is in {settings().home / 'postgres_password'})\n"
+        f"\n[bold]What to try next[/] (the demo's state stays in {home} until the next demo)\n"
+        f"  query its shipments:   {psql}\n"
+        f"    (the password is in {home / 'postgres_password'}; its servers stop "
+        f"{settings().embedded_idle_timeout:.0f} s after the last command)\n"
         f"    {example}\n"
-        "  one shipment's story:  uv run shipmon show <ORDER CODE>\n"
-        "  the numbers:           uv run shipmon stats; uv run shipmon quota\n"
-        "  your own account:      README.md, 'Quick start'\n",
+        f"  one shipment's story:  {own} uv run shipmon show <ORDER CODE>\n"
+        f"  the numbers:           {own} uv run shipmon stats\n"
+        "  your own account:      README.md, 'Your own account'\n",
         highlight=False,
+        soft_wrap=True,
     )

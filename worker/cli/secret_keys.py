@@ -5,8 +5,6 @@ from __future__ import annotations
 import typer
 
 from worker.cli.common import console, fail, servers, settings
-from worker.core.db import session_factory
-from worker.ops.rotation import UnreadableSecret, rotate_stored_secrets
 
 secrets_app = typer.Typer(help="Manage the key that encrypts stored secrets.", no_args_is_help=True)
 
@@ -19,6 +17,9 @@ def secrets_rotate() -> None:
     this command and for every worker; once it has finished, the old keys can go. Safe to run
     again, and to run while workers run.
     """
+    from worker.core.db import session_factory
+    from worker.ops.rotation import UnreadableSecret, rotate_stored_secrets
+
     old_keys = [k.get_secret_value() for k in settings().old_secret_keys]
     if not old_keys:
         fail(

@@ -5,16 +5,8 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from worker.api.tokens import (
-    MAX_NAME_LENGTH,
-    TokenNotFound,
-    create_token,
-    list_tokens,
-    revoke_token,
-)
-from worker.cli.common import console, fail, print_json, session
+from worker.cli.common import console, fail, print_json, print_table, session, uncut_table
 
 token_app = typer.Typer(help="Manage HTTP API tokens.", no_args_is_help=True)
 
@@ -25,6 +17,8 @@ def token_create(
     name: Annotated[str, typer.Option(help="A label, e.g. the backend that uses it.")] = "api",
 ) -> None:
     """Create a token and print it once, alone on the last line (only its hash is stored)."""
+    from worker.api.tokens import MAX_NAME_LENGTH, create_token
+
     if not name.isprintable() or not 0 < len(name) <= MAX_NAME_LENGTH:
         fail(f"--name must be 1-{MAX_NAME_LENGTH} printable characters")
     with session() as s:
@@ -44,6 +38,8 @@ def token_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
 ) -> None:
     """List an account's tokens: id, label, when created and revoked (never the token)."""
+    from worker.api.tokens import list_tokens
+
     with session() as s:
         tokens = list_tokens(s, account)
     rows = [
@@ -58,12 +54,12 @@ def token_list(
     if as_json:
         print_json(rows)
         return
-    table = Table("id", "name", "created", "revoked")
+    table = uncut_table("id", "name", "created", "revoked", whole=("id", "created", "revoked"))
     for r in rows:
         table.add_row(
             str(r["id"]), str(r["name"]), str(r["created_at"]), str(r["revoked_at"] or "")
         )
-    console.print(table)
+    print_table(table)
 
 
 @token_app.command("revoke")
@@ -71,6 +67,8 @@ def token_revoke(
     token_id: Annotated[int, typer.Argument(help="The id `token list` shows.")],
 ) -> None:
     """Revoke a token; requests with it are refused from now on."""
+    from worker.api.tokens import TokenNotFound, revoke_token
+
     try:
         with session() as s:
             revoke_token(s, token_id)

@@ -102,6 +102,11 @@ class Settings(BaseSettings):
         None, description="Celery broker URL; defaults to SHIPMON_REDIS_URL."
     )
     home: Path = Field(Path(".shipmon"), description="State folder for the embedded servers.")
+    embedded_idle_timeout: float = Field(
+        600.0,
+        ge=0,
+        description="Seconds the embedded servers stay up after the last command using them.",
+    )
     carrier_base_url: HttpURL = Field(
         "https://tracking.247express.vn", description="Base URL of the carrier's tracking API."
     )

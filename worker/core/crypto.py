@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
+import os
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -67,3 +70,39 @@ def reencrypt(token: str, secret_key: str, old_keys: Sequence[str]) -> str | Non
     except InvalidToken:
         return encrypt(decrypt(token, secret_key, old_keys), secret_key)
     return None
+
+
+@lru_cache(maxsize=8)
+def _digest_key(secret_key: str) -> bytes:
+    # A key of its own, so a digest reveals nothing about the cipher key.
+    return HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=None, info=b"shipmon lookup digest"
+    ).derive(secret_key.encode())
+
+
+def keyed_digest(text: str, secret_key: str) -> str:
+    """HMAC-SHA256 of `text` under a key derived from `secret_key`: finds a secret by value."""
+    return hmac.new(_digest_key(secret_key), text.encode(), hashlib.sha256).hexdigest()
+
+
+# scrypt's cost: about 16 MiB and tens of milliseconds a check, as OWASP suggests for it.
+_SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
+
+
+def hash_password(password: str) -> str:
+    """A salted scrypt hash of `password`, as `scrypt$N$r$p$salt$hash` (hex)."""
+    salt = os.urandom(16)
+    derived = hashlib.scrypt(password.encode(), salt=salt, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P)
+    return f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${salt.hex()}${derived.hex()}"
+
+
+def password_matches(password: str, stored: str) -> bool:
+    """Whether `password` is the one `stored` (from `hash_password`) was made from."""
+    try:
+        scheme, n, r, p, salt, expected = stored.split("$")
+        derived = hashlib.scrypt(
+            password.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p)
+        )
+    except ValueError:
+        return False
+    return scheme == "scrypt" and hmac.compare_digest(derived.hex(), expected)

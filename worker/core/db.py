@@ -5,13 +5,20 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
-MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+
+def migrations_folder() -> Path:
+    """The alembic scripts: inside the package when installed from a wheel, else the checkout's."""
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "migrations"
+    return installed if (installed / "env.py").is_file() else package.parent / "migrations"
 
 
 _engines: dict[str, Engine] = {}
@@ -48,14 +55,19 @@ def transaction(url: str) -> Iterator[Session]:
 
 
 def alembic_config(url: str) -> Config:
+    # Imported here: alembic costs a fifth of a second, and only migrations need it.
+    from alembic.config import Config
+
     config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("script_location", str(migrations_folder()))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return config
 
 
 def upgrade(url: str, revision: str = "head") -> None:
     """Migrate the database to `revision`."""
+    from alembic import command
+
     command.upgrade(alembic_config(url), revision)
 
 

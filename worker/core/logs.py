@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.config
 import sys
 from datetime import UTC, datetime
 from typing import Any
@@ -54,10 +55,43 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str, ensure_ascii=False)
 
 
-def configure_logging(level: str) -> None:
-    """Send every log record of this process to stderr as JSON lines, from `level` up."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
+# Libraries that log a line per HTTP request at INFO: one per carrier lookup would drown the
+# lines that matter. uvicorn's access log stays: the API's requests are worth a line each.
+QUIET_LIBRARIES = ("httpx", "httpcore", "aiohttp.access")
+# Loggers that bring handlers of their own, printing plain text: they go through the root's.
+OWN_HANDLERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
+
+
+def logging_config(level: str | int) -> dict[str, Any]:
+    """Every record to stderr as one JSON line, from `level` up, as a `dictConfig` mapping.
+
+    What this process applies, and what uvicorn applies in each of its worker processes (so
+    it holds only names and strings: uvicorn pickles it for them).
+    """
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": f"{__name__}.JsonFormatter"}},
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "formatter": "json",
+                "stream": "ext://sys.stderr",
+            }
+        },
+        "loggers": {
+            **{name: {"level": "WARNING"} for name in QUIET_LIBRARIES},
+            **{name: {"handlers": [], "propagate": True} for name in OWN_HANDLERS},
+        },
+        "root": {"level": level, "handlers": ["stderr"]},
+    }
+
+
+def configure_logging(level: str | int) -> None:
+    """Send every log record of this process, warnings included, to stderr as JSON lines.
+
+    `level` is a name (SHIPMON_LOG_LEVEL) or a number, as Celery passes its `--loglevel`.
+    """
+    logging.config.dictConfig(logging_config(level))
+    # Warnings (Celery's among them) become records too, so they are JSON like the rest.
+    logging.captureWarnings(True)

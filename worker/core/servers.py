@@ -2,8 +2,10 @@
 
 Every process using the same home shares one PostgreSQL and one Redis. A process registers
 itself as a holder while it needs them; the first holder starts them and the last one to leave
-stops them. A holder that died without leaving is pruned by the next one, so servers are never
-stopped under a live process and never left behind once all have gone.
+stops them, at once or, with an idle timeout, once nobody has held them for that long: the
+next command then finds them running instead of paying seconds to start them (a detached
+watcher process stops them). A holder that died without leaving is pruned by the next one, so
+servers are never stopped under a live process and never left behind once all have gone.
 
 Both servers listen on 127.0.0.1 only and ask for a password generated into the home (mode
 0600), so other local users can reach neither the database nor the key file's secrets.
@@ -24,9 +26,10 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +41,13 @@ from psycopg import sql
 from worker.core.config import MIN_SECRET_KEY_LENGTH, Settings
 
 log = logging.getLogger(__name__)
+
+# Files in the home: when the last holder left, and the pid of the process that stops idle
+# servers.
+IDLE_SINCE = "idle_since"
+WATCHER_PID = "idle_watcher.pid"
+# Watchers this process started: kept, so that none is reported as a leaked child.
+_watchers: list[subprocess.Popen[bytes]] = []
 
 DATABASE_NAME = "shipmon"
 # PostgreSQL refuses to run as root; when we are root it runs as this system user.
@@ -101,12 +111,23 @@ def _alive(pid: int) -> bool:
 
 
 class EmbeddedServers:
-    """The PostgreSQL and Redis servers that live in one SHIPMON_HOME."""
+    """The PostgreSQL and Redis servers that live in one SHIPMON_HOME.
 
-    def __init__(self, home: Path) -> None:
+    `idle_timeout_s`: how long the servers stay up after the last holder left (0: not at all).
+    `announce` is told what is being started, for a user waiting on a cold start.
+    """
+
+    def __init__(
+        self,
+        home: Path,
+        idle_timeout_s: float = 0.0,
+        announce: Callable[[str], None] | None = None,
+    ) -> None:
         self.home = home.resolve()
         self.pgdata = self.home / "postgres"
         self.redis_dir = self.home / "redis"
+        self.idle_timeout_s = idle_timeout_s
+        self._announce = announce or (lambda what: log.info("starting %s", what))
         self._holding = False
 
     # -- public -----------------------------------------------------------------------------
@@ -120,8 +141,14 @@ class EmbeddedServers:
             pg_password = self._private_value("postgres_password")
             redis_password = self._private_value("redis_password")
             holders = self._live_holders()
-            pg_port = self._postgres_port() or self._start_postgres(pg_password)
-            redis_port = self._redis_port() or self._start_redis(redis_password)
+            pg_port = self._postgres_port()
+            if pg_port is None:
+                self._announce(f"the embedded PostgreSQL in {self.pgdata}")
+                pg_port = self._start_postgres(pg_password)
+            redis_port = self._redis_port()
+            if redis_port is None:
+                self._announce(f"the embedded Redis in {self.redis_dir}")
+                redis_port = self._start_redis(redis_password)
             # Servers a home's earlier version started or made let anyone in: not any more.
             if self._postgres_trusts():
                 self._require_postgres_password(pg_port, pg_password)
@@ -142,7 +169,7 @@ class EmbeddedServers:
         )
 
     def release(self) -> None:
-        """Stop holding the servers; the last holder stops them."""
+        """Stop holding the servers; the last holder stops them, now or once idle long enough."""
         if not self._holding:
             return
         self._holding = False
@@ -150,8 +177,29 @@ class EmbeddedServers:
         with self._locked():
             holders = [pid for pid in self._live_holders() if pid != os.getpid()]
             self._write_holders(holders)
-            if not holders:
+            if holders:
+                return
+            if self.idle_timeout_s > 0:
+                self._linger()
+            else:
                 self.stop()
+
+    def stop_when_idle(self) -> None:
+        """Wait until nobody has held the servers for the idle timeout, then stop them.
+
+        What the watcher process runs. It leaves as soon as a holder appears: that holder's
+        release starts a watcher again.
+        """
+        while True:
+            with self._locked():
+                holders = self._live_holders()
+                idle_for = time.time() - self._idle_since()
+                if holders or idle_for >= self.idle_timeout_s:
+                    if not holders:
+                        self.stop()
+                    (self.home / WATCHER_PID).unlink(missing_ok=True)
+                    return
+            time.sleep(max(self.idle_timeout_s - idle_for, 0.05))
 
     def stop(self) -> None:
         """Stop both servers now (by the pids in their own pid files)."""
@@ -164,6 +212,31 @@ class EmbeddedServers:
             self._wait(lambda: not _alive(redis_pid), "Redis to stop")
 
     # -- holders ----------------------------------------------------------------------------
+
+    def _linger(self) -> None:
+        """Leave the servers up for the next command; a detached watcher stops them later."""
+        (self.home / IDLE_SINCE).write_text(repr(time.time()))
+        try:
+            watcher = int((self.home / WATCHER_PID).read_text())
+        except (FileNotFoundError, ValueError):
+            watcher = None
+        if watcher is not None and _alive(watcher):
+            return  # it reads the new idle time when it wakes
+        # A session of its own: Ctrl-C in the terminal that ran the command must not reach it.
+        process = subprocess.Popen(
+            [sys.executable, "-m", "worker.core.servers", str(self.home),
+             str(self.idle_timeout_s)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+        _watchers.append(process)
+        (self.home / WATCHER_PID).write_text(str(process.pid))
+
+    def _idle_since(self) -> float:
+        try:
+            return float((self.home / IDLE_SINCE).read_text())
+        except (FileNotFoundError, ValueError):
+            return 0.0
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -377,7 +450,8 @@ class EmbeddedServers:
 
 def _require_redis_password(port: int, password: str) -> None:
     """Give a Redis an earlier version started without a password this home's password."""
-    client = redis.Redis(port=port, socket_timeout=5)
+    # No retries: redis-py retries a refused login with back-off, seconds on every command.
+    client = redis.Redis(port=port, socket_timeout=5, retry=None)
     try:
         client.ping()
     except redis.AuthenticationError:
@@ -399,8 +473,12 @@ def _pings(client: redis.Redis[bytes]) -> bool:
 _servers: Servers | None = None
 
 
-def resolve(settings: Settings) -> Servers:
-    """The servers this process uses: the configured URLs, else the embedded ones (started)."""
+def resolve(settings: Settings, announce: Callable[[str], None] | None = None) -> Servers:
+    """The servers this process uses: the configured URLs, else the embedded ones (started).
+
+    Embedded servers stay up `settings.embedded_idle_timeout` seconds after this process and
+    every other holder have left, for the next command to find them running.
+    """
     global _servers
     if _servers is not None:
         return _servers
@@ -414,7 +492,9 @@ def resolve(settings: Settings) -> Servers:
             secret_key=settings.secret_key.get_secret_value(),
         )
         return _servers
-    embedded = EmbeddedServers(settings.home).acquire()
+    embedded = EmbeddedServers(
+        settings.home, idle_timeout_s=settings.embedded_idle_timeout, announce=announce
+    ).acquire()
     secret = settings.secret_key.get_secret_value() if settings.secret_key else None
     _servers = Servers(
         database_url=embedded.database_url,
@@ -423,3 +503,8 @@ def resolve(settings: Settings) -> Servers:
         secret_key=secret or embedded.secret_key,
     )
     return _servers
+
+
+if __name__ == "__main__":
+    # The watcher `_linger` starts: python -m worker.core.servers HOME IDLE_TIMEOUT_S
+    EmbeddedServers(Path(sys.argv[1]), idle_timeout_s=float(sys.argv[2])).stop_when_idle()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any, ClassVar
@@ -20,12 +21,14 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    Uuid,
     func,
     text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from worker.domain.deliveries import DeliveryState
 from worker.domain.vocabulary import ORDER_CODE_SQL_PATTERN
 
 # Stable constraint names, so migrations can refer to them.
@@ -64,6 +67,11 @@ class Account(Base):
     api_key_encrypted: Mapped[str] = mapped_column(Text)
     # The key's last four characters, so ops can tell keys apart without seeing them.
     api_key_hint: Mapped[str] = mapped_column(String(8))
+    # HMAC-SHA256 of the key under a key derived from SHIPMON_SECRET_KEY: a carrier push names
+    # its account by the API key, found through this without decrypting every account's key.
+    api_key_digest: Mapped[str | None] = mapped_column(String(64), index=True)
+    # `shipmon account set-push-auth`: the Basic auth password pushes may use instead (scrypt).
+    push_password_hash: Mapped[str | None] = mapped_column(Text)
     daily_quota: Mapped[int | None] = mapped_column(
         Integer, CheckConstraint("daily_quota > 0", name="positive_daily_quota")
     )
@@ -236,6 +244,22 @@ class TrackingEvent(Base):
     seen_at: Mapped[datetime] = _now()
 
 
+class PushReceipt(Base):
+    """A carrier push already applied: the carrier resends what it thinks failed."""
+
+    __tablename__ = "push_receipts"
+
+    account_id: Mapped[int] = mapped_column(
+        ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True
+    )
+    transaction_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    # Receipts go with their shipment when finished shipments are purged.
+    shipment_id: Mapped[int] = mapped_column(
+        ForeignKey("shipments.id", ondelete="CASCADE"), index=True
+    )
+    received_at: Mapped[datetime] = _now()
+
+
 class OutboxEvent(Base):
     """A change worth telling the merchant, written in the transaction that saw it."""
 
@@ -298,17 +322,22 @@ class EmailRecipient(Base):
     created_at: Mapped[datetime] = _now()
 
 
+_DELIVERY_STATES = ", ".join(f"'{state}'" for state in DeliveryState)
+
+
 class Delivery(Base):
     """One event on its way to one endpoint or one email recipient."""
 
     __tablename__ = "deliveries"
     __table_args__ = (
         CheckConstraint("(endpoint_id IS NULL) <> (recipient_id IS NULL)", name="one_destination"),
-        CheckConstraint("state IN ('pending', 'succeeded', 'dead', 'skipped')", name="known_state"),
+        CheckConstraint(f"state IN ({_DELIVERY_STATES})", name="known_state"),
         UniqueConstraint("event_id", "endpoint_id"),
         UniqueConstraint("event_id", "recipient_id"),
         Index(
-            "ix_deliveries_pending", "next_attempt_at", postgresql_where=text("state = 'pending'")
+            "ix_deliveries_pending",
+            "next_attempt_at",
+            postgresql_where=text(f"state = '{DeliveryState.PENDING}'"),
         ),
         # An endpoint's deliveries by state: holding and resuming them, counting the dead ones,
         # and deleting them with their endpoint or recipient without a scan of the whole table.
@@ -334,7 +363,8 @@ class Delivery(Base):
     # Copied from the event so per-shipment ordering needs no join.
     shipment_id: Mapped[int] = mapped_column(BigInteger, index=True)
     sequence: Mapped[int] = mapped_column(Integer)
-    state: Mapped[str] = mapped_column(String(20), server_default=text("'pending'"))
+    # A `DeliveryState`, stored as its string.
+    state: Mapped[str] = mapped_column(String(20), server_default=DeliveryState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     next_attempt_at: Mapped[datetime] = _now()
     # While an attempt is on its way: when its claim runs out. Cleared when it is recorded.

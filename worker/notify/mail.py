@@ -10,20 +10,20 @@ from __future__ import annotations
 import logging
 import smtplib
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import jinja2
 
 from worker.core import metrics
 from worker.core.config import Settings
+from worker.domain.events import EventData
 from worker.domain.models import OutboxEvent, Shipment, TrackingEvent
 from worker.domain.vocabulary import EventType, delay_reason
 
@@ -183,47 +183,30 @@ class EventEmail:
     scans: Sequence[Scan]
 
 
-def _name(value: object) -> str | None:
-    # Statuses travel in an event as {"name", "id", "code", ...}, an account as its name.
-    if isinstance(value, Mapping):
-        value = value.get("name")
-    return None if value is None else str(value)
-
-
 def event_email(
     event: OutboxEvent, shipment: Shipment, scans: Sequence[TrackingEvent]
 ) -> EventEmail:
     """The email view of an event: its own data first, the shipment's record where it is silent.
 
-    `scans` are the shipment's latest scans, newest first.
+    The event's word on the delay, "none" included, outranks the shipment's now. `scans` are
+    the shipment's latest scans, newest first.
     """
-    data: Mapping[str, Any] = event.data
-    status = data.get("status")
-    tracking_name = status.get("tracking_name") if isinstance(status, Mapping) else None
-    if "delay" in data:
-        # The event's own word on the delay, "none" included, outranks the shipment's now.
-        delay: Mapping[str, Any] = data["delay"] or {}
-        code = delay.get("code")
-        delay_code = int(code) if code is not None else None
-        delay_text = delay.get("reason") or delay_reason(delay_code)
-        delay_note = delay.get("note")
-    else:
-        delay_code = shipment.delay_code
-        delay_text = shipment.delay_reason or delay_reason(delay_code)
-        delay_note = shipment.delay_note
+    data = EventData.from_json(event.data)
+    delay = data.delay
+    delay_code = delay.code if delay else None
     return EventEmail(
         event_id=event.event_id,
         event_type=event.type,
         headline=EVENT_HEADLINES.get(event.type, event.type),
         occurred_at=event.created_at.astimezone(UTC),
-        order_code=str(data.get("order_code") or shipment.order_code),
-        account=_name(data.get("account")),
-        previous_status=_name(data.get("previous_status")),
-        new_status=_name(status) or shipment.status,
-        tracking_name=tracking_name or shipment.tracking_name,
+        order_code=data.order_code or shipment.order_code,
+        account=data.account,
+        previous_status=data.previous_status.name if data.previous_status else None,
+        new_status=data.status.name or shipment.status,
+        tracking_name=data.status.tracking_name or shipment.tracking_name,
         delay_code=delay_code,
-        delay_text=delay_text,
-        delay_note=delay_note,
+        delay_text=(delay.reason if delay else None) or delay_reason(delay_code),
+        delay_note=delay.note if delay else None,
         scans=[
             Scan(
                 s.occurred_at.astimezone(UTC) if s.occurred_at else None,

@@ -1,4 +1,5 @@
-"""Re-encrypting every stored secret with a new SHIPMON_SECRET_KEY."""
+"""Re-encrypting every stored secret with a new SHIPMON_SECRET_KEY, and the API key digests
+derived from it."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
 
-from worker.core.crypto import SecretKeyMismatch, reencrypt
+from worker.core.crypto import SecretKeyMismatch, decrypt, keyed_digest, reencrypt
 from worker.domain.models import Account, WebhookEndpoint
 
 # Every column that holds a secret encrypted with SHIPMON_SECRET_KEY.
@@ -77,4 +78,25 @@ def rotate_stored_secrets(
                 if len(rows) < batch_size:
                     break
                 after = rows[-1].id
+    # Pushes find their account by this digest; API processes also try the old keys' digests.
+    store_api_key_digests(sessions, secret_key, old_keys, every=True)
     return rotated
+
+
+def store_api_key_digests(
+    sessions: sessionmaker[Session], secret_key: str, old_keys: Sequence[str], *, every: bool
+) -> int:
+    """Store each account's API key digest under `secret_key`; how many were written.
+
+    `every=False` fills in only the missing ones (accounts made before pushes were received),
+    which the HTTP API does when it starts; rotation rewrites them all.
+    """
+    with sessions.begin() as s:
+        query = select(Account).with_for_update()
+        if not every:
+            query = query.where(Account.api_key_digest.is_(None))
+        accounts = s.scalars(query).all()
+        for account in accounts:
+            api_key = decrypt(account.api_key_encrypted, secret_key, old_keys)
+            account.api_key_digest = keyed_digest(api_key, secret_key)
+    return len(accounts)

@@ -11,8 +11,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, func, or_, select, text
 from sqlalchemy.orm import Session
 
-from worker.core.clock import iso_utc
 from worker.core.db import estimated_rows
+from worker.domain.events import StallView
 from worker.domain.models import Account, OutboxEvent, Shipment
 from worker.domain.vocabulary import TERMINAL_STATUSES, EventType
 from worker.tracking.record import EventRecorder
@@ -138,11 +138,11 @@ def detect_stalled(
         recorder.emit(
             EventType.STALLED,
             None,
-            stalled={
-                "last_change_at": iso_utc(changed),
-                "limit_hours": round(limits[shipment.status or ""].total_seconds() / 3600, 2),
-                "normal_hours": round(stay.total_seconds() / 3600, 2) if stay else None,
-            },
+            stalled=StallView(
+                last_change_at=changed,
+                limit_hours=round(limits[shipment.status or ""].total_seconds() / 3600, 2),
+                normal_hours=round(stay.total_seconds() / 3600, 2) if stay else None,
+            ),
         )
         events.extend(recorder.events)
     session.flush()

@@ -9,15 +9,16 @@ people who query the tables directly.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, or_, select, text
 from sqlalchemy.orm import Session
 
-from worker.core.clock import iso_utc
 from worker.core.db import estimated_rows
+from worker.domain.deliveries import DeliveryState
+from worker.domain.events import jsonable
 from worker.domain.models import (
     Account,
     Delivery,
@@ -42,19 +43,6 @@ STOPPED_BY_MERCHANT = "stopped_by_merchant"
 
 class ShipmentNotFound(LookupError):
     """No shipment has that order code (in that account); the message says what to try."""
-
-
-def _jsonable(value: Any) -> Any:
-    """Dataclasses, lists and dicts with datetimes as ISO-8601 UTC strings, for `--json`."""
-    if is_dataclass(value) and not isinstance(value, type):
-        return _jsonable(asdict(value))
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, datetime):
-        return iso_utc(value)
-    return value
 
 
 # -- one shipment ------------------------------------------------------------------------------
@@ -141,7 +129,7 @@ class ShipmentStory:
     notifications: list[NotificationRecord]
 
     def as_dict(self) -> dict[str, Any]:
-        result: dict[str, Any] = _jsonable(self)
+        result: dict[str, Any] = jsonable(self)
         return result
 
 
@@ -331,7 +319,7 @@ def list_shipments(
     if after is not None:
         query = query.where(Shipment.order_code > after)
     rows = session.scalars(query.order_by(Shipment.order_code).limit(limit))
-    return [{"order_code": s.order_code} | _jsonable(_current(s)) for s in rows]
+    return [{"order_code": s.order_code} | jsonable(_current(s)) for s in rows]
 
 
 def stop_tracking(
@@ -437,7 +425,7 @@ class Stats:
     stalled_oldest: list[StalledShipment]
 
     def as_dict(self) -> dict[str, Any]:
-        result: dict[str, Any] = _jsonable(self)
+        result: dict[str, Any] = jsonable(self)
         result["quota"] = [line.as_dict() for line in self.quota]
         return result
 
@@ -565,8 +553,8 @@ def _status_counts(session: Session) -> list[StatusCount]:
 
 def failing_endpoints(session: Session) -> list[FailingEndpoint]:
     """Webhook endpoints failing now or disabled, with their pending and dead deliveries."""
-    pending = func.count(Delivery.id).filter(Delivery.state == "pending")
-    dead = func.count(Delivery.id).filter(Delivery.state == "dead")
+    pending = func.count(Delivery.id).filter(Delivery.state == DeliveryState.PENDING)
+    dead = func.count(Delivery.id).filter(Delivery.state == DeliveryState.DEAD)
     rows = session.execute(
         select(WebhookEndpoint, Account.name, pending, dead)
         .join(Account, Account.id == WebhookEndpoint.account_id)

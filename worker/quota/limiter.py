@@ -41,6 +41,7 @@ from worker.core.clock import DAY_SECONDS, Clock, utcnow
 from worker.core.config import Settings
 from worker.core.metrics import QuotaGauge
 from worker.domain.models import Account, QuotaUsage
+from worker.domain.pauses import Alert
 from worker.quota.pacing import (
     allowed_by,
     carrier_day_end,
@@ -292,19 +293,6 @@ def regrow_plans(session: Session, settings: Settings, now: datetime) -> list[Ac
 
 
 @dataclass(frozen=True)
-class QuotaAlert:
-    """What the account's ops contact should be told when the carrier refuses its key."""
-
-    account_id: int
-    account_name: str
-    ops_email: str | None
-    paused_until: datetime
-    spent_today: int
-    daily_quota: int
-    message: str
-
-
-@dataclass(frozen=True)
 class KeyStatus:
     """One line of `shipmon quota`: a key's (or, with no account, all keys') carrier day."""
 
@@ -504,7 +492,7 @@ class QuotaLimiter:
 
     def pause_for_limit(
         self, session: Session, account: Account, now: datetime | None = None
-    ) -> QuotaAlert | None:
+    ) -> Alert | None:
         """The carrier said APIKEY_LIMIT: pause the key until its midnight and lower its plan.
 
         Changes `account` in `session`'s transaction; the key gets no more grants today at once.
@@ -556,7 +544,7 @@ class QuotaLimiter:
             plan,
             extra={"account": account.name, "reason": "APIKEY_LIMIT"},
         )
-        return QuotaAlert(account.id, account.name, account.ops_email, until, spent, plan, message)
+        return Alert(account.name, account.ops_email, until, message, spent_today=spent)
 
     def status(self, session: Session, now: datetime | None = None) -> list[KeyStatus]:
         """Every key's carrier day so far, by account name, then the total of all keys."""

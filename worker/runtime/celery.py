@@ -37,9 +37,9 @@ DEFAULT_QUEUE = "celery"
 
 
 @setup_logging.connect
-def _json_logs(**_: object) -> None:
-    """One JSON object per log line, with the task's id and name."""
-    configure_logging(get_settings().log_level)
+def _json_logs(loglevel: int | str | None = None, **_: object) -> None:
+    """One JSON object per log line, with the task's id and name, at Celery's `--loglevel`."""
+    configure_logging(loglevel or get_settings().log_level)
 
 
 def create_app() -> Celery:

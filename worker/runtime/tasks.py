@@ -23,10 +23,11 @@ from worker.core.clock import utcnow
 from worker.core.config import Settings, get_settings
 from worker.core.db import session_factory
 from worker.core.servers import Servers, resolve
+from worker.notify.delivery import fan_out_and_deliver
 from worker.notify.mail import MailError, send_ops_alert
-from worker.notify.outbox import fan_out_and_deliver_async
 from worker.notify.webhooks.sender import WebhookSender
 from worker.ops import retention, stalled
+from worker.ops.heartbeat import record_tick
 from worker.quota.limiter import QuotaLimiter, effective_daily_quota, regrow_plans
 from worker.runtime.celery import POLL_TIME_LIMIT, TASK_TIME_LIMIT, app
 from worker.scheduling import learning
@@ -102,7 +103,8 @@ def dispatch() -> int:
             state = ShipmentState(registered_at=registered)
             price = p.plans.price(account_id)
             ceiling = p.plans.max_interval(account_id, p.max_interval)
-            return next_poll_at(state, model, price, ceiling) or registered
+            pushes = model.coverage(account_id)
+            return next_poll_at(state, model, price, ceiling, pushes) or registered
 
         claims = dispatching.dispatch(
             session,
@@ -113,6 +115,7 @@ def dispatch() -> int:
             first_lookup=first_lookup,
         )
     metrics.record_dispatch_tick(now)
+    record_tick(p.limiter.redis, now)
     for claim in claims:
         p.limiter.hold(claim.account_id, claim.batch, len(claim.shipment_ids))
         poll.delay(*claim.as_task_args())
@@ -140,9 +143,11 @@ def poll(account_id: int, shipment_ids: list[int], leased_until: str) -> int:
     )
     if report.event_ids:
         app.send_task("shipmon.deliver", args=[report.event_ids])
-    if report.alert is not None:
+    if report.alert is not None and report.alert.ops_email:
         try:
-            send_ops_alert(p.settings, report.alert.to, report.alert.subject, report.alert.body)
+            send_ops_alert(
+                p.settings, report.alert.ops_email, report.alert.subject, report.alert.body
+            )
         except MailError:
             log.exception("could not email the pause of account %s", account_id)
     return report.polled
@@ -185,7 +190,7 @@ def sweep_deliveries() -> int:
 def _deliver(event_ids: list[int] | None) -> int:
     p = process()
     return p.runner.run(
-        fan_out_and_deliver_async(
+        fan_out_and_deliver(
             p.sessions, p.settings, p.webhooks, event_ids, secret_key=p.servers.secret_key
         )
     )

@@ -1,7 +1,9 @@
 """What the scheduler learns from recorded history, kept in PostgreSQL and shared by workers.
 
 `relearn` fits the scheduler's model from the stays that the recorded status history shows,
-summarised in SQL so that only counts and a bounded sample of stays reach Python;
+summarised in SQL so that only counts and a bounded sample of stays reach Python, and each
+account's push coverage (`push_coverage`: the share of transitions the carrier's push reported
+first, and how late), from the `source` of its status rows;
 `update_prices` adapts each key's lookup price so that the polls planned fit its daily quota.
 `PlanCache` gives every worker process the current model and prices without a query per poll.
 """
@@ -9,7 +11,7 @@ summarised in SQL so that only counts and a bounded sample of stays reach Python
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -18,12 +20,16 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from worker.core.db import estimated_rows
-from worker.domain.models import SchedulerState, Shipment
+from worker.domain.models import Account, SchedulerState, Shipment
 from worker.domain.vocabulary import Status, parse_status
 from worker.scheduling.model import (
+    LONGEST_PUSH_DELAY_SECONDS,
     MAX_STAYS_FOR_QUIET_HOURS,
+    NO_PUSHES,
     NOT_FOUND,
     LearnedModel,
+    PushCounts,
+    PushCoverage,
     Stay,
     StayStatistics,
     fit_statistics,
@@ -91,7 +97,8 @@ _STAY_STATISTICS = """
     GROUP BY status, next_status
     UNION ALL
     SELECT true, r.status, r.next_status, r.rank, r.entered_at, r.exited_at,
-           CASE WHEN r.exited_at IS NULL THEN coalesce(r.observed_at, s.last_polled_at) END
+           CASE WHEN r.exited_at IS NULL
+                THEN greatest(coalesce(r.observed_at, s.last_polled_at), r.entered_at) END
     FROM ranked r JOIN shipments s ON s.id = r.shipment_id
     WHERE (r.rank - 1) % ((r.total + :most - 1) / :most) = 0
 """
@@ -135,10 +142,11 @@ def recorded_stays(session: Session, since: datetime) -> list[Stay]:
     """Every stay in a status that began after `since`, from the recorded status history.
 
     A stay ends when the next recorded status begins; the current one is censored at the
-    shipment's last poll. The wait before the carrier first knew an order is a stay too
-    (status None), ended at the first poll that found it. Stays come in order of entry (then
-    of shipment), the order `stay_statistics` samples in. This reads every stay into Python:
-    it is the definition `stay_statistics` is checked against, not for a periodic task.
+    shipment's last poll, or at its entry when a push reported it after that poll. The wait
+    before the carrier first knew an order is a stay too (status None), ended at the first poll
+    that found it. Stays come in order of entry (then of shipment), the order `stay_statistics`
+    samples in. This reads every stay into Python: it is the definition `stay_statistics` is
+    checked against, not for a periodic task.
     """
     rows = session.execute(
         text(
@@ -162,7 +170,8 @@ def recorded_stays(session: Session, since: datetime) -> list[Stay]:
         if status is None or status.terminal:
             continue
         following = parse_status(next_name) if next_name is not None else None
-        stays.append(Stay(status, entered, exited, None if exited else polled, following))
+        censored = None if exited else max(polled, entered) if polled else entered
+        stays.append(Stay(status, entered, exited, censored, following))
     unknown = session.execute(
         text(
             """
@@ -182,11 +191,84 @@ def recorded_stays(session: Session, since: datetime) -> list[Stay]:
     return stays
 
 
+# The transitions that happened since a moment, by account and status left (NOT_FOUND for an
+# order's first status), then by account, then over all: how many, how many a push reported
+# first, and the mean and median delay of those pushes, bounded to [0, :longest] seconds.
+_PUSH_COUNTS = """
+    WITH transitions AS (
+        SELECT s.account_id,
+               e.occurred_at,
+               e.source = 'push' AS pushed,
+               least(greatest(extract(epoch FROM e.seen_at - e.occurred_at), 0), :longest)
+                   AS delay,
+               coalesce(lag(e.status) OVER w, :not_found) AS exited
+        FROM status_events e JOIN shipments s ON s.id = e.shipment_id
+        WHERE e.shipment_id IN (SELECT shipment_id FROM status_events WHERE occurred_at >= :since)
+        WINDOW w AS (PARTITION BY e.shipment_id ORDER BY e.occurred_at, e.id)
+    )
+    SELECT account_id, exited, grouping(account_id) = 1 AS everyone, count(*),
+           count(*) FILTER (WHERE pushed),
+           coalesce(avg(delay) FILTER (WHERE pushed), 0),
+           percentile_cont(0.5) WITHIN GROUP (ORDER BY delay) FILTER (WHERE pushed)
+    FROM transitions
+    WHERE occurred_at >= :since
+    GROUP BY GROUPING SETS ((account_id, exited), (account_id), ())
+"""
+
+
+def push_coverage(session: Session, since: datetime) -> dict[int | None, PushCoverage]:
+    """Each account's push coverage of the transitions since `since` (None: all accounts).
+
+    The same as `summarise_transitions` over the recorded history, computed in the database.
+    An account with no transitions since then is left out.
+    """
+    rows = session.execute(
+        text(_PUSH_COUNTS),
+        {"since": since, "longest": LONGEST_PUSH_DELAY_SECONDS, "not_found": NOT_FOUND},
+    )
+    overall: dict[int | None, PushCounts] = {}
+    by_status: dict[int | None, list[tuple[str, PushCounts]]] = {}
+    for account_id, exited, everyone, number, pushed, mean, median in rows:
+        counts = PushCounts(
+            int(number), int(pushed), float(mean), None if median is None else float(median)
+        )
+        account = None if everyone else int(account_id)
+        if everyone or exited is None:
+            overall[account] = counts
+        else:
+            by_status.setdefault(account, []).append((str(exited), counts))
+    return {
+        account: PushCoverage(counts, tuple(sorted(by_status.get(account, []))))
+        for account, counts in overall.items()
+    }
+
+
+def account_coverage(session: Session, now: datetime) -> list[tuple[str | None, PushCoverage]]:
+    """Each account's push coverage over the learning window, by name; then all accounts' (None).
+
+    Accounts with no transitions in the window are listed with no coverage.
+    """
+    learned = push_coverage(session, now - LEARNING_WINDOW)
+    accounts = session.execute(select(Account.id, Account.name).order_by(Account.name))
+    named: list[tuple[str | None, PushCoverage]] = [
+        (name, learned.get(account_id, NO_PUSHES)) for account_id, name in accounts
+    ]
+    return [*named, (None, learned.get(None, NO_PUSHES))]
+
+
 def relearn(session: Session, timezone: str, now: datetime) -> LearnedModel:
-    """Fit the model from recent history and store it for every worker."""
+    """Fit the model and every account's push coverage from recent history, and store them
+    for every worker."""
     stored = _load(session, MODEL_STATE)
     previous = LearnedModel.from_json(stored) if stored else None
-    model = fit_statistics(stay_statistics(session, now - LEARNING_WINDOW), timezone, previous)
+    since = now - LEARNING_WINDOW
+    model = fit_statistics(stay_statistics(session, since), timezone, previous)
+    pushes = {
+        account: coverage
+        for account, coverage in push_coverage(session, since).items()
+        if account is not None
+    }
+    model = replace(model, pushes=pushes)
     _save(session, MODEL_STATE, model.to_json(), now)
     return model
 

@@ -13,6 +13,11 @@ to catch several transitions. One price per key, adapted by `PriceController`
 (worker.scheduling.pricing) from the demand of the last day, makes the lookups the policy asks for
 fit under the pace line (worker.quota.pacing), so the limiter rarely has to hold shipments back.
 
+Where the carrier pushes its status changes, `PushCoverage` says, per account and status left,
+what share of transitions a push reported first and how late, as the recorded history shows it;
+the plan for that account counts only the rest as waiting for a lookup, so lookups move to the
+shipments and statuses pushes miss. An account without pushes gets exactly the poll-only plan.
+
 Everything here is pure and typed: the worker and the benchmarks call the very same functions
 with their own clock.
 """
@@ -20,6 +25,7 @@ with their own clock.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -80,6 +86,16 @@ MAX_STAYS_PER_FIT = 1500
 MIN_ENDED_FOR_NEXT = 50
 EM_ITERATIONS = 40
 EM_TOLERANCE = 1e-3
+# A push share is planned per status left once this many of its transitions were seen, else the
+# account's share once the account has seen this many; with fewer, lookups plan as without pushes.
+MIN_TRANSITIONS_FOR_PUSH_SHARE = 50
+# Planned push shares and delays are rounded to these steps, so that a relearned coverage solves
+# a new plan only when it changed enough to matter.
+PUSH_SHARE_STEP = 0.05
+PUSH_DELAY_STEP_SECONDS = 5.0
+# A push reported longer than this after its transition counts as this late (a carrier resending
+# old changes must not make every push look slow).
+LONGEST_PUSH_DELAY_SECONDS = 86_400.0
 
 
 @dataclass(frozen=True)
@@ -92,6 +108,9 @@ class ShipmentState:
     # The carrier's event time of the current status (from statuses[]).
     status_entered_at: datetime | None = None
     last_polled_at: datetime | None = None
+    # The carrier's push reported the current status and no lookup has read it since: its scans,
+    # fees and delivery photo are still to fetch.
+    status_by_push: bool = False
 
 
 @dataclass(frozen=True)
@@ -142,16 +161,131 @@ NOT_FOUND_PRIOR = DwellModel(math.log(NOT_FOUND_PRIOR_MEDIAN_SECONDS), PRIOR_SIG
 
 
 @dataclass(frozen=True)
+class PushCounts:
+    """Transitions out of one status (or all of them): how many, how many a push reported first,
+    and the mean and median delay of those pushes (seen minus happened, in seconds)."""
+
+    transitions: int
+    pushed: int = 0
+    mean_delay_s: float = 0.0
+    median_delay_s: float | None = None
+
+    @property
+    def share(self) -> float:
+        """The share of transitions a push reported first."""
+        return self.pushed / self.transitions if self.transitions else 0.0
+
+
+# A push term of the plan: (status key, planned push share, planned push delay in seconds).
+PushTerm = tuple[str, float, float]
+
+
+@dataclass(frozen=True)
+class PushCoverage:
+    """How much of one account's change the carrier's pushes report, from recorded history."""
+
+    overall: PushCounts = PushCounts(0)
+    # By the status left (NOT_FOUND for an order's first status), sorted by key.
+    by_status: tuple[tuple[str, PushCounts], ...] = ()
+
+    def terms(self, keys: Iterable[str]) -> tuple[PushTerm, ...]:
+        """The push share and delay the plan counts for each status key, where not zero.
+
+        A status's own share where enough of its transitions were seen, else the account's;
+        rounded to steps, so nearby coverages share one plan.
+        """
+        own = dict(self.by_status)
+        terms = []
+        for key in sorted(keys):
+            counts = own.get(key)
+            if counts is None or counts.transitions < MIN_TRANSITIONS_FOR_PUSH_SHARE:
+                counts = self.overall
+            if counts.transitions < MIN_TRANSITIONS_FOR_PUSH_SHARE:
+                continue
+            share = round(round(counts.share / PUSH_SHARE_STEP) * PUSH_SHARE_STEP, 6)
+            if share <= 0.0:
+                continue
+            delay = round(counts.mean_delay_s / PUSH_DELAY_STEP_SECONDS) * PUSH_DELAY_STEP_SECONDS
+            terms.append((key, min(share, 1.0), delay))
+        return tuple(terms)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready form, stored with the model and shown by `shipmon quota` and `stats`."""
+
+        def of(counts: PushCounts) -> dict[str, Any]:
+            return {
+                "transitions": counts.transitions,
+                "pushed": counts.pushed,
+                "share": round(counts.share, 4),
+                "mean_delay_s": round(counts.mean_delay_s, 1),
+                "median_delay_s": (
+                    None if counts.median_delay_s is None else round(counts.median_delay_s, 1)
+                ),
+            }
+
+        return of(self.overall) | {"by_status": {key: of(c) for key, c in self.by_status}}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PushCoverage:
+        """The coverage `to_json` described."""
+
+        def of(d: Mapping[str, Any]) -> PushCounts:
+            median = d["median_delay_s"]
+            return PushCounts(
+                int(d["transitions"]),
+                int(d["pushed"]),
+                float(d["mean_delay_s"]),
+                None if median is None else float(median),
+            )
+
+        by_status = tuple(sorted((key, of(c)) for key, c in data["by_status"].items()))
+        return cls(of(data), by_status)
+
+
+NO_PUSHES = PushCoverage()
+
+
+def summarise_transitions(transitions: Iterable[tuple[str, float | None]]) -> PushCoverage:
+    """The coverage of transitions given as (status key left, push delay or None if polled).
+
+    The simulator's counterpart of `learning.push_coverage`, which counts the same in SQL.
+    """
+    delays: dict[str, list[float]] = {}
+    totals: dict[str, int] = {}
+    for key, delay in transitions:
+        totals[key] = totals.get(key, 0) + 1
+        group = delays.setdefault(key, [])
+        if delay is not None:
+            group.append(min(max(delay, 0.0), LONGEST_PUSH_DELAY_SECONDS))
+
+    def counts(total: int, pushed: list[float]) -> PushCounts:
+        if not pushed:
+            return PushCounts(total)
+        return PushCounts(total, len(pushed), statistics.fmean(pushed), statistics.median(pushed))
+
+    every = [d for group in delays.values() for d in group]
+    return PushCoverage(
+        counts(sum(totals.values()), every),
+        tuple(sorted((key, counts(total, delays[key])) for key, total in totals.items())),
+    )
+
+
+@dataclass(frozen=True)
 class LearnedModel:
-    """Dwell models per status, learned from observed stays, in the carrier's timezone."""
+    """Dwell models per status, learned from observed stays, in the carrier's timezone, and each
+    account's push coverage."""
 
     timezone: str
     dwell: Mapping[str, DwellModel] = field(default_factory=dict)
-    # Plans solved for this model, by price step and ceiling.
-    _plans: dict[tuple[int, int], Plan] = field(
+    pushes: Mapping[int, PushCoverage] = field(default_factory=dict)
+    # Plans solved for this model, by price step, ceiling and push terms.
+    _plans: dict[tuple[int, int, tuple[PushTerm, ...]], Plan] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
     _kernels: dict[str, Kernel] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _terms: dict[PushCoverage, tuple[PushTerm, ...]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @property
     def zone(self) -> ZoneInfo:
@@ -161,26 +295,36 @@ class LearnedModel:
         """The dwell model of a status (None: not yet found), the prior when nothing is known."""
         return self.dwell.get(_key(status), PRIOR if status is not None else NOT_FOUND_PRIOR)
 
-    def plan(self, price: float, max_interval: timedelta) -> Plan:
+    def coverage(self, account_id: int) -> PushCoverage:
+        """The account's push coverage, as last learned; none when it has no pushes."""
+        return self.pushes.get(account_id, NO_PUSHES)
+
+    def plan(self, price: float, max_interval: timedelta, pushes: PushCoverage = NO_PUSHES) -> Plan:
         """The policy's waits at `price` (rounded to a price step), solved once and kept."""
         step = round(math.log(max(price, 1.0) / PRICE_UNIT) / math.log(PRICE_STEP))
         ceiling = max(1, int(min(max_interval.total_seconds(), MAX_WAIT_SECONDS) // GRID_SECONDS))
-        plan = self._plans.get((step, ceiling))
+        terms = self._terms.get(pushes)
+        if terms is None:
+            terms = self._terms[pushes] = pushes.terms([UNSEEN, NOT_FOUND, *self.dwell])
+        plan = self._plans.get((step, ceiling, terms))
         if plan is None:
-            plan = self._plans[(step, ceiling)] = solve(
-                self.dynamics(), PRICE_UNIT * PRICE_STEP**step, ceiling, self._kernels
+            plan = self._plans[(step, ceiling, terms)] = solve(
+                self.dynamics(terms), PRICE_UNIT * PRICE_STEP**step, ceiling, self._kernels
             )
         return plan
 
-    def dynamics(self) -> dict[str, StatusDynamics]:
-        """What the policy needs of every learned status, and of the prior for unseen ones."""
+    def dynamics(self, pushes: Iterable[PushTerm] = ()) -> dict[str, StatusDynamics]:
+        """What the policy needs of every learned status, and of the prior for unseen ones,
+        with the push share and delay of each status `pushes` names."""
+        pushed = {key: (share, delay) for key, share, delay in pushes}
 
-        def of(model: DwellModel) -> StatusDynamics:
+        def of(key: str, model: DwellModel) -> StatusDynamics:
             shares = {key: share for key, share in model.next_shares.items() if key in self.dwell}
-            return StatusDynamics(model.log_mu, model.log_sigma, model.quiet, shares)
+            share, delay = pushed.get(key, (0.0, 0.0))
+            return StatusDynamics(model.log_mu, model.log_sigma, model.quiet, shares, share, delay)
 
-        priors = {UNSEEN: of(PRIOR), NOT_FOUND: of(NOT_FOUND_PRIOR)}
-        return priors | {key: of(model) for key, model in self.dwell.items()}
+        priors = {UNSEEN: of(UNSEEN, PRIOR), NOT_FOUND: of(NOT_FOUND, NOT_FOUND_PRIOR)}
+        return priors | {key: of(key, model) for key, model in self.dwell.items()}
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready form, to share the model between processes."""
@@ -196,6 +340,7 @@ class LearnedModel:
                 }
                 for key, m in self.dwell.items()
             },
+            "push_coverage": {str(account): c.to_json() for account, c in self.pushes.items()},
         }
 
     @classmethod
@@ -211,7 +356,11 @@ class LearnedModel:
                 stays=int(m["stays"]),
                 next_shares={k: float(v) for k, v in m.get("next_shares", {}).items()},
             )
-        return cls(timezone=str(data["timezone"]), dwell=dwell)
+        pushes = {
+            int(account): PushCoverage.from_json(c)
+            for account, c in data.get("push_coverage", {}).items()
+        }
+        return cls(timezone=str(data["timezone"]), dwell=dwell, pushes=pushes)
 
 
 def _key(status: Status | None) -> str:
@@ -227,26 +376,35 @@ def next_poll_at(
     model: LearnedModel,
     price: float,
     max_interval: timedelta = DEFAULT_MAX_INTERVAL,
+    pushes: PushCoverage = NO_PUSHES,
 ) -> datetime | None:
     """When this shipment is next worth a lookup; None once its status is terminal.
 
     `price` is the key's current price of one lookup, in seconds of expected detection delay it
     must cut (see `PriceController`). No wait exceeds `max_interval`. A shipment never looked up
     is planned as if looked up at its registration: its first lookup comes when the carrier has
-    probably come to know it, sooner the cheaper lookups are.
+    probably come to know it, sooner the cheaper lookups are. `pushes` is the account's push
+    coverage: the more of a status's changes pushes report, the later its lookups. A status a
+    push reported is planned from its entry, like one a lookup just found: its follow-up lookup
+    (for the scans, fees and photos a push lacks) comes at its price like any other; a final
+    status a push reported gets one such lookup, `price` seconds after it, the delay at which
+    the lookup is just worth its price.
     """
-    if state.status is not None and state.status.terminal:
-        return None
     entered = state.status_entered_at if state.status is not None else None
     entered = entered or state.registered_at
-    polled = state.last_polled_at or state.registered_at
+    # A status a push reported after the last lookup is planned as if a lookup had found it.
+    polled = max(state.last_polled_at or state.registered_at, entered)
     ceiling = polled + max_interval
+    if state.status is not None and state.status.terminal:
+        if not state.status_by_push:
+            return None
+        return min(entered + timedelta(seconds=price), ceiling)
     if max_interval.total_seconds() <= GRID_SECONDS:
         return ceiling  # a ceiling within one step of the plan's grid leaves nothing to plan
     # The carrier's local hours, at one offset for the whole horizon: the carrier's timezone has
     # no daylight saving, and elsewhere an hour's shift once a season costs little.
     offset = _utc_offset_seconds(polled, model.zone)
-    plan = model.plan(price, max_interval)
+    plan = model.plan(price, max_interval, pushes)
     key = _key(state.status)
     entry_bin = math.floor((entered.timestamp() + offset) / GRID_SECONDS)
     age = math.floor((polled.timestamp() + offset) / GRID_SECONDS) - entry_bin

@@ -11,7 +11,10 @@ reopening: under a high price it waits for the pile instead of paying for each s
 
 The grid's model of one status: the dwell is lognormal; a transition due in the status's quiet
 hours happens at their reopening (a pile, caught by a lookup just after the reopening); the next
-status is drawn from the observed shares. Everything here is pure: numbers in, waits out.
+status is drawn from the observed shares. Where the carrier pushes status changes, a share of a
+status's exits is seen a push's delay after it happens whatever the lookups do, and the status that
+follows is planned from its entry; only the rest waits for a lookup, so the lookups a status is
+worth shrink with its push share. Everything here is pure: numbers in, waits out.
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ class StatusDynamics:
     # The shares of the statuses that follow, by key; terminal ones are left out, so the shares
     # may sum to less than one.
     next: Mapping[str, float]
+    # The share of its exits the carrier's push reports first, and their mean delay in seconds.
+    push_share: float = 0.0
+    push_delay_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -137,7 +143,7 @@ def solve(
         for _ in range(LOOP_PASSES if _is_loop(group, dynamics) else 1):
             for key in group:
                 waits[key], later[key] = _solve_status(
-                    kernels[key], dynamics[key].next, later, price, max_wait_steps
+                    kernels[key], dynamics[key], later, price, max_wait_steps
                 )
     reopenings = frozenset(
         round(status.quiet[1] / GRID_SECONDS) % BINS_PER_DAY
@@ -149,7 +155,7 @@ def solve(
 
 def _solve_status(
     kernel: Kernel,
-    shares: Mapping[str, float],
+    status: StatusDynamics,
     later: Mapping[str, Floats],
     price: float,
     max_wait: int,
@@ -159,18 +165,30 @@ def _solve_status(
     Returns (waits[e, a], entered[e, d]): the best wait after a lookup at age a, and the expected
     cost of everything from the status onward when the first lookup since entering it comes d
     steps after entry in time-of-day bin e.
+
+    An exit the carrier pushes (share c) costs its push delay plus what follows from a lookup
+    right at its entry, whenever the lookups come; only the rest, 1 - c, is seen by a lookup.
+    A lookup planned after a pushed exit is never made (the next status's plan replaces it), so
+    its price is paid only while no pushed exit came first. With c = 0 nothing of this is added:
+    an account without pushes gets exactly the plan it would without them.
     """
     ages, width = kernel.ages, max_wait
     following = np.zeros((BINS_PER_DAY, width + 1))
-    for key, share in shares.items():
+    for key, share in status.next.items():
         if key in later:
             following += share * later[key]
     # cost[d-1, e, k]: an exit in bin k seen d steps later: its delay plus what follows (read
     # one step earlier for a pile, which happens at the end of its bin).
     columns = np.arange(1, width + 1)
     rows = kernel.next_bin * (width + 1) - kernel.pile
-    cost = np.take(following.astype(np.float32).ravel(), rows[None, :, :] + columns[:, None, None])
+    flat = following.astype(np.float32).ravel()
+    cost = np.take(flat, rows[None, :, :] + columns[:, None, None])
     cost += (columns.astype(np.float32)[:, None, None] - kernel.exit_offset) * GRID_SECONDS
+    pushed = status.push_share
+    if pushed > 0.0:
+        on_push = np.take(flat, rows + kernel.pile) + np.float32(status.push_delay_s)
+        cost *= np.float32(1.0 - pushed)
+        cost += np.float32(pushed) * on_push[None, :, :]
     cost *= kernel.exits32
     # caught[w-1, e, p]: the cost of the exits in bins p-w .. p-1, all seen by a lookup at p.
     caught = np.zeros_like(cost)
@@ -190,6 +208,9 @@ def _solve_status(
         alive = stays[:, age]
         reachable = alive > UNREACHABLE
         total = stays[:, polled] * value[:, polled] + caught[options - 1, :, polled].T
+        if pushed > 0.0:
+            # The lookup at `polled` is spared when a pushed exit comes before it.
+            total -= pushed * price * (alive[:, None] - stays[:, polled])
         choice = np.argmin(total, axis=1)
         best = total[np.arange(BINS_PER_DAY), choice]
         value[:, age] = np.where(reachable, price + best / np.where(reachable, alive, 1.0), 0.0)

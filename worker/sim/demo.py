@@ -18,7 +18,6 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 import httpx
 from aiohttp import web
@@ -32,6 +31,8 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from worker.api.tokens import create_token
 from worker.core.crypto import encrypt
+from worker.domain.deliveries import DeliveryState
+from worker.domain.events import EventData
 from worker.domain.models import Account, Delivery, OutboxEvent, Shipment, WebhookEndpoint
 from worker.notify.webhooks.endpoints import add_endpoint
 from worker.tracking.intake import register_orders
@@ -189,11 +190,13 @@ class DemoView:
             delivered = session.scalar(
                 select(func.count())
                 .select_from(Delivery)
-                .where(Delivery.state == "succeeded", Delivery.created_at >= self.started)
+                .where(
+                    Delivery.state == DeliveryState.SUCCEEDED, Delivery.created_at >= self.started
+                )
             )
         for event in events:
             self.last_event_id = event.id
-            self.recent.append(_event_line(event.data, event.type))
+            self.recent.append(_event_line(EventData.from_json(event.data), event.type))
         statuses = Table("status", "shipments", title="Shipments")
         for status, count in by_status:
             statuses.add_row(str(status), str(count))
@@ -211,16 +214,15 @@ class DemoView:
         return Group(Panel(summary, title="shipmon demo"), statuses, feed)
 
 
-def _event_line(data: dict[str, Any], type_: str) -> tuple[str, str, str, str]:
-    previous = (data.get("previous_status") or {}).get("name") or "—"
-    status = (data.get("status") or {}).get("name") or "—"
+def _event_line(data: EventData, type_: str) -> tuple[str, str, str, str]:
+    previous = (data.previous_status.name if data.previous_status else None) or "—"
+    status = data.status.name or "—"
     change = {
         "shipment.status_changed": f"{previous} → {status}",
         "shipment.delayed": f"delayed in {status}",
     }.get(type_, type_.removeprefix("shipment."))
-    delay = (data.get("delay") or {}).get("reason") or ""
-    tracking = (data.get("status") or {}).get("tracking_name") or ""
-    return data.get("order_code", ""), change, delay, tracking
+    delay = (data.delay.reason if data.delay else None) or ""
+    return data.order_code, change, delay, data.status.tracking_name or ""
 
 
 def watch(view: DemoView, duration: float | None) -> None:

@@ -1,4 +1,5 @@
-"""Order intake: validating and registering order codes, the same for every way in."""
+"""Order intake: validating and registering order codes, the same for every way in, and the
+carrier's pushes, which may name an order not registered yet."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from sqlalchemy import BigInteger, String, delete, func, literal, select
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.orm import Session
 
-from worker.domain.models import Account, Shipment
+from worker.carrier.push import PushRefused, StatusPush
+from worker.domain.models import Account, OutboxEvent, PushReceipt, Shipment
 from worker.domain.vocabulary import ErrorCode, validate_order_code
+from worker.tracking.record import PollContext, apply_push
 
 # Codes per INSERT statement. They travel as one array parameter, unnested by PostgreSQL: a
 # multi-row VALUES list of 10,000 rows costs SQLAlchemy most of a second to compile.
@@ -73,7 +76,11 @@ def register_orders(
     Registering a code twice is not an error and creates nothing new. Invalid codes are
     refused with the carrier's own error code and never reach the database.
     """
-    account = account_by_name(session, account_name)
+    return register_for(session, account_by_name(session, account_name), order_codes)
+
+
+def register_for(session: Session, account: Account, order_codes: Iterable[str]) -> IntakeResult:
+    """`register_orders` for an account already at hand."""
     result = IntakeResult()
     valid: list[str] = []
     seen: set[str] = set()
@@ -103,3 +110,46 @@ def register_orders(
         for code in chunk:
             (result.registered if code in inserted else result.already_registered).append(code)
     return result
+
+
+@dataclass(frozen=True)
+class PushReceived:
+    """What became of one carrier push: applied (with its events), or a resent one ignored."""
+
+    events: list[OutboxEvent]
+    duplicate: bool = False
+
+
+def receive_push(
+    session: Session, account: Account, push: StatusPush, ctx: PollContext
+) -> PushReceived:
+    """Apply a carrier push for `account`, registering its order first if it is new.
+
+    Raises PushRefused for an order code intake refuses. One short transaction, the caller's:
+    the shipment row is locked like a poll's, so a push and a poll apply one after the other.
+    """
+    error = validate_order_code(push.order_code)
+    if error is not None:
+        raise PushRefused(f"OrderCode {push.order_code!r} is refused: {error.value}")
+    shipment = _locked_shipment(session, account.id, push.order_code)
+    if shipment is None:
+        register_for(session, account, [push.order_code])
+        shipment = _locked_shipment(session, account.id, push.order_code)
+        assert shipment is not None
+    receipt = session.scalar(
+        insert(PushReceipt)
+        .values(account_id=account.id, transaction_id=push.transaction_id, shipment_id=shipment.id)
+        .on_conflict_do_nothing()
+        .returning(PushReceipt.shipment_id)
+    )
+    if receipt is None:
+        return PushReceived([], duplicate=True)
+    return PushReceived(apply_push(session, shipment, account, push.as_result(), ctx).events)
+
+
+def _locked_shipment(session: Session, account_id: int, order_code: str) -> Shipment | None:
+    return session.scalar(
+        select(Shipment)
+        .where(Shipment.account_id == account_id, Shipment.order_code == order_code)
+        .with_for_update()
+    )

@@ -18,13 +18,16 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker.carrier.client import CarrierClient
-from worker.carrier.errors import ApiKeyLimit, CarrierError, CarrierErrorCode, CarrierTimeout
+from worker.carrier.errors import CarrierError, CarrierErrorCode, CarrierTimeout
 from worker.carrier.parse import TrackingResult
 from worker.core import metrics
 from worker.core.crypto import decrypt
+from worker.domain.events import EventData
 from worker.domain.models import Account, OutboxEvent, Shipment
+from worker.domain.pauses import Alert
 from worker.domain.vocabulary import EventType
 from worker.scheduling.learning import PlanCache
+from worker.tracking.accounts import PauseForLimit, pause
 from worker.tracking.dispatch import Claim
 from worker.tracking.record import (
     Applied,
@@ -32,7 +35,6 @@ from worker.tracking.record import (
     apply_outcome,
     apply_refused,
     lock_shipments,
-    pause_account,
 )
 
 log = logging.getLogger(__name__)
@@ -47,18 +49,8 @@ APPLY_RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 LOOKUP_BUDGET = 40.0
 
 Outcome = TrackingResult | CarrierError
-PauseForLimit = Callable[[Session, Account, datetime], object]
 Release = Callable[[Session, int, str, int], object]
 """(session, account id, batch, shipments started) -> gives back the batch's unused grants."""
-
-
-@dataclass(frozen=True)
-class OpsAlert:
-    """Something the account's ops contact must hear about, sent after the batch commits."""
-
-    to: str
-    subject: str
-    body: str
 
 
 @dataclass
@@ -70,7 +62,7 @@ class BatchReport:
     skipped: int = 0
     event_ids: list[int] = field(default_factory=list)
     paused: str | None = None
-    alert: OpsAlert | None = None
+    alert: Alert | None = None
 
 
 async def track_all(
@@ -194,7 +186,7 @@ def _apply_all(
         now = clock()
         model = plans.current(session)
         ceiling = plans.max_interval(account_id, max_interval)
-        ctx = PollContext(now, model, plans.price(account_id), ceiling)
+        ctx = PollContext(now, model, plans.price(account_id), ceiling, model.coverage(account_id))
         account = session.get(Account, account_id, with_for_update=True)
         assert account is not None
         events = []
@@ -208,8 +200,8 @@ def _apply_all(
             done.polled += 1
             events.extend(applied.events)
             if applied.pause is not None and done.paused is None:
-                done.paused = applied.pause.__name__
-                done.alert = _pause(session, account, applied.pause, now, pause_for_limit)
+                done.paused = type(applied.pause).__name__
+                done.alert = pause(session, account, applied.pause, now, pause_for_limit)
         session.flush()
         done.event_ids = [e.id for e in events]
     return done, events
@@ -255,34 +247,6 @@ def _apply_one(
         return apply_refused(shipment, error, ctx)
 
 
-def _pause(
-    session: Session,
-    account: Account,
-    refusal: type[CarrierErrorCode],
-    now: datetime,
-    pause_for_limit: PauseForLimit,
-) -> OpsAlert | None:
-    """Pause an account the carrier refused; what to tell its ops contact, if it has one."""
-    if refusal is ApiKeyLimit:
-        pause_for_limit(session, account, now)
-    else:
-        pause_account(account, refusal, now)
-    log.warning(
-        "account %s paused: %s", account.name, account.pause_reason,
-        extra={"account": account.name, "reason": refusal.__name__},
-    )  # fmt: skip
-    if not account.ops_email:
-        return None
-    until = (
-        f"{account.paused_until:%Y-%m-%d %H:%M} UTC" if account.paused_until else "further notice"
-    )
-    return OpsAlert(
-        account.ops_email,
-        f"shipmon: polling paused for account {account.name}",
-        f"{account.pause_reason}\nPaused until {until}.",
-    )
-
-
 def _count(outcomes: Iterable[Outcome], events: Iterable[OutboxEvent]) -> None:
     """Metrics for a committed batch: lookups by result, transitions, delays, detection delay."""
     for outcome in outcomes:
@@ -292,12 +256,13 @@ def _count(outcomes: Iterable[Outcome], events: Iterable[OutboxEvent]) -> None:
             code = outcome.code if isinstance(outcome, CarrierErrorCode) else None
             metrics.record_poll(code.value if code is not None else type(outcome).__name__)
     for event in events:
-        if event.type == EventType.STATUS_CHANGED:
-            previous = event.data["previous_status"]
-            metrics.record_transition(previous and previous["name"], event.data["status"]["name"])
-            if event.data["event_time"] is not None:
-                seen = datetime.fromisoformat(event.data["seen_at"])
-                happened = datetime.fromisoformat(event.data["event_time"])
-                metrics.observe_detection_delay((seen - happened).total_seconds())
-        elif event.type == EventType.DELAYED:
-            metrics.record_delay(event.data["delay"]["code"])
+        if event.type not in (EventType.STATUS_CHANGED, EventType.DELAYED):
+            continue
+        data = EventData.from_json(event.data)
+        if event.type == EventType.DELAYED:
+            metrics.record_delay(data.delay.code if data.delay else None)
+            continue
+        previous = data.previous_status.name if data.previous_status else None
+        metrics.record_transition(previous, data.status.name or "")
+        if data.event_time is not None:
+            metrics.observe_detection_delay((data.seen_at - data.event_time).total_seconds())

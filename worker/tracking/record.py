@@ -1,4 +1,5 @@
-"""Applying a poll's outcome to a shipment: state, history, transitions, outbox events.
+"""Applying a poll's outcome (or the carrier's push) to a shipment: state, history,
+transitions, outbox events. A push is a partial answer and takes the same path.
 
 Everything here runs inside the caller's transaction, so a shipment's new state, its new
 history rows and the outbox events describing the change commit together or not at all.
@@ -18,24 +19,38 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from worker.carrier.errors import (
-    ApiKeyLimit,
-    ApiKeyNotFound,
     CarrierError,
     CarrierErrorCode,
-    MissingApiKey,
     OrderCodeNotFound,
 )
 from worker.carrier.parse import StatusEntry, TrackingEntry, TrackingResult, ascii_integer
+from worker.core.clock import iso_utc
+from worker.domain.events import (
+    CurrentStatus,
+    DelayView,
+    EventData,
+    ScanView,
+    Source,
+    StallView,
+    StatusView,
+    jsonable,
+)
 from worker.domain.models import Account, OutboxEvent, Shipment, StatusEvent, TrackingEvent
 from worker.domain.vocabulary import EventType, Status, delay_reason, parse_status
-from worker.scheduling.model import LearnedModel, ShipmentState, next_poll_at
+from worker.scheduling.model import (
+    NO_PUSHES,
+    LearnedModel,
+    PushCoverage,
+    ShipmentState,
+    next_poll_at,
+)
+from worker.tracking.accounts import KeyRefusal
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +61,6 @@ SETTLE_DELAY = timedelta(hours=2)
 # Backoff for failures that say nothing about the shipment (carrier errors, timeouts, 5xx).
 ERROR_BACKOFF_BASE = timedelta(seconds=30)
 ERROR_BACKOFF_CAP = timedelta(hours=1)
-# An account whose key the carrier does not know stays paused until someone fixes it.
-PAUSED_UNTIL_FIXED = datetime(9999, 1, 1, tzinfo=UTC)
 # shipments.last_error_code's length.
 ERROR_CODE_LIMIT = 60
 
@@ -60,6 +73,8 @@ class PollContext:
     model: LearnedModel
     price: float
     max_interval: timedelta
+    # The account's push coverage: what pushes report needs fewer lookups.
+    pushes: PushCoverage = NO_PUSHES
 
     def due_in(self, delay: timedelta) -> datetime:
         """`delay` from now, but never beyond the longest interval allowed."""
@@ -67,7 +82,7 @@ class PollContext:
 
     def plan(self, state: ShipmentState) -> datetime:
         """When the scheduler wants this shipment polled next, within the ceiling."""
-        planned = next_poll_at(state, self.model, self.price, self.max_interval)
+        planned = next_poll_at(state, self.model, self.price, self.max_interval, self.pushes)
         return min(planned or self.now + self.max_interval, self.now + self.max_interval)
 
 
@@ -76,7 +91,8 @@ class Applied:
     """What one applied poll produced."""
 
     events: list[OutboxEvent]
-    pause: type[CarrierErrorCode] | None = None
+    # The carrier refused the account's key: the caller pauses the account.
+    pause: KeyRefusal | None = None
 
 
 def new_event_id() -> str:
@@ -84,50 +100,65 @@ def new_event_id() -> str:
     return f"evt_{int(time.time() * 1000):012x}{os.urandom(10).hex()}"
 
 
-def _status_view(status: str | None, status_id: int | None, code: str | None) -> dict[str, Any]:
-    return {"name": status, "id": status_id, "code": code}
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return moment.astimezone(UTC).isoformat() if moment is not None else None
+def _status_view(shipment: Shipment) -> StatusView:
+    return StatusView(shipment.status, shipment.status_id, shipment.status_code)
 
 
 class EventRecorder:
     """Writes the outbox events of one shipment, numbering them in sequence."""
 
-    def __init__(self, session: Session, shipment: Shipment, account: Account, now: datetime):
+    def __init__(
+        self,
+        session: Session,
+        shipment: Shipment,
+        account: Account,
+        now: datetime,
+        source: Source = "poll",
+    ):
         self.session = session
         self.shipment = shipment
         self.account = account
         self.now = now
+        self.source: Source = source
         self.events: list[OutboxEvent] = []
 
-    def emit(self, type_: EventType, event_time: datetime | None, **data: Any) -> None:
+    def emit(
+        self,
+        type_: EventType,
+        event_time: datetime | None,
+        *,
+        status: CurrentStatus | None = None,
+        previous_status: StatusView | None = None,
+        reason: str | None = None,
+        scan: ScanView | None = None,
+        stalled: StallView | None = None,
+    ) -> None:
+        """Write one event; `status` defaults to the shipment's, the delay is the shipment's."""
         s = self.shipment
         s.last_sequence += 1
-        delay = (
-            {"code": s.delay_code, "reason": s.delay_reason, "note": s.delay_note}
+        data = EventData(
+            order_code=s.order_code,
+            account=self.account.name,
+            sequence=s.last_sequence,
+            status=status or CurrentStatus(s.status, s.status_id, s.status_code, s.tracking_name),
+            event_time=event_time,
+            seen_at=self.now,
+            previous_status=previous_status,
+            delay=DelayView(s.delay_code, s.delay_reason, s.delay_note)
             if s.delay_code is not None
-            else None
+            else None,
+            reason=reason,
+            scan=scan,
+            stalled=stalled,
+            source=self.source,
         )
-        payload = {
-            "order_code": s.order_code,
-            "account": self.account.name,
-            "sequence": s.last_sequence,
-            "previous_status": None,
-            "status": _status_view(s.status, s.status_id, s.status_code)
-            | {"tracking_name": s.tracking_name},
-            "event_time": _iso(event_time),
-            "seen_at": _iso(self.now),
-            "delay": delay,
-        } | data
         event = OutboxEvent(
             event_id=new_event_id(),
             account_id=s.account_id,
             shipment_id=s.id,
             type=type_.value,
             sequence=s.last_sequence,
-            data=payload,
+            data=data.to_json(),
             created_at=self.now,
         )
         self.session.add(event)
@@ -151,6 +182,19 @@ def apply_outcome(
     return _apply_failure(shipment, outcome, recorder, ctx)
 
 
+def apply_push(
+    session: Session, shipment: Shipment, account: Account, result: TrackingResult, ctx: PollContext
+) -> Applied:
+    """Apply the carrier's push, a partial answer, to a locked shipment row, as a poll's.
+
+    It is not a lookup: no poll is counted, and the stored answer (and its digest) stays the
+    last lookup's, so the next lookup is compared with what a lookup said.
+    """
+    recorder = EventRecorder(session, shipment, account, ctx.now, source="push")
+    _apply_result(session, shipment, result, recorder, ctx)
+    return Applied(recorder.events)
+
+
 # -- a tracking result -----------------------------------------------------------------------
 
 
@@ -161,18 +205,19 @@ def _apply_result(
     recorder: EventRecorder,
     ctx: PollContext,
 ) -> None:
+    pushed = recorder.source == "push"
     shipment.consecutive_errors = 0
     shipment.last_error_code = None
     if shipment.found_at is None:
         shipment.found_at = ctx.now
     payload = json.dumps(result.raw, sort_keys=True, ensure_ascii=False, default=str)
     digest = hashlib.sha256(payload.encode()).hexdigest()
-    if digest == shipment.payload_hash:
+    if not pushed and digest == shipment.payload_hash:
         # Most polls find nothing new: the same answer holds no history, scan or field to add.
-        _schedule_after_result(shipment, ctx)
+        _schedule_after_result(shipment, ctx, pushed)
         return
 
-    new_statuses = _record_statuses(session, shipment, result.statuses)
+    new_statuses = _record_statuses(session, shipment, result.statuses, recorder.source)
     new_scans = _record_scans(session, shipment, result.trackings)
     if new_statuses or new_scans:
         # A change ends a stall; the shipment may stall again later.
@@ -189,31 +234,28 @@ def _apply_result(
         and recorded_at is not None
         and latest.time < recorded_at
     )
-    previous = _status_view(shipment.status, shipment.status_id, shipment.status_code)
+    previous = _status_view(shipment)
     previous_delay = (shipment.delay_code, shipment.delay_note)
     if not stale:
-        _copy_fields(shipment, result)
-        shipment.last_payload = json.loads(payload)
-        shipment.payload_hash = digest
+        _copy_status(shipment, result, pushed)
+        if not pushed:
+            _copy_details(shipment, result)
+            shipment.last_payload = json.loads(payload)
+            shipment.payload_hash = digest
 
     # One status_changed event per transition, in the carrier's order. History from before
     # the recorded status is kept but announces nothing: it happened before what was told.
     for entry in new_statuses:
         if recorded_at is not None and entry.time is not None and entry.time <= recorded_at:
             continue
-        current = _status_view(*_status_triplet(entry.status, entry.status_raw, entry.status_name))
-        if current["name"] != previous["name"]:
-            _emit_transition(
-                recorder, previous, current | {"tracking_name": entry.tracking_name}, entry.time
-            )
+        name, status_id, code = _status_triplet(entry.status, entry.status_raw, entry.status_name)
+        if name != previous.name:
+            current = CurrentStatus(name, status_id, code, entry.tracking_name)
+            _emit_transition(recorder, previous, current, entry.time)
             previous = current
-    if not stale and shipment.status is not None and shipment.status != previous["name"]:
+    if not stale and shipment.status is not None and shipment.status != previous.name:
         # The top-level status moved without a history row to show it.
-        current = _status_view(shipment.status, shipment.status_id, shipment.status_code)
-        _emit_transition(
-            recorder, previous, current | {"tracking_name": shipment.tracking_name},
-            shipment.status_changed_at,
-        )  # fmt: skip
+        _emit_transition(recorder, previous, None, shipment.status_changed_at)
 
     delay = (shipment.delay_code, shipment.delay_note)
     if not stale and shipment.delay_code is not None and delay != previous_delay:
@@ -228,34 +270,32 @@ def _apply_result(
             shipment.status,
             shipment.order_code,
         )
-    _schedule_after_result(shipment, ctx)
+    _schedule_after_result(shipment, ctx, pushed)
 
 
 def _emit_transition(
     recorder: EventRecorder,
-    previous: dict[str, Any],
-    current: dict[str, Any],
+    previous: StatusView,
+    current: CurrentStatus | None,
     at: datetime | None,
 ) -> None:
-    recorder.emit(
-        EventType.STATUS_CHANGED,
-        at,
-        previous_status=previous if previous["name"] is not None else None,
-        status=current,
+    """A status_changed event from `previous` to `current` (None: the shipment's status)."""
+    # A previous status is only worth telling as such; it travels without the carrier's words.
+    told = StatusView(previous.name, previous.id, previous.code) if previous.name else None
+    recorder.emit(EventType.STATUS_CHANGED, at, previous_status=told, status=current)
+
+
+def _scan_view(scan: TrackingEvent) -> ScanView:
+    return ScanView(
+        scan.status_id,
+        scan.status_name,
+        scan.post_office_id,
+        scan.post_office_name,
+        scan.province_id,
+        scan.province_name,
+        scan.occurred_at,
+        scan.notes,
     )
-
-
-def _scan_view(scan: TrackingEvent) -> dict[str, Any]:
-    return {
-        "status_id": scan.status_id,
-        "status_name": scan.status_name,
-        "post_office_id": scan.post_office_id,
-        "post_office_name": scan.post_office_name,
-        "province_id": scan.province_id,
-        "province_name": scan.province_name,
-        "time": _iso(scan.occurred_at),
-        "notes": scan.notes,
-    }
 
 
 def _status_triplet(
@@ -272,21 +312,33 @@ def _latest_status(result: TrackingResult) -> StatusEntry | None:
     return max(dated, key=lambda e: e.time or datetime.min.replace(tzinfo=UTC), default=None)
 
 
-def _copy_fields(shipment: Shipment, result: TrackingResult) -> None:
+def _copy_status(shipment: Shipment, result: TrackingResult, pushed: bool) -> None:
+    """The fields a push carries too: the status, its delay and the delivery's outcome.
+
+    A push has no tracking name and may leave the delivery fields out: what it lacks keeps
+    its stored value (the tracking name only while the status stays), until a lookup says.
+    """
     name, status_id, code = _status_triplet(result.status, result.status_raw, result.status_name)
     latest = _latest_status(result)
-    if name is not None and name != shipment.status:
+    moved = name is not None and name != shipment.status
+    if moved:
         shipment.status_changed_at = (
             latest.time if latest is not None and latest.time is not None else None
         ) or shipment.last_polled_at
     shipment.status, shipment.status_id, shipment.status_code = name, status_id, code
-    shipment.tracking_name = result.tracking_name
+    if not pushed or moved:
+        shipment.tracking_name = result.tracking_name
     shipment.delay_code = result.delay_code
     shipment.delay_reason = delay_reason(result.delay_code)
     shipment.delay_note = result.delay_note
-    shipment.delivery_notes = result.delivery_notes
-    shipment.delivery_date = result.delivery_date
-    shipment.receiver_name = result.receiver_name
+    for name_ in ("delivery_notes", "delivery_date", "receiver_name", "external_code"):
+        value = getattr(result, name_)
+        if not pushed or value is not None:
+            setattr(shipment, name_, value)
+
+
+def _copy_details(shipment: Shipment, result: TrackingResult) -> None:
+    """The fields only a lookup's answer has: measures, fees, routes, the delivery photo."""
     shipment.mailer_type = result.mailer_type
     for name_ in ("length", "width", "height", "real_weight", "cal_weight", "weight"):
         value = getattr(result, name_)
@@ -305,14 +357,9 @@ def _copy_fields(shipment: Shipment, result: TrackingResult) -> None:
         {"service_name": p.service_name, "service_id": p.service_id, "cost": str(p.cost)}
         for p in result.price_info
     ]
-    shipment.estimate_routes = _jsonable(result.estimate_routes)
+    shipment.estimate_routes = jsonable(result.estimate_routes)
     shipment.confirm_images = list(result.confirm_images)
     shipment.accept_date = result.accept_date
-    shipment.external_code = result.external_code
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str)) if value is not None else None
 
 
 # One statement each, run over many rows: SQLAlchemy compiles it once and sends the rows in bulk.
@@ -329,7 +376,7 @@ _NEW_SCAN = (
 
 
 def _record_statuses(
-    session: Session, shipment: Shipment, entries: Sequence[StatusEntry]
+    session: Session, shipment: Shipment, entries: Sequence[StatusEntry], source: Source
 ) -> list[StatusEntry]:
     """Insert the history rows not seen before; return those entries, oldest first."""
     rows = []
@@ -347,6 +394,7 @@ def _record_statuses(
                 "status_code": code,
                 "tracking_name": entry.tracking_name,
                 "occurred_at": entry.time,
+                "source": source,
             }
         )
     if not rows:
@@ -370,7 +418,7 @@ def scan_fingerprint(scan: TrackingEntry) -> str:
         scan.post_office_name,
         scan.province_id,
         scan.province_name,
-        _iso(scan.date_change),
+        iso_utc(scan.date_change),
         scan.notes,
     ]
     return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()
@@ -403,13 +451,19 @@ def _record_scans(
     return sorted(inserted, key=lambda t: t.occurred_at or datetime.min.replace(tzinfo=UTC))
 
 
-def _schedule_after_result(shipment: Shipment, ctx: PollContext) -> None:
+def _schedule_after_result(shipment: Shipment, ctx: PollContext, pushed: bool) -> None:
+    """Plan the next lookup; after a push, it fetches what the push lacks.
+
+    A terminal status (polled or pushed) first gets one settle lookup for the delivery photo
+    and final fees, and the lookup after it ends polling; a push never ends it, since only a
+    lookup brings those. Otherwise the push's status plans the next lookup as a poll's would.
+    """
     status = parse_status(shipment.status)
     if status is not None and status.terminal:
         if shipment.terminal_at is None:
             shipment.terminal_at = shipment.status_changed_at or ctx.now
             shipment.next_poll_at = ctx.due_in(SETTLE_DELAY)
-        else:
+        elif not pushed:
             shipment.active = False
             shipment.stopped_reason = status.value
         return
@@ -418,6 +472,7 @@ def _schedule_after_result(shipment: Shipment, ctx: PollContext) -> None:
         status=status,
         status_entered_at=shipment.status_changed_at,
         last_polled_at=ctx.now,
+        status_by_push=pushed,
     )
     shipment.next_poll_at = ctx.plan(state)
 
@@ -430,10 +485,10 @@ def _apply_failure(
 ) -> Applied:
     code = error.code if isinstance(error, CarrierErrorCode) else None
     shipment.last_error_code = code.value if code is not None else type(error).__name__
-    if isinstance(error, (ApiKeyLimit, ApiKeyNotFound, MissingApiKey)):
+    if isinstance(error, KeyRefusal):
         # The key's fault, not the shipment's: due again as soon as the account may poll.
         shipment.next_poll_at = ctx.now
-        return Applied(recorder.events, pause=type(error))
+        return Applied(recorder.events, pause=error)
     if isinstance(error, OrderCodeNotFound) and shipment.found_at is None:
         # New orders reach the carrier late; keep asking, less often, for a grace period.
         if ctx.now - shipment.registered_at >= NOT_FOUND_GRACE:
@@ -479,15 +534,6 @@ def stop_polling(
     shipment.active = False
     shipment.stopped_reason = reason
     recorder.emit(event, None, reason=reason)
-
-
-def pause_account(account: Account, error: type[CarrierErrorCode], now: datetime) -> None:
-    """Pause an account whose key the carrier refuses; ops must fix the key to resume it."""
-    account.paused_until = PAUSED_UNTIL_FIXED
-    account.pause_reason = (
-        f"{error.__name__}: the carrier refused the API key; fix it with "
-        f"`shipmon account set-key {account.name} --api-key KEY`"
-    )
 
 
 def lock_shipments(session: Session, ids: Sequence[int]) -> list[Shipment]:

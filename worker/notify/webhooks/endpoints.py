@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from worker.core.crypto import encrypt
+from worker.domain.deliveries import DeliveryState
+from worker.domain.events import StatusView
 from worker.domain.models import Account, Delivery, WebhookEndpoint
+from worker.domain.pauses import FOREVER
 from worker.domain.vocabulary import EventType, Status
 from worker.notify.webhooks.guard import Resolver, check_url, system_resolver
 from worker.notify.webhooks.signing import ROTATION_OVERLAP, event_body, new_secret
@@ -31,7 +33,7 @@ __all__ = [
 # An endpoint that has failed without a single success for this long is disabled.
 DISABLE_AFTER = timedelta(days=5)
 # When the deliveries of a disabled endpoint come due: when it is enabled again.
-HELD = datetime(9999, 12, 31, tzinfo=UTC)
+HELD = FOREVER
 
 
 def sample_event(now: datetime) -> tuple[str, bytes]:
@@ -40,17 +42,13 @@ def sample_event(now: datetime) -> tuple[str, bytes]:
     data = {
         "test": True,
         "order_code": "TEST0000001",
-        "previous_status": _status(Status.IN_TRANSIT),
-        "status": _status(Status.DELIVERING) | {"tracking_name": "Đang đi phát"},
+        "previous_status": StatusView.of(Status.IN_TRANSIT).to_json(),
+        "status": StatusView.of(Status.DELIVERING).to_json() | {"tracking_name": "Đang đi phát"},
         "event_time": now.isoformat(),
         "seen_at": now.isoformat(),
         "sequence": 1,
     }
     return event_id, event_body(event_id, EventType.STATUS_CHANGED, now, data)
-
-
-def _status(status: Status) -> dict[str, Any]:
-    return {"name": status.value, "id": status.carrier_id, "code": status.code}
 
 
 class UnknownEndpoint(LookupError):
@@ -115,7 +113,7 @@ def set_endpoint_enabled(
         endpoint.circuit_open_until = None
     session.execute(
         update(Delivery)
-        .where(Delivery.endpoint_id == endpoint.id, Delivery.state == "pending")
+        .where(Delivery.endpoint_id == endpoint.id, Delivery.state == DeliveryState.PENDING)
         # Held deliveries are kept out of every claim's way until the endpoint is back.
         .values(next_attempt_at=now if enabled else HELD)
     )

@@ -39,6 +39,10 @@ class UnsafeDestination(Exception):
     """A webhook URL that shipmon refuses to call: not http(s), or not a public address."""
 
 
+class UnresolvedHost(UnsafeDestination):
+    """A webhook host name that resolves to no address (yet): nothing to call, for now."""
+
+
 def system_resolver(host: str) -> list[IPAddress]:
     """Every address `host` resolves to, from the system's resolver; raises OSError."""
     infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
@@ -159,10 +163,12 @@ def check_url(url: str, *, allow_private: bool, resolver: Resolver = system_reso
     literal = _literal_address(host)
     try:
         addresses = [literal] if literal is not None else list(resolver(host))
-    except (OSError, UnicodeError) as error:
-        raise UnsafeDestination(f"{host} does not resolve ({error}); check the host name") from None
+    except UnicodeError as error:
+        raise UnsafeDestination(f"{host[:80]!r} is not a valid host name ({error})") from None
+    except OSError as error:
+        raise UnresolvedHost(f"{host} does not resolve ({error}); check the host name") from None
     if not addresses:
-        raise UnsafeDestination(f"{host} resolves to no address; check the host name")
+        raise UnresolvedHost(f"{host} resolves to no address; check the host name")
     for address in addresses:
         check_address(address, allow_private=False)
 

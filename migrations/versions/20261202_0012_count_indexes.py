@@ -7,7 +7,7 @@ second at a million rows, ten at ten million). A partial index of the stalled op
 index-only reads in proportion to what they count. Built CONCURRENTLY, outside a transaction,
 so polls writing shipments are never blocked while they build.
 
-Revision ID: 0013
+Revision ID: 0012
 Revises: 0010
 Create Date: 2026-12-02 19:45:00.000000
 """
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0013"
+revision: str = "0012"
 down_revision: str | None = "0010"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None

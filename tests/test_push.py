@@ -1,0 +1,541 @@
+"""The carrier's status push: a real `shipmon api` (uvicorn) on 127.0.0.1, on the run's
+PostgreSQL and Redis, receiving pushes as 247Express sends them. Rows are committed (the server
+is another process) and deleted with their accounts at the end."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import secrets
+import subprocess
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import delete, select
+from standardwebhooks import Webhook
+
+from tests.conftest import ROOT
+from tests.test_api import CLI, Api, api  # noqa: F401  (the `api` fixture: a real server)
+from worker.carrier.parse import parse_tracking
+from worker.core.crypto import encrypt, hash_password, keyed_digest
+from worker.core.db import session_factory, transaction
+from worker.domain.models import Account, OutboxEvent, PushReceipt, Shipment, StatusEvent
+from worker.notify.delivery import fan_out_and_deliver
+from worker.notify.webhooks.endpoints import add_endpoint
+from worker.notify.webhooks.sender import WebhookSender
+from worker.ops.rotation import store_api_key_digests
+from worker.scheduling.model import LearnedModel
+from worker.scheduling.pricing import INITIAL_PRICE
+from worker.tracking.intake import account_by_name, register_orders
+from worker.tracking.record import SETTLE_DELAY, PollContext, apply_outcome, lock_shipments
+
+OK = {"IsError": False, "ErrorMessage": ""}
+PASSWORD = "correct-horse-battery-staple"
+T0 = datetime(2026, 12, 1, 3, 0, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Merchant:
+    name: str
+    api_key: str
+
+
+@pytest.fixture
+def merchants(api: Api) -> Iterator[list[Merchant]]:  # noqa: F811
+    """Two accounts with known API keys (the first with a push password); deleted afterwards."""
+    made = [Merchant(f"push-{secrets.token_hex(4)}", f"key-{secrets.token_hex(12)}") for _ in "ab"]
+    with transaction(api.servers.database_url) as s:
+        for index, m in enumerate(made):
+            s.add(
+                Account(
+                    name=m.name,
+                    api_key_encrypted=encrypt(m.api_key, api.servers.secret_key),
+                    api_key_hint=m.api_key[-4:],
+                    api_key_digest=keyed_digest(m.api_key, api.servers.secret_key),
+                    push_password_hash=hash_password(PASSWORD) if index == 0 else None,
+                )
+            )
+    yield made
+    with transaction(api.servers.database_url) as s:
+        s.execute(delete(Account).where(Account.name.in_([m.name for m in made])))
+
+
+def _code() -> str:
+    return f"PSH{secrets.token_hex(5).upper()}"
+
+
+def _local(moment: datetime) -> str:
+    """A time as the carrier writes it: Vietnam time, 7 fractional digits."""
+    vietnam = moment.astimezone(UTC) + timedelta(hours=7)
+    return vietnam.strftime("%Y-%m-%dT%H:%M:%S.%f") + "3+07:00"
+
+
+def _body(
+    api_key: str | None, code: str, status: str, at: datetime, **extra: Any
+) -> dict[str, Any]:
+    body = {
+        "ApiKey": api_key,
+        "OrderCode": code,
+        "ExternalCode": "EXT-1",
+        "ReferenceCode": None,
+        "Status": status,
+        "StatusName": None,
+        "Description": f"Change order status: ==> {status}",
+        "RequestFeedbackCount": 0,
+        "DelayCode": 0,
+        "DelayNotes": None,
+        "DeliveryNotes": None,
+        "Mailman": "Nguyễn Văn A",
+        "DeliveryDate": None,
+        "ReceiverName": None,
+        "TransactionId": str(uuid.uuid4()),
+        "Time": _local(at),
+    }
+    return body | extra
+
+
+def _post(api: Api, body: object, **kwargs: Any) -> httpx.Response:  # noqa: F811
+    with httpx.Client(base_url=api.url, timeout=30) as client:
+        if isinstance(body, bytes):
+            return client.post("/carrier/247/status", content=body, **kwargs)
+        return client.post("/carrier/247/status", json=body, **kwargs)
+
+
+def _accepted(response: httpx.Response) -> None:
+    assert response.status_code == 200, response.text
+    assert response.json() == OK
+
+
+def _refused(response: httpx.Response, status: int) -> str:
+    assert response.status_code == status, response.text
+    answer = response.json()
+    assert answer["IsError"] is True and set(answer) == {"IsError", "ErrorMessage"}
+    message: str = answer["ErrorMessage"]
+    assert message
+    return message
+
+
+def _shipment(api: Api, account: str, code: str) -> dict[str, Any] | None:  # noqa: F811
+    with transaction(api.servers.database_url) as s:
+        shipment = s.scalar(
+            select(Shipment)
+            .join(Account)
+            .where(Account.name == account, Shipment.order_code == code)
+        )
+        if shipment is None:
+            return None
+        rows = s.execute(
+            select(StatusEvent.status, StatusEvent.source)
+            .where(StatusEvent.shipment_id == shipment.id)
+            .order_by(StatusEvent.occurred_at)
+        ).all()
+        events = s.scalars(
+            select(OutboxEvent)
+            .where(OutboxEvent.shipment_id == shipment.id)
+            .order_by(OutboxEvent.sequence)
+        ).all()
+        return {
+            "status": shipment.status,
+            "status_changed_at": shipment.status_changed_at,
+            "delay": (shipment.delay_code, shipment.delay_reason, shipment.delay_note),
+            "polls_made": shipment.polls_made,
+            "active": shipment.active,
+            "terminal_at": shipment.terminal_at,
+            "next_poll_at": shipment.next_poll_at,
+            "delivery_notes": shipment.delivery_notes,
+            "history": [tuple(r) for r in rows],
+            "events": [(e.type, e.data) for e in events],
+        }
+
+
+# --- Authentication --------------------------------------------------------------------------
+
+
+def test_a_push_with_the_accounts_api_key_registers_the_order_and_applies_it(
+    api: Api,  # noqa: F811
+    merchants: list[Merchant],
+) -> None:
+    code = _code()
+    _accepted(_post(api, _body(merchants[0].api_key, code, "25", T0)))
+    seen = _shipment(api, merchants[0].name, code)
+    assert seen is not None
+    assert seen["status"] == "DELIVERING"
+    # 7 fractional digits and +07:00, stored as UTC (the 7th digit dropped).
+    assert seen["status_changed_at"] == T0
+    assert seen["history"] == [("DELIVERING", "push")]
+    assert seen["polls_made"] == 0
+    [(type_, data)] = seen["events"]
+    assert type_ == "shipment.status_changed"
+    assert data["source"] == "push"
+    assert data["status"]["id"] == 25 and data["previous_status"] is None
+    assert _shipment(api, merchants[1].name, code) is None
+
+
+def test_basic_auth_set_for_the_account_is_accepted_and_a_wrong_password_is_not(
+    api: Api,  # noqa: F811
+    merchants: list[Merchant],
+) -> None:
+    def basic(name: str, password: str) -> dict[str, str]:
+        token = base64.b64encode(f"{name}:{password}".encode()).decode()
+        return {"Authorization": f"Basic {token}"}
+
+    code = _code()
+    body = _body(None, code, "23", T0)
+    _refused(_post(api, body, headers=basic(merchants[0].name, "wrong-password-123")), 401)
+    # An account without a push password refuses Basic auth whatever is sent.
+    _refused(_post(api, body, headers=basic(merchants[1].name, PASSWORD)), 401)
+    _refused(_post(api, body, headers={"Authorization": "Basic !!!"}), 401)
+    assert _shipment(api, merchants[0].name, code) is None
+    _accepted(_post(api, body, headers=basic(merchants[0].name, PASSWORD)))
+    seen = _shipment(api, merchants[0].name, code)
+    assert seen is not None and seen["status"] == "PICKED_UP"
+
+
+def test_set_push_auth_stores_a_password_that_basic_auth_then_accepts(
+    api: Api,  # noqa: F811
+    merchants: list[Merchant],
+) -> None:
+    password = secrets.token_hex(16)
+    done = subprocess.run(
+        [*CLI, "account", "set-push-auth", merchants[1].name],
+        input=password + "\n",
+        env=api.servers.env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    with transaction(api.servers.database_url) as s:
+        stored = account_by_name(s, merchants[1].name).push_password_hash
+    assert stored is not None and password not in stored
+    token = base64.b64encode(f"{merchants[1].name}:{password}".encode()).decode()
+    code = _code()
+    _accepted(_post(api, _body(None, code, "21", T0), headers={"Authorization": f"Basic {token}"}))
+    assert _shipment(api, merchants[1].name, code) is not None
+    short = subprocess.run(
+        [*CLI, "account", "set-push-auth", merchants[1].name],
+        input="short\n",
+        env=api.servers.env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert short.returncode != 0 and "openssl rand" in short.stdout + short.stderr
+
+
+def test_a_wrong_or_missing_api_key_is_refused_and_stores_nothing(
+    api: Api,  # noqa: F811
+    merchants: list[Merchant],
+) -> None:
+    code = _code()
+    for key in ("not-a-key", merchants[0].api_key + "x", None, ""):
+        message = _refused(_post(api, _body(key, code, "25", T0)), 401)
+        assert "ApiKey" in message
+    assert _shipment(api, merchants[0].name, code) is None
+
+
+def test_another_accounts_key_never_touches_this_accounts_shipment(
+    api: Api,  # noqa: F811
+    merchants: list[Merchant],
+) -> None:
+    code = _code()
+    with transaction(api.servers.database_url) as s:
+        register_orders(s, merchants[0].name, [code])
+    _accepted(_post(api, _body(merchants[1].api_key, code, "30", T0)))
+    mine = _shipment(api, merchants[0].name, code)
+    assert mine is not None and mine["status"] is None and mine["events"] == []
+    theirs = _shipment(api, merchants[1].name, code)
+    assert theirs is not None and theirs["status"] == "DELIVERED"
+
+
+def test_rotation_and_first_start_keep_the_api_key_digests_current(
+    api: Api,  # noqa: F811
+    merchants: list[Merchant],
+) -> None:
+    sessions = session_factory(api.servers.database_url)
+    with sessions.begin() as s:
+        account_by_name(s, merchants[1].name).api_key_digest = None
+    assert store_api_key_digests(sessions, api.servers.secret_key, [], every=False) >= 1
+    with sessions.begin() as s:
+        account = account_by_name(s, merchants[1].name)
+        assert account.api_key_digest == keyed_digest(merchants[1].api_key, api.servers.secret_key)
+
+
+# --- Idempotency and order -------------------------------------------------------------------
+
+
+def test_the_same_transaction_id_twice_applies_once(
+    api: Api,  # noqa: F811
+    merchants: list[Merchant],
+) -> None:
+    code = _code()
+    body = _body(merchants[0].api_key, code, "24", T0)
+    _accepted(_post(api, body))
+    _accepted(_post(api, body | {"Status": "25", "Time": _local(T0 + timedelta(hours=1))}))
+    seen = _shipment(api, merchants[0].name, code)
+    assert seen is not None
+    assert seen["status"] == "IN_TRANSIT"
+    assert seen["history"] == [("IN_TRANSIT", "push")]
+    assert len(seen["events"]) == 1
+    with transaction(api.servers.database_url) as s:
+        receipts = s.scalars(
+            select(PushReceipt).where(
+                PushReceipt.transaction_id == uuid.UUID(body["TransactionId"])
+            )
+        ).all()
+        assert len(receipts) == 1
+
+
+def _poll(api: Api, account: str, code: str, statuses: list[tuple[str, datetime]]) -> None:  # noqa: F811
+    """Apply a lookup's answer with these statuses, as the poller does."""
+    answer = {
+        "orderCode": code,
+        "status": statuses[-1][0],
+        "trackingName": "Đang đi phát",
+        "statuses": [{"status": s, "time": _local(t)} for s, t in statuses],
+        "trackings": [],
+        "totalServiceCost": 32000,
+    }
+    result = parse_tracking(json.dumps(answer).encode(), code)
+    with transaction(api.servers.database_url) as s:
+        owner = account_by_name(s, account)
+        [shipment] = lock_shipments(
+            s,
+            list(
+                s.scalars(
+                    select(Shipment.id).where(
+                        Shipment.account_id == owner.id, Shipment.order_code == code
+                    )
+                )
+            ),
+        )
+        ctx = PollContext(
+            datetime.now(UTC), LearnedModel("Asia/Ho_Chi_Minh"), INITIAL_PRICE, timedelta(days=1)
+        )
+        apply_outcome(s, shipment, owner, result, ctx)
+
+
+def test_the_same_status_by_push_then_by_poll_is_one_history_row_and_one_event(
+    api: Api,  # noqa: F811
+    merchants: list[Merchant],
+) -> None:
+    code = _code()
+    _accepted(_post(api, _body(merchants[0].api_key, code, "25", T0)))
+    _poll(api, merchants[0].name, code, [("25", T0)])
+    seen = _shipment(api, merchants[0].name, code)
+    assert seen is not None
+    assert seen["history"] == [("DELIVERING", "push")]
+    assert [t for t, _ in seen["events"]] == ["shipment.status_changed"]
+    assert seen["polls_made"] == 1
+
+
+def test_the_same_status_by_poll_then_by_push_is_one_history_row_and_one_event(
+    api: Api,  # noqa: F811
+    merchants: list[Merchant],
+) -> None:
+    code = _code()
+    with transaction(api.servers.database_url) as s:
+        register_orders(s, merchants[0].name, [code])
+    _poll(api, merchants[0].name, code, [("24", T0), ("25", T0 + timedelta(hours=1))])
+    _accepted(_post(api, _body(merchants[0].api_key, code, "25", T0 + timedelta(hours=1))))
+    seen = _shipment(api, merchants[0].name, code)
+    assert seen is not None
+    assert seen["history"] == [("IN_TRANSIT", "poll"), ("DELIVERING", "poll")]
+    assert [d["source"] for _, d in seen["events"]] == ["poll", "poll"]
+
+
+def test_an_older_push_is_recorded_but_never_moves_the_shipment_back(
+    api: Api,  # noqa: F811
+    merchants: list[Merchant],
+) -> None:
+    code = _code()
+    key = merchants[0].api_key
+    _accepted(_post(api, _body(key, code, "25", T0 + timedelta(hours=2))))
+    _accepted(_post(api, _body(key, code, "24", T0)))
+    seen = _shipment(api, merchants[0].name, code)
+    assert seen is not None
+    assert seen["status"] == "DELIVERING"
+    assert seen["history"] == [("IN_TRANSIT", "push"), ("DELIVERING", "push")]
+    assert len(seen["events"]) == 1
+
+
+def test_a_terminal_push_plans_one_settle_lookup_and_never_ends_polling_itself(
+    api: Api,  # noqa: F811
+    merchants: list[Merchant],
+) -> None:
+    code = _code()
+    key = merchants[0].api_key
+    before = datetime.now(UTC)
+    _accepted(_post(api, _body(key, code, "30", T0)))
+    _accepted(_post(api, _body(key, code, "30", T0)))  # the carrier resent it, as a new one
+    seen = _shipment(api, merchants[0].name, code)
+    assert seen is not None
+    assert seen["active"] is True and seen["terminal_at"] == T0
+    assert before + SETTLE_DELAY - timedelta(minutes=1) <= seen["next_poll_at"]
+    assert seen["next_poll_at"] <= datetime.now(UTC) + SETTLE_DELAY
+
+
+def test_a_push_with_a_delay_code_announces_the_delay_with_its_reason_and_note(
+    api: Api,  # noqa: F811
+    merchants: list[Merchant],
+) -> None:
+    code = _code()
+    body = _body(merchants[0].api_key, code, "16", T0, DelayCode="5", DelayNotes="gọi không được")
+    _accepted(_post(api, body))
+    seen = _shipment(api, merchants[0].name, code)
+    assert seen is not None
+    code_, reason, note = seen["delay"]
+    assert code_ == 5 and reason and note == "gọi không được"
+    delayed = [d for t, d in seen["events"] if t == "shipment.delayed"]
+    assert delayed[0]["delay"] == {"code": 5, "reason": reason, "note": "gọi không được"}
+    assert delayed[0]["source"] == "push"
+
+
+# --- Hostile bodies --------------------------------------------------------------------------
+
+
+def test_nul_characters_and_overlong_text_are_cleaned_not_refused(
+    api: Api,  # noqa: F811
+    merchants: list[Merchant],
+) -> None:
+    code = _code()
+    body = _body(merchants[0].api_key, code, "25", T0, DeliveryNotes="a\x00b" + "x" * 10_000)
+    _accepted(_post(api, body))
+    seen = _shipment(api, merchants[0].name, code)
+    assert seen is not None
+    assert seen["delivery_notes"].startswith("abx") and len(seen["delivery_notes"]) == 2000
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"RequestFeedbackCount": 10**30}, "RequestFeedbackCount"),
+        ({"DelayCode": "٣"}, "DelayCode"),
+        ({"Status": ["25"]}, "Status"),
+        ({"Time": 12}, "Time"),
+        ({"Time": None}, "Time"),
+        ({"TransactionId": "not-a-uuid"}, "TransactionId"),
+        ({"TransactionId": None}, "TransactionId"),
+        ({"OrderCode": "ab"}, "OrderCode"),
+        ({"OrderCode": "SPX 000 1234"}, "OrderCode"),
+        ({"Status": None, "StatusName": None}, "Status"),
+        ({"status": "25"}, "case"),  # "Status" and "status" both: which did the carrier mean?
+    ],
+)
+def test_a_push_with_a_bad_field_is_refused_naming_it(
+    api: Api,  # noqa: F811
+    merchants: list[Merchant],
+    change: dict[str, Any],
+    words: str,
+) -> None:
+    code = _code()
+    body = _body(merchants[0].api_key, code, "25", T0) | change
+    assert words.lower() in _refused(_post(api, body), 400).lower()
+    assert _shipment(api, merchants[0].name, code) is None
+
+
+@pytest.mark.parametrize(
+    "body", [b"", b"not json", b"[1, 2]", b'{"a": NaN}', b"\xff\xfe", b"[" * 60_000]
+)
+def test_a_body_that_is_not_a_json_object_is_refused(api: Api, body: bytes) -> None:  # noqa: F811
+    _refused(_post(api, body, headers={"Content-Type": "application/json"}), 400)
+
+
+def test_a_huge_body_is_refused_in_the_carriers_shape_before_it_is_read(
+    api: Api,  # noqa: F811
+    merchants: list[Merchant],
+) -> None:
+    body = json.dumps(_body(merchants[0].api_key, _code(), "25", T0, Description="x" * 10**7))
+    assert "bytes" in _refused(_post(api, body.encode()), 413)
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(160):
+            yield b" " * 65_536
+
+    with httpx.Client(base_url=api.url, timeout=30) as client:  # no Content-Length
+        response = client.post("/carrier/247/status", content=chunks())
+    assert "bytes" in _refused(response, 413)
+
+
+# --- Webhooks --------------------------------------------------------------------------------
+
+
+class _Receiver(ThreadingHTTPServer):
+    bodies: list[tuple[bytes, dict[str, str]]]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Receiver
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.server.bodies.append((body, dict(self.headers.items())))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def webhook_receiver() -> Iterator[_Receiver]:
+    server = _Receiver(("127.0.0.1", 0), _Handler)
+    server.bodies = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(10)
+
+
+def test_a_pushed_change_reaches_a_webhook_receiver_signed_with_source_push(
+    api: Api,  # noqa: F811
+    merchants: list[Merchant],
+    webhook_receiver: _Receiver,
+) -> None:
+    host, port = webhook_receiver.server_address[:2]
+    url = f"http://{host!s}:{port}/hooks"
+    with transaction(api.servers.database_url) as s:
+        owner = account_by_name(s, merchants[0].name)
+        _, secret = add_endpoint(
+            s, owner, url, None, secret_key=api.servers.secret_key, allow_private=True
+        )
+    code = _code()
+    _accepted(_post(api, _body(merchants[0].api_key, code, "25", T0)))
+    with transaction(api.servers.database_url) as s:
+        event_ids = list(
+            s.scalars(
+                select(OutboxEvent.id)
+                .join(Shipment)
+                .where(Shipment.order_code == code, Shipment.account_id == owner.id)
+            )
+        )
+
+    async def sweep() -> None:
+        # What the delivery sweep does within seconds of the push.
+        async with WebhookSender(allow_private=True) as sender:
+            await fan_out_and_deliver(
+                session_factory(api.servers.database_url),
+                api.servers.settings(),
+                sender,
+                event_ids,
+                secret_key=api.servers.secret_key,
+            )
+
+    asyncio.run(sweep())
+    [(body, headers)] = webhook_receiver.bodies
+    document = Webhook(secret).verify(body, headers)
+    assert document["type"] == "shipment.status_changed"
+    assert document["data"]["order_code"] == code
+    assert document["data"]["source"] == "push"

@@ -1,0 +1,172 @@
+"""`POST /carrier/247/status`: the carrier's own status pushes (SPEC §8).
+
+The carrier is not a merchant's backend: it authenticates with the account's API key in the
+body (or Basic auth), and expects its own answer shape, `{"IsError": ..., "ErrorMessage": ...}`,
+not problem+json. A push is verified, applied in one short transaction and answered; webhooks
+go out from the outbox, by the delivery sweep, like every other event.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import logging
+from datetime import UTC, datetime, timedelta
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+from starlette.types import Receive, Scope, Send
+
+from worker.api.deps import ApiState, StateDep
+from worker.api.limits import BodyLimit
+from worker.carrier.push import PushRefused, StatusPush, parse_push
+from worker.core.crypto import keyed_digest, password_matches
+from worker.domain.models import Account
+from worker.scheduling.model import DEFAULT_MAX_INTERVAL
+from worker.tracking.intake import receive_push
+from worker.tracking.record import PollContext
+
+PUSH_PATH = "/carrier/247/status"
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(tags=["carrier"])
+
+
+class PushAnswer(BaseModel):
+    """The answer 247Express expects; it retries a push answered with `IsError: true`."""
+
+    IsError: bool
+    ErrorMessage: str
+
+
+class NotAuthenticated(Exception):
+    """Neither the body's ApiKey nor the Basic auth credentials name an account."""
+
+
+def _answer(status: int, error: str = "") -> JSONResponse:
+    return JSONResponse(
+        PushAnswer(IsError=bool(error), ErrorMessage=error).model_dump(), status_code=status
+    )
+
+
+class PushBodyLimit(BodyLimit):
+    """Pushes are small: refuse one over MAX_PUSH_BYTES with 413, in the carrier's shape."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == PUSH_PATH:
+            await super().__call__(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = _answer(413, f"the push is over {self.limit} bytes; send one status per push")
+        response.headers["connection"] = "close"
+        await response(scope, receive, send)
+
+
+@router.post(
+    PUSH_PATH,
+    response_model=PushAnswer,
+    responses={
+        400: {"model": PushAnswer, "description": "The push cannot be read."},
+        401: {"model": PushAnswer, "description": "Neither ApiKey nor Basic auth is valid."},
+        413: {"model": PushAnswer, "description": "The push is over 64 KiB."},
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        }
+    },
+)
+async def status_push(
+    request: Request,
+    state: StateDep,
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> JSONResponse:
+    """Receive one status change pushed by 247Express for an account's order."""
+    body = await request.body()
+    try:
+        push = parse_push(body)
+        await run_in_threadpool(_apply, state, push, authorization)
+    except PushRefused as error:
+        return _answer(400, str(error))
+    except NotAuthenticated as error:
+        return _answer(401, str(error))
+    return _answer(200)
+
+
+def _apply(state: ApiState, push: StatusPush, authorization: str | None) -> None:
+    with state.sessions.begin() as session:
+        account = _account(session, state, push, authorization)
+        now = datetime.now(UTC)
+        plans = state.plans
+        setting = state.settings.max_poll_interval
+        ceiling = plans.max_interval(
+            account.id, timedelta(seconds=setting) if setting else DEFAULT_MAX_INTERVAL
+        )
+        model = plans.current(session)
+        ctx = PollContext(
+            now, model, plans.price(account.id), ceiling, pushes=model.coverage(account.id)
+        )
+        received = receive_push(session, account, push, ctx)
+        log.debug(
+            "carrier push for order %s: %s",
+            push.order_code,
+            "resent, ignored" if received.duplicate else f"{len(received.events)} events",
+            extra={"order_code": push.order_code, "account": account.name},
+        )
+
+
+def _account(
+    session: Session, state: ApiState, push: StatusPush, authorization: str | None
+) -> Account:
+    """The account Basic auth names (when sent), else the one whose API key is the body's."""
+    if authorization is not None and authorization[:6].lower() == "basic ":
+        name, password = _basic(authorization[6:])
+        account = session.scalar(select(Account).where(Account.name == name))
+        stored = account.push_password_hash if account is not None else None
+        if account is None or stored is None or not password_matches(password, stored):
+            raise NotAuthenticated(
+                "Basic auth refused: use the account's name and the password set with "
+                "`shipmon account set-push-auth ACCOUNT`"
+            )
+        return account
+    if push.api_key is None:
+        raise NotAuthenticated("ApiKey is missing: send the account's 247Express API key")
+    # Under the current key and, while `shipmon secrets rotate` runs, the old ones.
+    keys = [state.secret_key, *(k.get_secret_value() for k in state.settings.old_secret_keys)]
+    digests = [keyed_digest(push.api_key, key) for key in keys]
+    accounts = session.scalars(
+        select(Account).where(Account.api_key_digest.in_(digests)).limit(2)
+    ).all()
+    matching = [
+        a for a in accounts if any(hmac.compare_digest(a.api_key_digest or "", d) for d in digests)
+    ]
+    if len(matching) != 1:
+        # Two accounts with one key cannot tell which one a push is for: Basic auth can.
+        raise NotAuthenticated(
+            "ApiKey is not the API key of one shipmon account: check the key the carrier "
+            "pushes with, or use Basic auth (`shipmon account set-push-auth ACCOUNT`)"
+        )
+    return matching[0]
+
+
+def _basic(credentials: str) -> tuple[str, str]:
+    try:
+        decoded = base64.b64decode(credentials.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        decoded = ""
+    name, colon, password = decoded.partition(":")
+    if not colon:
+        raise NotAuthenticated(
+            "the Authorization header is not Basic auth (base64 of name:password)"
+        )
+    return name, password

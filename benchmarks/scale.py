@@ -12,16 +12,12 @@ of --repeat runs is printed:
 - relearn (every 10 min): `learning.relearn`; the reference is the former path, every stay
   read into Python (`recorded_stays`) and fitted (`fit_model`), run once;
 - stalled detection (every 15 min): `ops.detect_stalled`, and its normal stays alone; the
-  references are the same job with `ix_shipments_silent_since` dropped (in the transaction),
-  and the normal stays of every shipment (`NORMAL_STAY_SAMPLE_SHIPMENTS` above the table's
-  size), as before;
+  reference is the same job with `ix_shipments_silent_since` dropped (in the transaction);
 - prices (every minute): `learning.update_prices` for the 15 keys; the reference reads every
   row (`PRICE_SAMPLE_ROWS` above the table's size), as before;
 - a dispatch tick (every 2 s): `dispatch.dispatch` with a first-lookup plan and five grants per
   key (3,000,000 lookups a day over 15 keys); the reference drops `ix_shipments_unplanned`;
-- metrics gauges (every 30 s), the reference without `ix_shipments_stalled`, and `shipmon
-  stats`, the reference counting every finished shipment (`CLOSED_SAMPLE_ROWS` above the
-  table's size);
+- metrics gauges (every 30 s) and `shipmon stats`;
 - retention: one `ops.purge_finished` batch (500 shipments with their history).
 
 The disk each table takes is printed too. Every scratch database is dropped at the end.
@@ -39,14 +35,11 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from types import ModuleType
 
 import psycopg
 from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session
 
-import worker.ops.stalled
-import worker.ops.views
 import worker.scheduling.learning
 from worker.core.db import upgrade
 from worker.core.metrics import refresh_gauges
@@ -64,8 +57,6 @@ FLOOR = timedelta(hours=48)
 # 3,000,000 lookups a day over 15 keys: about five per key per two-second tick.
 GRANT_PER_TICK = 5
 RETENTION_DAYS = 5
-
-Job = Callable[[Session], object]
 
 # One row per shipment i: when it was registered, when it was found (if yet), its last change,
 # how many status rows it has and whether it has finished. u is a fixed pseudo-random [0, 1).
@@ -160,7 +151,9 @@ def rolled_back(engine_url: str) -> Iterator[Session]:
     engine.dispose()
 
 
-def timed(engine_url: str, job: Job, repeat: int, setup: str | None = None) -> float:
+def timed(
+    engine_url: str, job: Callable[[Session], object], repeat: int, setup: str | None = None
+) -> float:
     """The median seconds of `job`, each run in a transaction rolled back afterwards."""
     runs = []
     for _ in range(repeat):
@@ -173,7 +166,7 @@ def timed(engine_url: str, job: Job, repeat: int, setup: str | None = None) -> f
     return statistics.median(runs)
 
 
-def tick(now: datetime) -> Job:
+def tick(now: datetime) -> Callable[[Session], object]:
     model = LearnedModel(ZONE)
 
     def first_lookup(account_id: int, registered: datetime) -> datetime:
@@ -191,18 +184,13 @@ def tick(now: datetime) -> Job:
     )
 
 
-def unsampled(module: ModuleType, name: str, job: Job) -> Job:
-    """`job` with the sample size `module.name` above any table's, so every row is read."""
-
-    def run(session: Session) -> object:
-        kept = getattr(module, name)
-        setattr(module, name, 10**12)
-        try:
-            return job(session)
-        finally:
-            setattr(module, name, kept)
-
-    return run
+def full_prices(session: Session, now: datetime) -> object:
+    kept = worker.scheduling.learning.PRICE_SAMPLE_ROWS
+    worker.scheduling.learning.PRICE_SAMPLE_ROWS = 10**12
+    try:
+        return update_prices(session, dict.fromkeys(range(1, ACCOUNTS + 1), 200_000), ZONE, now)
+    finally:
+        worker.scheduling.learning.PRICE_SAMPLE_ROWS = kept
 
 
 def measure(url: str, rows: int, repeat: int) -> dict[str, tuple[float, float | None]]:
@@ -218,8 +206,8 @@ def measure(url: str, rows: int, repeat: int) -> dict[str, tuple[float, float | 
 
     def run(
         name: str,
-        job: Job,
-        reference: Job | None = None,
+        job: Callable[[Session], object],
+        reference: Callable[[Session], object] | None = None,
         reference_setup: str | None = None,
         reference_repeat: int | None = None,
     ) -> None:
@@ -236,13 +224,7 @@ def measure(url: str, rows: int, repeat: int) -> dict[str, tuple[float, float | 
         lambda s: fit_model(recorded_stays(s, learning_since), ZONE),
         reference_repeat=1,
     )
-    run(
-        "normal stays",
-        lambda s: normal_stays(s, now),
-        unsampled(
-            worker.ops.stalled, "NORMAL_STAY_SAMPLE_SHIPMENTS", lambda s: normal_stays(s, now)
-        ),
-    )
+    run("normal stays", lambda s: normal_stays(s, now))
     run(
         "detect stalled",
         lambda s: detect_stalled(s, now, FLOOR),
@@ -252,11 +234,7 @@ def measure(url: str, rows: int, repeat: int) -> dict[str, tuple[float, float | 
     run(
         "update prices",
         lambda s: update_prices(s, quotas, ZONE, now),
-        unsampled(
-            worker.scheduling.learning,
-            "PRICE_SAMPLE_ROWS",
-            lambda s: update_prices(s, quotas, ZONE, now),
-        ),
+        lambda s: full_prices(s, now),
     )
     run(
         "dispatch tick",
@@ -264,17 +242,8 @@ def measure(url: str, rows: int, repeat: int) -> dict[str, tuple[float, float | 
         tick(now),
         "DROP INDEX ix_shipments_unplanned",
     )
-    run(
-        "metrics gauges",
-        lambda s: refresh_gauges(s, []),
-        lambda s: refresh_gauges(s, []),
-        "DROP INDEX ix_shipments_stalled",
-    )
-    run(
-        "stats",
-        lambda s: collect_stats(s, now, []),
-        unsampled(worker.ops.views, "CLOSED_SAMPLE_ROWS", lambda s: collect_stats(s, now, [])),
-    )
+    run("metrics gauges", lambda s: refresh_gauges(s, []))
+    run("stats", lambda s: collect_stats(s, now, []))
     run("purge batch", lambda s: purge_finished(s, now, RETENTION_DAYS))
     with psycopg.connect(url) as conn:
         size = conn.execute("SELECT pg_database_size(current_database())").fetchone()

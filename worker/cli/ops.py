@@ -257,10 +257,7 @@ def _print_stats(
     )  # fmt: skip
     for row in data["shipments"]:
         shipments.add_row(
-            row["account"],
-            row["status"] or "(not found yet)",
-            str(row["open"]),
-            f"~{row['closed']}" if row["closed_estimated"] else str(row["closed"]),
+            row["account"], row["status"] or "(not found yet)", str(row["open"]), str(row["closed"])
         )
     print_table(shipments)
 

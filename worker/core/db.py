@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 if TYPE_CHECKING:
@@ -69,14 +69,3 @@ def upgrade(url: str, revision: str = "head") -> None:
     from alembic import command
 
     command.upgrade(alembic_config(url), revision)
-
-
-def estimated_rows(session: Session, table: str) -> float:
-    """PostgreSQL's estimate of a table's rows (`reltuples`, kept by autovacuum).
-
-    Free to ask however large the table; a table never analysed counts as empty.
-    """
-    estimate = session.scalar(
-        text("SELECT reltuples FROM pg_class WHERE oid = to_regclass(:table)"), {"table": table}
-    )
-    return max(float(estimate or 0), 0.0)

@@ -279,23 +279,12 @@ def refresh_gauges(session: Session, quota: Sequence[QuotaGauge]) -> None:
             metrics.quota_used.labels(line.account).set(line.used)
             metrics.quota_left.labels(line.account).set(left)
             metrics.quota_allowed.labels(line.account).set(line.allowed_now)
-    # Per account, a range of ix_shipments_due and one of ix_shipments_stalled: the refresh
-    # reads the due and the stalled shipments, not the whole table.
-    of_account = (Shipment.account_id == Account.id, Shipment.active)
-    due = (
-        select(func.count())
-        .where(*of_account, Shipment.next_poll_at <= func.now())
-        .correlate(Account)
-        .scalar_subquery()
-    )
-    stalled = (
-        select(func.count())
-        .where(*of_account, Shipment.stalled_at.is_not(None))
-        .correlate(Account)
-        .scalar_subquery()
-    )
+    due = func.count(Shipment.id).filter(Shipment.active, Shipment.next_poll_at <= func.now())
+    stalled = func.count(Shipment.id).filter(Shipment.active, Shipment.stalled_at.is_not(None))
     # Every account, those with nothing due too, so a backlog that clears shows as zero.
-    for name, due_count, stalled_count in session.execute(select(Account.name, due, stalled)):
+    for name, due_count, stalled_count in session.execute(
+        select(Account.name, due, stalled).outerjoin(Shipment).group_by(Account.name)
+    ):
         metrics.due_backlog.labels(name).set(due_count)
         metrics.stalled.labels(name).set(stalled_count)
     disabled = func.count(WebhookEndpoint.id).filter(WebhookEndpoint.enabled.is_(False))

@@ -124,14 +124,6 @@ class Shipment(Base):
         ),
         # The price update counts each account's registrations since it last looked.
         Index("ix_shipments_account_id_registered_at", "account_id", "registered_at"),
-        # The metrics refresh counts each account's stalled shipments, a few among many.
-        Index(
-            "ix_shipments_stalled",
-            "account_id",
-            postgresql_where=text("active AND stalled_at IS NOT NULL"),
-        ),
-        # `shipmon stats` counts the open shipments by account and status from this alone.
-        Index("ix_shipments_open_status", "account_id", "status", postgresql_where=text("active")),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)

@@ -11,7 +11,6 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, func, or_, select, text
 from sqlalchemy.orm import Session
 
-from worker.core.db import estimated_rows
 from worker.domain.events import StallView
 from worker.domain.models import Account, OutboxEvent, Shipment
 from worker.domain.vocabulary import TERMINAL_STATUSES, EventType
@@ -24,53 +23,33 @@ NORMAL_STAY_WINDOW = timedelta(days=14)
 # Below this many recent stays a status's 95th percentile is noise; the floor alone applies.
 MIN_STAYS = 20
 
-# Above this many shipments the normal stays are learned from a sample of about this many.
-NORMAL_STAY_SAMPLE_SHIPMENTS = 20_000
-
 # The normal stay per status: the quantile of recent completed stays, where there are enough.
-# Each shipment's recent history is read by its index, for all the shipments or for a block
-# sample of them.
 _NORMAL_STAYS = """
-    SELECT stays.status,
-           percentile_cont(:quantile) WITHIN GROUP (ORDER BY extract(epoch FROM stays.stay)),
-           count(*)
-    FROM shipments s TABLESAMPLE SYSTEM (:percent)
-    CROSS JOIN LATERAL (
-        SELECT e.status, lead(e.occurred_at) OVER (ORDER BY e.occurred_at, e.id) - e.occurred_at
+    WITH stays AS (
+        SELECT e.status,
+               lead(e.occurred_at) OVER w - e.occurred_at AS stay
         FROM status_events e
-        WHERE e.shipment_id = s.id AND e.occurred_at >= :since
-    ) AS stays(status, stay)
-    WHERE stays.stay IS NOT NULL
-    GROUP BY stays.status
+        WHERE e.occurred_at >= :since
+        WINDOW w AS (PARTITION BY e.shipment_id ORDER BY e.occurred_at)
+    )
+    SELECT status,
+           percentile_cont(:quantile) WITHIN GROUP (ORDER BY extract(epoch FROM stay)) AS seconds
+    FROM stays
+    WHERE stay IS NOT NULL
+    GROUP BY status
+    HAVING count(*) >= :min_stays
 """
-# Fewer sampled stays than this and the table is smaller than PostgreSQL's estimate of it (a
-# stale one, after a purge): every stay is read instead.
-MIN_SAMPLED_STAYS = 200
 
 
 def normal_stays(
     session: Session, now: datetime, window: timedelta = NORMAL_STAY_WINDOW
 ) -> dict[str, timedelta]:
-    """How long a shipment normally stays in each status, learned from recent history.
-
-    Up to `NORMAL_STAY_SAMPLE_SHIPMENTS` shipments every stay is read. Beyond, the stays of a
-    block sample of about that many shipments are, so a run costs the same at ten million
-    shipments as at twenty thousand: with some ten thousand stays per status, a sampled 95th
-    percentile lies within about half a percentile point of the whole history's.
-    """
-    estimate = estimated_rows(session, "shipments")
-    percent = min(100.0, 100.0 * NORMAL_STAY_SAMPLE_SHIPMENTS / max(estimate, 1.0))
-    params = {"since": now - window, "quantile": NORMAL_STAY_QUANTILE}
-    rows = session.execute(text(_NORMAL_STAYS), {**params, "percent": percent}).all()
-    if percent < 100.0 and sum(count for _, _, count in rows) < MIN_SAMPLED_STAYS:
-        percent = 100.0
-        rows = session.execute(text(_NORMAL_STAYS), {**params, "percent": percent}).all()
-    # A status needs enough stays in the whole history, the sampled count scaled up.
-    return {
-        status: timedelta(seconds=float(seconds))
-        for status, seconds, count in rows
-        if count * 100.0 / percent >= MIN_STAYS
-    }
+    """How long a shipment normally stays in each status, learned from recent history."""
+    rows = session.execute(
+        text(_NORMAL_STAYS),
+        {"since": now - window, "quantile": NORMAL_STAY_QUANTILE, "min_stays": MIN_STAYS},
+    )
+    return {status: timedelta(seconds=float(seconds)) for status, seconds in rows}
 
 
 # The statuses of open shipments not yet stalled, one index probe each (a skip scan of

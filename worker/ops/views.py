@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select, text
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from worker.core.db import estimated_rows
 from worker.domain.deliveries import DeliveryState
 from worker.domain.events import jsonable
 from worker.domain.models import (
@@ -344,16 +343,12 @@ def stop_tracking(
 
 @dataclass(frozen=True)
 class StatusCount:
-    """Shipments of one account in one status: still watched, and finished or stopped.
-
-    On a large table `closed` is estimated from a sample, and `closed_estimated` says so.
-    """
+    """Shipments of one account in one status: still watched, and finished or stopped."""
 
     account: str
     status: str | None
     open: int
     closed: int
-    closed_estimated: bool = False
 
 
 @dataclass(frozen=True)
@@ -494,61 +489,16 @@ def _last_change(shipment: Shipment) -> datetime | None:
     return max(moments, default=None)
 
 
-# Above this many shipments the finished ones are counted from a block sample of about this
-# many; the open ones are always counted exactly, from ix_shipments_open_status.
-CLOSED_SAMPLE_ROWS = 200_000
-
-# The finished shipments by account and status, in a sample of `percent` of the table's pages;
-# the sampled rows of every kind too, to scale the counts by.
-_CLOSED_SAMPLED = """
-    SELECT account_id, status, count(*) FILTER (WHERE NOT active), (sum(count(*)) OVER ())::bigint
-    FROM shipments TABLESAMPLE SYSTEM (:percent)
-    GROUP BY account_id, status
-"""
-
-
 def _status_counts(session: Session) -> list[StatusCount]:
-    """Open and finished shipments by account and status: exact up to `CLOSED_SAMPLE_ROWS`.
-
-    Beyond, the open ones are still counted exactly, by index, and the finished ones (most of
-    a large table, and no longer changing) are estimated from a sample of about that many rows
-    scaled by PostgreSQL's row estimate, so `stats` costs the same at ten million shipments
-    as at two hundred thousand. A status too rare to be sampled shows no finished ones.
-    """
-    estimate = estimated_rows(session, "shipments")
-    if estimate <= CLOSED_SAMPLE_ROWS:
-        open_ = func.count().filter(Shipment.active)
-        closed = func.count().filter(~Shipment.active)
-        rows = session.execute(
-            select(Account.name, Shipment.status, open_, closed)
-            .join(Account)
-            .group_by(Account.name, Shipment.status)
-            .order_by(Account.name, Shipment.status.nulls_first())
-        ).all()
-        return [StatusCount(name, status, o, c) for name, status, o, c in rows]
-    names = {
-        account_id: name for account_id, name in session.execute(select(Account.id, Account.name))
-    }
-    counts: dict[tuple[str, str | None], list[int]] = {}
-    for account_id, status, number in session.execute(
-        select(Shipment.account_id, Shipment.status, func.count())
-        .where(Shipment.active)
-        .group_by(Shipment.account_id, Shipment.status)
-    ):
-        counts[names[account_id], status] = [number, 0]
-    percent = 100.0 * CLOSED_SAMPLE_ROWS / estimate
-    for account_id, status, number, sampled in session.execute(
-        text(_CLOSED_SAMPLED), {"percent": percent}
-    ):
-        if number:
-            line = counts.setdefault((names[account_id], status), [0, 0])
-            line[1] = round(number * estimate / sampled)
-    return [
-        StatusCount(name, status, o, c, closed_estimated=True)
-        for (name, status), (o, c) in sorted(
-            counts.items(), key=lambda item: (item[0][0], item[0][1] is not None, item[0][1] or "")
-        )
-    ]
+    open_ = func.count().filter(Shipment.active)
+    closed = func.count().filter(~Shipment.active)
+    rows = session.execute(
+        select(Account.name, Shipment.status, open_, closed)
+        .join(Account)
+        .group_by(Account.name, Shipment.status)
+        .order_by(Account.name, Shipment.status.nulls_first())
+    ).all()
+    return [StatusCount(name, status, o, c) for name, status, o, c in rows]
 
 
 def failing_endpoints(session: Session) -> list[FailingEndpoint]:

@@ -19,7 +19,6 @@ from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from worker.core.db import estimated_rows
 from worker.domain.models import Account, SchedulerState, Shipment
 from worker.domain.vocabulary import Status, parse_status
 from worker.scheduling.model import (
@@ -287,7 +286,10 @@ def planned_rates(session: Session) -> tuple[dict[int, float], dict[int, int]]:
     the square root of an account's sampled shipments, is well within what the price's
     controller corrects minute by minute.
     """
-    estimate = estimated_rows(session, "shipments")
+    estimate = float(
+        session.scalar(text("SELECT reltuples FROM pg_class WHERE oid = 'shipments'::regclass"))
+        or 0
+    )
     percent = 100.0 if estimate <= PRICE_SAMPLE_ROWS else 100.0 * PRICE_SAMPLE_ROWS / estimate
     rows = session.execute(
         text(

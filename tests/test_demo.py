@@ -14,7 +14,7 @@ from tests.conftest import RunServers
 pytestmark = pytest.mark.e2e
 
 
-def test_the_demo_shows_polls_transitions_and_verified_webhooks(
+def test_the_demo_shows_polls_pushes_transitions_and_verified_webhooks(
     servers: RunServers, tmp_path: Path
 ) -> None:
     result = subprocess.run(
@@ -31,4 +31,13 @@ def test_the_demo_shows_polls_transitions_and_verified_webhooks(
     assert "rejected: 0" in result.stdout
     assert "→" in result.stdout  # transitions were shown
     assert "What to try next" in result.stdout
+    # The sandbox pushed to shipmon's own receiver, which took them; polls caught the rest.
+    pushes = re.findall(
+        r"changes by push: (\d+), by poll: \d+ .*?carrier pushes sent: (\d+)",
+        result.stdout,
+    )
+    assert pushes, result.stdout[-3000:]
+    by_push, sent = map(int, pushes[-1])
+    assert sent > 0, result.stdout[-3000:]
+    assert by_push > 0
     assert (tmp_path / "home" / "demo.log").exists()

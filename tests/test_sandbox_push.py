@@ -207,7 +207,8 @@ def test_duplicate_one_sends_each_twice_with_one_transaction_id(
 def test_a_failed_push_is_retried_with_backoff(
     sandbox: SandboxHandle, receiver: Receiver, clock: ManualClock
 ) -> None:
-    receiver.answers = [(500, {}), (400, {"IsError": True, "ErrorMessage": "try later"})]
+    # A 500, then a 200 that says it failed: the carrier retries both.
+    receiver.answers = [(500, {}), (200, {"IsError": True, "ErrorMessage": "try later"})]
     sandbox.set_push({"url": receiver.url})
     sandbox.add_order(KEY, "EX0005", status="ACCEPTED")
     wait_for(lambda: pushes_stats(sandbox)["failed"] == 1, "the first failure")

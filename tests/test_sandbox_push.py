@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import socket
 import threading
 import time
@@ -22,6 +23,7 @@ from worker.sim.sandbox import (
     PUSH_RETRY_BACKOFF_S,
     ManualClock,
     SandboxHandle,
+    lognormal,
     running_sandbox,
 )
 from worker.sim.workload import Faults
@@ -304,6 +306,9 @@ def test_delays_reorder_pushes(
         {"url": "http://127.0.0.1/x", "delay_s": [5, 1]},
         {"url": "http://127.0.0.1/x", "delay_s": [1]},
         {"url": "http://127.0.0.1/x", "loss": 0.1},
+        {"url": "http://[::1/x"},
+        {"url": "http://127.0.0.1/x", "delay_s": [1, 1e9]},
+        {"url": "http://127.0.0.1/x", "delay_s": [0, "NaN"]},
     ],
 )
 def test_bad_push_settings_answer_422(sandbox: SandboxHandle, body: dict[str, Any]) -> None:
@@ -321,3 +326,11 @@ def test_bad_push_settings_keep_pushing_as_before(
     assert response.status_code == 422
     sandbox.add_order(KEY, "EX0009", status="ACCEPTED")
     wait_for(lambda: len(receiver.bodies) == 1, "the push")
+
+
+def test_a_spread_too_wide_to_draw_gives_huge_delays_not_errors() -> None:
+    # 2,000 draws from this spread reach far past exp()'s range; each must still be a delay.
+    rng = random.Random(0)
+    draws = [lognormal(1e-300, 604800, rng) for _ in range(2000)]
+    assert all(delay >= 0 for delay in draws)
+    assert max(draws) > 604800 * 1e6

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
+from urllib.parse import urlsplit
 
 import aiohttp
 import httpx
@@ -61,6 +62,7 @@ TRACKING_PATH = "/api/Order/v1/Tracking"
 DEFAULT_PORT = 8247
 # z-score of the 99th percentile: sigma of a lognormal from its p50 and p99.
 _Z99 = 2.3263478740408408
+_MAX_EXPONENT = 700.0
 
 
 class Clock(Protocol):
@@ -145,7 +147,8 @@ def lognormal(p50: float, p99: float, rng: random.Random) -> float:
     if p50 <= 0:
         return 0.0
     sigma = math.log(p99 / p50) / _Z99
-    return p50 * math.exp(sigma * rng.gauss(0.0, 1.0))
+    # Drawn in logs: a wide spread would overflow exp(); a draw that large means "never".
+    return math.exp(min(math.log(p50) + sigma * rng.gauss(0.0, 1.0), _MAX_EXPONENT))
 
 
 class PushSettings(BaseModel):
@@ -157,15 +160,23 @@ class PushSettings(BaseModel):
     duplicate: float = Field(default=0.0, ge=0.0, le=1.0)
     delay_s: tuple[float, float] = (0.0, 0.0)
 
+    @field_validator("url")
+    @classmethod
+    def _host(cls, value: str | None) -> str | None:
+        if value is not None and not urlsplit(value).hostname:
+            raise ValueError("url must name a host, as http://HOST:PORT/PATH")
+        return value
+
     @field_validator("delay_s")
     @classmethod
     def _spread(cls, value: tuple[float, float]) -> tuple[float, float]:
         p50, p99 = value
-        if not (math.isfinite(p50) and math.isfinite(p99)) or not 0 <= p50 <= p99:
-            raise ValueError("delay_s must be [p50, p99] seconds with 0 <= p50 <= p99")
+        if not (math.isfinite(p50) and math.isfinite(p99)) or not 0 <= p50 <= p99 <= _WEEK_S:
+            raise ValueError("delay_s must be [p50, p99] seconds with 0 <= p50 <= p99 <= 604800")
         return value
 
 
+_WEEK_S = 7 * 86400.0
 # Attempts of one push, and the sandbox seconds the carrier waits before each retry.
 PUSH_RETRY_BACKOFF_S = (30.0, 120.0, 480.0)
 PUSH_CONCURRENCY = 16
@@ -295,7 +306,7 @@ async def _push_accepted(client: aiohttp.ClientSession, url: str, body: dict[str
                 answer += chunk
                 if len(answer) > _PUSH_ANSWER_LIMIT:
                     return False
-    except (aiohttp.ClientError, TimeoutError):
+    except (aiohttp.ClientError, TimeoutError, ValueError):  # ValueError: a URL yarl refuses
         return False
     try:
         parsed = json.loads(answer)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import re
 import secrets
+import socket
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,9 @@ from sqlalchemy.orm import Session
 from tests.conftest import RunServers, make_account
 from worker.core.db import transaction
 from worker.domain.models import Account, Base, Shipment
+from worker.sim.demo import push_summary, start_pushing
+from worker.sim.sandbox import running_sandbox
+from worker.sim.workload import Faults
 from worker.tracking.intake import register_orders, remove_account
 
 pytestmark = pytest.mark.e2e
@@ -40,6 +45,15 @@ def test_the_demo_shows_polls_transitions_and_verified_webhooks(
     assert "rejected: 0" in result.stdout
     assert "→" in result.stdout  # transitions were shown
     assert "What to try next" in result.stdout
+    # The sandbox pushed to shipmon's own receiver, which took them; polls caught the rest.
+    pushes = re.findall(
+        r"changes by push: (\d+), by poll: \d+ .*?carrier pushes sent: (\d+)",
+        result.stdout,
+    )
+    assert pushes, result.stdout[-3000:]
+    by_push, sent = map(int, pushes[-1])
+    assert sent > 0, result.stdout[-3000:]
+    assert by_push > 0
     assert (tmp_path / "home" / "demo" / "demo.log").exists()
 
 
@@ -82,3 +96,28 @@ def _row(s: Session, model: type[Base], row_id: int) -> dict[str, object]:
     row = s.get(model, row_id, populate_existing=True)
     assert row is not None
     return {c.key: getattr(row, c.key) for c in model.__table__.columns}
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:  # a loopback port just freed: connections are refused
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def test_the_demo_turns_pushing_on_and_reports_it() -> None:
+    api_port = closed_port()  # no receiver yet: pushes would fail and be given up
+    with running_sandbox(faults=Faults(), seed=2) as sandbox:
+        assert start_pushing(sandbox.base_url, api_port) is None
+        pushes = sandbox.stats()["pushes"]
+        assert pushes["url"] == f"http://127.0.0.1:{api_port}/carrier/247/status"
+        summary = push_summary(sandbox.base_url, Counter(push=3, poll=5))
+    assert "changes by push: [bold cyan]3[/], by poll: [bold]5[/]" in summary
+    assert "carrier pushes sent: 0, dropped: 0, failed: 0, given up: 0" in summary
+
+
+def test_the_demo_goes_on_when_the_sandbox_cannot_push() -> None:
+    port = closed_port()
+    refusal = start_pushing(f"http://127.0.0.1:{port}", 8000)
+    assert refusal is not None and "poll only" in refusal
+    assert push_summary(f"http://127.0.0.1:{port}", Counter()).endswith("unknown[/]")

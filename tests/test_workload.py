@@ -481,3 +481,55 @@ def test_a_refused_advance_leaves_the_order_as_it_was(workload: Workload) -> Non
     with pytest.raises(ValueError, match="unknown status"):
         carrier.advance("KEEP00001", T0 + timedelta(minutes=1), to="SHIPPED")
     assert carrier.transitions("KEEP00001") == before
+
+
+# --- status pushes ---
+
+
+def world_with_order(workload: Workload) -> Carrier:
+    world = make_carrier(workload)
+    world.add_order(KEY, "EX0001", T0, status="ACCEPTED")
+    return world
+
+
+def test_changes_hand_out_each_drawn_transition_once_when_the_clock_passes_it(
+    workload: Workload,
+) -> None:
+    world = world_with_order(workload)
+    world.watch(T0)
+    drawn = world.transitions("EX0001")[1:]  # the first was entered before watching
+    assert drawn
+    assert world.changes(T0) == []
+    halfway = drawn[len(drawn) // 2][0]
+    first = world.changes(halfway)
+    assert [(c.at, c.status) for c in first] == [t for t in drawn if t[0] <= halfway]
+    rest = world.changes(drawn[-1][0] + timedelta(days=1))
+    assert [(c.at, c.status) for c in first + rest] == drawn
+    assert world.changes(drawn[-1][0] + timedelta(days=2)) == []
+    descriptions = [c.body["Description"] for c in first + rest]
+    statuses = [Status.ACCEPTED, *(status for _, status in drawn)]
+    assert descriptions == [
+        f"Change order status: {before.code} ==> {after.code}"
+        for before, after in itertools.pairwise(statuses)
+    ]
+    assert all(ISO7.match(c.body["Time"]) for c in first + rest)
+
+
+def test_a_transition_redrawn_by_advance_is_never_handed_out(workload: Workload) -> None:
+    world = world_with_order(workload)
+    world.watch(T0)
+    planned_at, planned = world.transitions("EX0001")[1]
+    early = T0 + (planned_at - T0) / 2
+    world.advance("EX0001", early, to="CANCEL")
+    changes = world.changes(planned_at + timedelta(days=30))
+    assert [(c.at, c.status) for c in changes] == [(early, Status.CANCEL)]
+    assert planned is not Status.CANCEL
+
+
+def test_nothing_is_handed_out_unwatched_or_after_unwatch(workload: Workload) -> None:
+    world = world_with_order(workload)
+    later = T0 + timedelta(days=30)
+    assert world.changes(later) == []
+    world.watch(T0)
+    world.unwatch()
+    assert world.changes(later) == []

@@ -166,6 +166,7 @@ def demo(
         api_example,
         free_port,
         seed_orders,
+        start_pushing,
         start_sandbox,
         watch,
     )
@@ -195,13 +196,16 @@ def demo(
         api_port = free_port()
         start_api(supervisor, api_port)
         codes = seed_orders(sessions, sandbox_url, receiver, found.secret_key, orders)
+        refusal = start_pushing(sandbox_url, api_port)
+        if refusal is not None:
+            console.print(f"[yellow]{refusal}[/]")
         curl = api_example(sessions, api_port, codes[0])
         console.print(
             f"the HTTP API: http://127.0.0.1:{api_port}/docs; try, while the demo runs:\n  {curl}",
             highlight=False,
             soft_wrap=True,
         )
-        watch(DemoView(sessions, receiver), duration)
+        watch(DemoView(sessions, receiver, sandbox_url=sandbox_url), duration)
     except KeyboardInterrupt:
         pass
     finally:

@@ -3,6 +3,11 @@
 The sandbox carrier runs on an accelerated clock, a few accounts register a few hundred sample
 orders, a local receiver verifies every webhook's signature, and a terminal view shows polls,
 transitions, delay reasons, webhooks and quota as they happen.
+
+The sandbox also pushes its status changes to shipmon's own receiver (SPEC §8), losing one in
+ten, late and out of order as the carrier does; the view says which changes came by push and
+which by poll, so the polling backstop is seen catching what the pushes lost. If the receiver
+refuses the pushes, they are given up and polling carries on alone.
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from worker.api.routes.carrier import PUSH_PATH
 from worker.api.tokens import create_token
-from worker.core.crypto import encrypt
+from worker.core.crypto import encrypt, keyed_digest
 from worker.domain.deliveries import DeliveryState
 from worker.domain.events import EventData
 from worker.domain.models import Account, Delivery, OutboxEvent, Shipment, WebhookEndpoint
@@ -120,6 +126,7 @@ def seed_orders(
                     session.add(account)
                 account.api_key_encrypted = encrypt(api_key, secret_key)
                 account.api_key_hint = api_key[-4:]
+                account.api_key_digest = keyed_digest(api_key, secret_key)  # pushes name it
                 account.paused_until = None
                 session.flush()
                 # A fresh start: the last demo's orders and endpoints belonged to its carrier.
@@ -145,6 +152,42 @@ def free_port() -> int:
         return port
 
 
+# The share of pushes the demo's carrier loses, and their delay [p50, p99] in carrier seconds.
+DEMO_PUSH_DROP = 0.1
+DEMO_PUSH_DELAY_S = (60.0, 900.0)
+
+
+def start_pushing(sandbox_url: str, api_port: int) -> str | None:
+    """Have the sandbox push to the demo's HTTP API; None, or why it would not."""
+    settings = {
+        "url": f"http://127.0.0.1:{api_port}{PUSH_PATH}",
+        "drop": DEMO_PUSH_DROP,
+        "delay_s": list(DEMO_PUSH_DELAY_S),
+    }
+    try:
+        httpx.put(f"{sandbox_url}/_sandbox/push", json=settings, timeout=10).raise_for_status()
+    except httpx.HTTPError as error:
+        return f"the sandbox does not push ({error}); changes come by poll only"
+    return None
+
+
+def push_summary(sandbox_url: str, sources: Counter[str]) -> str:
+    """Changes seen by push and by poll, and what the sandbox's pusher has done."""
+    line = (
+        f"changes by push: [bold cyan]{sources['push']}[/], by poll: [bold]{sources['poll']}[/]   "
+    )
+    try:
+        response = httpx.get(f"{sandbox_url}/_sandbox/stats", timeout=2)
+        response.raise_for_status()
+        pushes = response.json()["pushes"]
+    except (httpx.HTTPError, ValueError, KeyError):
+        return line + "carrier pushes: [red]unknown[/]"
+    return line + (
+        f"carrier pushes sent: {pushes['sent']}, dropped: {pushes['dropped']}, "
+        f"failed: {pushes['failed']}, given up: {pushes['given_up']}"
+    )
+
+
 def api_example(sessions: sessionmaker[Session], port: int, order_code: str) -> str:
     """A new token for the first demo account, and a curl line that reads one of its orders."""
     with sessions.begin() as session:
@@ -161,7 +204,9 @@ class DemoView:
     sessions: sessionmaker[Session]
     receiver: Receiver
     started: datetime = field(default_factory=lambda: datetime.now(UTC))
-    recent: deque[tuple[str, str, str, str]] = field(default_factory=lambda: deque(maxlen=12))
+    sandbox_url: str = ""
+    recent: deque[tuple[str, ...]] = field(default_factory=lambda: deque(maxlen=12))
+    sources: Counter[str] = field(default_factory=Counter)
     last_event_id: int = 0
 
     def render(self) -> Group:
@@ -196,11 +241,15 @@ class DemoView:
             )
         for event in events:
             self.last_event_id = event.id
-            self.recent.append(_event_line(EventData.from_json(event.data), event.type))
+            data = EventData.from_json(event.data)
+            self.sources[data.source] += 1
+            self.recent.append((*_event_line(data, event.type), data.source))
         statuses = Table("status", "shipments", title="Shipments")
         for status, count in by_status:
             statuses.add_row(str(status), str(count))
-        feed = Table("order", "change", "delay reason", "carrier says", title="Latest changes")
+        feed = Table(
+            "order", "change", "delay reason", "carrier says", "via", title="Latest changes"
+        )
         for row in self.recent:
             feed.add_row(*row)
         elapsed = (datetime.now(UTC) - self.started).total_seconds()
@@ -211,6 +260,8 @@ class DemoView:
             f"webhooks delivered: [bold]{delivered}[/], verified by the receiver: "
             f"[bold green]{self.receiver.verified}[/], rejected: [red]{self.receiver.rejected}[/]"
         )
+        if self.sandbox_url:
+            summary += "\n" + push_summary(self.sandbox_url, self.sources)
         return Group(Panel(summary, title="shipmon demo"), statuses, feed)
 
 

@@ -6,6 +6,12 @@ clock, which may run faster than real time, injects the transport faults seen in
 (NUL bytes, huge numbers, bodies of 50 MB or gzip bombs), and exposes the admin API
 of SPEC §5 under `/_sandbox/` so tests and demos can create accounts and orders, move orders
 on, read the truth and change the faults.
+
+It can also push status changes as the carrier does (SPEC §8, `PUT /_sandbox/push`): a
+`Pusher` in the sandbox's own event loop sends each transition to a URL once the sandbox clock
+passes it, late by a lognormal delay (so pushes arrive out of order), lost or doubled by chance,
+and retried with backoff when the receiver fails. Every wait is on the sandbox clock, so
+`--speed` speeds pushes up with everything else, and a test's manual clock controls them.
 """
 
 from __future__ import annotations
@@ -15,25 +21,30 @@ import contextlib
 import functools
 import gzip
 import hashlib
+import heapq
+import itertools
 import json
 import math
 import random
 import signal
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
+from urllib.parse import urlsplit
 
+import aiohttp
 import httpx
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from worker.domain.vocabulary import ErrorCode, Status
 from worker.sim.workload import (
     Carrier,
+    Change,
     ConflictError,
     Faults,
     OrderTruth,
@@ -51,6 +62,7 @@ TRACKING_PATH = "/api/Order/v1/Tracking"
 DEFAULT_PORT = 8247
 # z-score of the 99th percentile: sigma of a lognormal from its p50 and p99.
 _Z99 = 2.3263478740408408
+_MAX_EXPONENT = 700.0
 
 
 class Clock(Protocol):
@@ -126,9 +138,181 @@ class FaultInjector:
         p50, p99 = self.faults.slow_ms
         if p50 <= 0:
             return 0.0
-        sigma = math.log(p99 / p50) / _Z99
         self.injected["slow"] += 1
-        return p50 * math.exp(sigma * self.rng.gauss(0.0, 1.0)) / 1000.0
+        return lognormal(p50, p99, self.rng) / 1000.0
+
+
+def lognormal(p50: float, p99: float, rng: random.Random) -> float:
+    """A lognormal draw with median `p50` and 99th percentile `p99` (0 when p50 is 0)."""
+    if p50 <= 0:
+        return 0.0
+    sigma = math.log(p99 / p50) / _Z99
+    # Drawn in logs: a wide spread would overflow exp(); a draw that large means "never".
+    return math.exp(min(math.log(p50) + sigma * rng.gauss(0.0, 1.0), _MAX_EXPONENT))
+
+
+class PushSettings(BaseModel):
+    """The body of `PUT /_sandbox/push`: where to push, and how lossy the pushing is."""
+
+    model_config = ConfigDict(extra="forbid")
+    url: str | None = Field(pattern=r"^https?://[^\s/]+(/\S*)?$", max_length=2000)
+    drop: float = Field(default=0.0, ge=0.0, le=1.0)
+    duplicate: float = Field(default=0.0, ge=0.0, le=1.0)
+    delay_s: tuple[float, float] = (0.0, 0.0)
+
+    @field_validator("url")
+    @classmethod
+    def _host(cls, value: str | None) -> str | None:
+        if value is not None and not urlsplit(value).hostname:
+            raise ValueError("url must name a host, as http://HOST:PORT/PATH")
+        return value
+
+    @field_validator("delay_s")
+    @classmethod
+    def _spread(cls, value: tuple[float, float]) -> tuple[float, float]:
+        p50, p99 = value
+        if not (math.isfinite(p50) and math.isfinite(p99)) or not 0 <= p50 <= p99 <= _WEEK_S:
+            raise ValueError("delay_s must be [p50, p99] seconds with 0 <= p50 <= p99 <= 604800")
+        return value
+
+
+_WEEK_S = 7 * 86400.0
+# Attempts of one push, and the sandbox seconds the carrier waits before each retry.
+PUSH_RETRY_BACKOFF_S = (30.0, 120.0, 480.0)
+PUSH_CONCURRENCY = 16
+PUSH_TIMEOUT_S = 10.0
+# A receiver's answer is a small JSON object; more than this is not read.
+_PUSH_ANSWER_LIMIT = 64 * 1024
+# How often, in real seconds, the pusher looks for transitions and pushes that are due.
+_PUSH_TICK_S = 0.02
+
+
+@dataclass(order=True)
+class _Delivery:
+    due: float  # sandbox epoch seconds
+    sequence: int
+    change: Change = field(compare=False)
+    attempt: int = field(default=0, compare=False)
+
+
+class Pusher:
+    """Pushes the world's transitions to one URL as the carrier would, and counts what it did.
+
+    Counted: `sent` (pushes the receiver took), `dropped` (transitions never pushed),
+    `duplicated` (transitions pushed twice), `failed` (attempts refused or unanswered),
+    `retried` and `given_up` (pushes abandoned after the last retry).
+    """
+
+    def __init__(self, world: Carrier, clock: Clock, seed: int) -> None:
+        self.world = world
+        self.clock = clock
+        self.settings = PushSettings(url=None)
+        self.counts: Counter[str] = Counter()
+        self._rng = random.Random(f"push:{seed}")
+        self._queue: list[_Delivery] = []
+        self._sequence = itertools.count()
+        self._sending: set[asyncio.Task[None]] = set()
+        self._limit = asyncio.Semaphore(PUSH_CONCURRENCY)
+        self._client: aiohttp.ClientSession | None = None
+
+    def configure(self, settings: PushSettings) -> None:
+        """Push later transitions as `settings` say; a null URL stops and forgets pending ones."""
+        self._queue.clear()
+        self.settings = settings
+        if settings.url is None:
+            self.world.unwatch()
+        else:
+            self.world.watch(self.clock.now())
+
+    def stats(self) -> dict[str, Any]:
+        names = ("sent", "dropped", "duplicated", "failed", "retried", "given_up")
+        return {
+            "url": self.settings.url,
+            **{name: self.counts[name] for name in names},
+            "pending": len(self._queue) + len(self._sending),
+        }
+
+    async def run(self) -> None:
+        """Queue transitions and send due pushes until cancelled."""
+        # aiohttp rather than httpx here: a push costs a fraction of the CPU, and the pusher
+        # shares the tracking endpoint's core.
+        timeout = aiohttp.ClientTimeout(total=PUSH_TIMEOUT_S, connect=min(PUSH_TIMEOUT_S, 5.0))
+        connector = aiohttp.TCPConnector(limit=PUSH_CONCURRENCY)
+        async with aiohttp.ClientSession(
+            timeout=timeout, connector=connector, trust_env=False
+        ) as client:
+            self._client = client
+            try:
+                while True:
+                    self.tick()
+                    await asyncio.sleep(_PUSH_TICK_S)
+            finally:
+                for task in list(self._sending):
+                    task.cancel()
+                await asyncio.gather(*self._sending, return_exceptions=True)
+
+    def tick(self) -> None:
+        """Queue the transitions the clock has passed and start sending the pushes now due."""
+        now = self.clock.now()
+        settings = self.settings
+        for change in self.world.changes(now):
+            if self._rng.random() < settings.drop:
+                self.counts["dropped"] += 1
+                continue
+            copies = 1
+            if self._rng.random() < settings.duplicate:
+                self.counts["duplicated"] += 1
+                copies = 2
+            for _ in range(copies):
+                delay = lognormal(*settings.delay_s, self._rng)
+                self._schedule(change, change.at.timestamp() + delay, attempt=0)
+        ts = now.timestamp()
+        while self._queue and self._queue[0].due <= ts and self._client is not None:
+            delivery = heapq.heappop(self._queue)
+            task = asyncio.create_task(self._send(self._client, delivery))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    def _schedule(self, change: Change, due: float, attempt: int) -> None:
+        heapq.heappush(self._queue, _Delivery(due, next(self._sequence), change, attempt))
+
+    async def _send(self, client: aiohttp.ClientSession, delivery: _Delivery) -> None:
+        url = self.settings.url
+        if url is None:
+            return  # pushing stopped while this one waited
+        async with self._limit:
+            accepted = await _push_accepted(client, url, delivery.change.body)
+        if accepted:
+            self.counts["sent"] += 1
+            return
+        self.counts["failed"] += 1
+        if delivery.attempt >= len(PUSH_RETRY_BACKOFF_S):
+            self.counts["given_up"] += 1
+            return
+        self.counts["retried"] += 1
+        backoff = PUSH_RETRY_BACKOFF_S[delivery.attempt]
+        retry_at = self.clock.now().timestamp() + backoff
+        self._schedule(delivery.change, retry_at, delivery.attempt + 1)
+
+
+async def _push_accepted(client: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> bool:
+    """Whether the receiver took the push: HTTP 200 without `"IsError": true` in its answer."""
+    try:
+        async with client.post(url, json=body, allow_redirects=False) as response:
+            if response.status != 200:
+                return False
+            answer = b""
+            while chunk := await response.content.read(_PUSH_ANSWER_LIMIT + 1 - len(answer)):
+                answer += chunk
+                if len(answer) > _PUSH_ANSWER_LIMIT:
+                    return False
+    except (aiohttp.ClientError, TimeoutError, ValueError):  # ValueError: a URL yarl refuses
+        return False
+    try:
+        parsed = json.loads(answer)
+    except ValueError:
+        return True  # a 200 with no JSON is taken, as the carrier reads only the status then
+    return not (isinstance(parsed, dict) and parsed.get("IsError") is True)
 
 
 @dataclass
@@ -136,6 +320,7 @@ class _State:
     world: Carrier
     clock: Clock
     faults: FaultInjector
+    pusher: Pusher
 
 
 _STATE = web.AppKey("state", _State)
@@ -163,7 +348,9 @@ def create_app(
     app = web.Application()
     chosen = faults if faults is not None else world.workload.faults
     injector = FaultInjector(chosen, random.Random(f"faults:{seed}"))
-    app[_STATE] = _State(world=world, clock=clock, faults=injector)
+    pusher = Pusher(world, clock, seed)
+    app[_STATE] = _State(world=world, clock=clock, faults=injector, pusher=pusher)
+    app.cleanup_ctx.append(functools.partial(_pushing, pusher))
     app.router.add_get(TRACKING_PATH, _track)
     app.router.add_post("/_sandbox/accounts", _add_account)
     app.router.add_post("/_sandbox/orders", _add_order)
@@ -171,7 +358,17 @@ def create_app(
     app.router.add_get("/_sandbox/orders/{code}", _order)
     app.router.add_get("/_sandbox/stats", _stats)
     app.router.add_put("/_sandbox/faults", _set_faults)
+    app.router.add_put("/_sandbox/push", _set_push)
     return app
+
+
+async def _pushing(pusher: Pusher, app: web.Application) -> AsyncIterator[None]:
+    """Run the pusher for as long as the application serves."""
+    task = asyncio.create_task(pusher.run())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 # --- the carrier's endpoint ---
@@ -472,6 +669,7 @@ async def _stats(request: web.Request) -> web.Response:
             "carrier_day": usage.day.isoformat(),
             "requests": {"total": usage.total, "per_key": usage.per_key},
             "faults": dict(state.faults.injected),
+            "pushes": state.pusher.stats(),
             "accounts": len(state.world.accounts),
             "orders": state.world.order_count,
         }
@@ -482,6 +680,13 @@ async def _set_faults(request: web.Request) -> web.Response:
     state = request.app[_STATE]
     state.faults.faults = await _parse_body(request, Faults)
     return web.json_response(state.faults.faults.model_dump(mode="json"))
+
+
+async def _set_push(request: web.Request) -> web.Response:
+    state = request.app[_STATE]
+    settings = await _parse_body(request, PushSettings)
+    state.pusher.configure(settings)
+    return web.json_response(settings.model_dump(mode="json"))
 
 
 # --- running it ---
@@ -620,6 +825,9 @@ class SandboxHandle:
 
     def set_faults(self, faults: dict[str, Any]) -> Any:
         return self._call("PUT", "/_sandbox/faults", faults)
+
+    def set_push(self, push: dict[str, Any]) -> Any:
+        return self._call("PUT", "/_sandbox/push", push)
 
 
 @contextlib.contextmanager

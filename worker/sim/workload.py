@@ -28,16 +28,25 @@ Decisions the workload format leaves open, made here:
   `trackings[].statusName` is the Vietnamese label, `statuses[].statusName` the Vietnamese code.
 - A lookup for an order terminal for more than `query_expiry_days` answers
   ORDERCODE_QUERY_EXPIRED.
+- Status pushes (SPEC §8): once `watch` is called, `changes` hands out every status an order
+  enters from then on, when the clock passes it, as the body the carrier pushes. The first
+  status of an order is pushed too ("Change order status:  ==> CHOLAYHANG"), since a push for
+  an order the merchant does not track yet is how it learns of it. `DeliveryDate` is local
+  `yyyy-MM-dd HH:mm:ss` (the push's own format, unlike the lookup's), `Mailman` names the
+  postman once the order is out for delivery, and a transition redrawn by `advance` before it
+  happened is never pushed.
 """
 
 from __future__ import annotations
 
 import bisect
 import hashlib
+import heapq
 import itertools
 import json
 import math
 import random
+import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
@@ -121,6 +130,8 @@ class Registration(_Model):
 
 # Statuses an order can be in without the carrier having picked it up.
 _BEFORE_PICKUP = frozenset({Status.ACCEPTED, Status.CANCEL})
+# The statuses in which the carrier's push names the postman who has the parcel.
+_OUT_FOR_DELIVERY = frozenset({Status.DELIVERING, Status.DELIVERED})
 
 
 class Faults(_Model):
@@ -574,6 +585,16 @@ class Usage:
     per_key: dict[str, int]
 
 
+@dataclass(frozen=True, slots=True)
+class Change:
+    """A status an order entered, as the carrier pushes it: `body` is the push's JSON object."""
+
+    at: datetime
+    order_code: str
+    status: Status
+    body: JSONDict
+
+
 class UnknownAccountError(LookupError):
     """No account has this API key."""
 
@@ -658,6 +679,9 @@ class Carrier:
         self._day: date | None = None
         self._day_total = 0
         self._day_per_key: dict[str, int] = {}
+        # Entries not pushed yet, by time, while watched: (at, order code, sequence, entry).
+        self._upcoming: list[tuple[float, str, int, _Entry]] | None = None
+        self._sequence = itertools.count()
 
     # -- accounts and orders --
 
@@ -841,6 +865,74 @@ class Carrier:
             return Usage(day=day, total=0, per_key={})
         return Usage(day=day, total=self._day_total, per_key=dict(self._day_per_key))
 
+    # -- status pushes --
+
+    def watch(self, since: datetime) -> None:
+        """From now on, collect every status entered after `since` for `changes` to hand out."""
+        ts = _epoch(since)
+        self._upcoming = []
+        for order in self._orders.values():
+            for entry in order.entries[bisect.bisect_right(order.entry_times, ts) :]:
+                self._upcoming.append((entry.at, order.code, next(self._sequence), entry))
+        heapq.heapify(self._upcoming)
+
+    def unwatch(self) -> None:
+        """Stop collecting statuses for pushes and forget those not handed out yet."""
+        self._upcoming = None
+
+    def changes(self, upto: datetime) -> list[Change]:
+        """The watched statuses entered up to `upto` and not handed out yet, oldest first."""
+        upcoming = self._upcoming
+        if upcoming is None:
+            return []
+        ts = _epoch(upto)
+        found = []
+        while upcoming and upcoming[0][0] <= ts:
+            _, code, _, entry = heapq.heappop(upcoming)
+            order = self._orders[code]
+            index = self._entry_index(order, entry)
+            if index is not None:  # None: redrawn by `advance` before it happened
+                body = self._push_body(order, index)
+                found.append(Change(_utc(entry.at), code, entry.status, body))
+        return found
+
+    def _entry_index(self, order: _Order, entry: _Entry) -> int | None:
+        first = bisect.bisect_left(order.entry_times, entry.at)
+        last = bisect.bisect_right(order.entry_times, entry.at)
+        return next((i for i in range(first, last) if order.entries[i] is entry), None)
+
+    def _push_body(self, order: _Order, index: int) -> JSONDict:
+        entry = order.entries[index]
+        previous = order.entries[index - 1].status.code if index else ""
+        profile = order.profile or self._draw_profile(order)
+        order.profile = profile
+        delivered = entry.status is Status.DELIVERED
+        delay = entry.delay_code
+        rng = _generator(self.seed, f"{order.code}:{index}:{entry.at}", "push")
+        return {
+            "ApiKey": order.apikey,
+            "OrderCode": order.code,
+            "ExternalCode": profile.external_code,
+            "ReferenceCode": None,
+            "Status": str(entry.status.carrier_id),
+            "StatusName": entry.status.code,
+            "Description": f"Change order status: {previous} ==> {entry.status.code}",
+            "RequestFeedbackCount": 0,
+            "DelayCode": delay,
+            "DelayNotes": _DELAY_NOTES.get(delay, _GENERIC_DELAY_NOTE) if delay else None,
+            "DeliveryNotes": profile.delivery_note if delivered else None,
+            "Mailman": self._mailman(order) if entry.status in _OUT_FOR_DELIVERY else None,
+            "DeliveryDate": self._local(entry.at) if delivered else None,
+            "ReceiverName": profile.receiver,
+            "TransactionId": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+            "Time": self._iso(entry),
+        }
+
+    def _mailman(self, order: _Order) -> str:
+        rng = _generator(self.seed, order.code, "mailman")
+        name = " ".join(names[int(rng.random() * len(names))] for names in _NAME_PARTS)
+        return f"{name} - 09{int(rng.random() * 10**8):08d}"
+
     # -- drawing lifecycles --
 
     def _order(self, order_code: str) -> _Order:
@@ -863,7 +955,10 @@ class Carrier:
                 delay_code = None
             else:
                 delay_code = previous
-        order.entries.append(_Entry(ts, status, delay_code, int(rng.random() * 10)))
+        entry = _Entry(ts, status, delay_code, int(rng.random() * 10))
+        order.entries.append(entry)
+        if self._upcoming is not None:
+            heapq.heappush(self._upcoming, (ts, order.code, next(self._sequence), entry))
         order.entry_times.append(ts)
         order.scans.append(_Scan(ts, status, change=True, variant=int(rng.random() * 8)))
         order.scan_times.append(ts)

@@ -25,12 +25,17 @@ from tests.conftest import ROOT, TEST_SECRET_KEY, RunServers
 from worker.api.tokens import create_token, revoke_token
 from worker.core.crypto import encrypt
 from worker.core.db import transaction
+from worker.domain.deliveries import DeliveryState
 from worker.domain.models import (
     Account,
     ApiToken,
+    Delivery,
+    DeliveryAttempt,
+    EmailRecipient,
     OutboxEvent,
     Shipment,
     StatusEvent,
+    TrackingEvent,
     WebhookEndpoint,
 )
 from worker.notify.webhooks.endpoints import add_endpoint
@@ -150,6 +155,108 @@ def test_every_route_refuses_a_missing_wrong_or_revoked_token(
         problem = _is_problem(response, 401, "UNAUTHORIZED")
         assert response.headers["www-authenticate"] == "Bearer"
         assert "Traceback" not in str(problem)
+
+
+def test_the_read_document_equals_the_show_document_field_for_field(
+    api: Api, merchants: list[Merchant]
+) -> None:
+    """PostgreSQL builds the API's document; `shipmon show --json` builds it in Python. On a
+    shipment with every part filled in (scans without names, a delay, deliveries by webhook and
+    email with attempts, times with and without microseconds) the two are the same."""
+    shop = merchants[0]
+    at = datetime(2026, 12, 1, 9, 30, tzinfo=UTC)
+    with transaction(api.servers.database_url) as s:
+        account = s.scalars(select(Account).where(Account.name == shop.name)).one()
+        register_orders(s, shop.name, ["DOCU00001"])
+        shipment = s.scalars(select(Shipment).where(Shipment.order_code == "DOCU00001")).one()
+        shipment.status, shipment.status_id, shipment.status_code = ("DELIVERING", 25, "DANGGIAO")
+        shipment.tracking_name = "Đang giao hàng"
+        shipment.status_changed_at = at + timedelta(microseconds=120)
+        shipment.delay_code, shipment.delay_reason, shipment.delay_note = 2, "Hẹn lại", "gọi lại"
+        shipment.last_scan_at = at
+        shipment.delivery_date = at + timedelta(hours=5, microseconds=999_999)
+        shipment.confirm_images = ["https://img.247express.vn/a.jpg"]
+        shipment.estimate_routes = [{"from": "HCM", "to": "HN", "days": 2, "fee": 1.5}]
+        for status, minutes in (("ACCEPTED", 0), ("DELIVERING", 90)):
+            s.add(
+                StatusEvent(
+                    shipment_id=shipment.id,
+                    status=status,
+                    occurred_at=at + timedelta(minutes=minutes, microseconds=minutes),
+                )
+            )
+        for i, (office, name) in enumerate(
+            (("HCM01", ""), ("HN02", "Bưu cục Hà Nội"), (None, None))
+        ):
+            s.add(
+                TrackingEvent(
+                    shipment_id=shipment.id,
+                    fingerprint=f"f{i}",
+                    status_id=24,
+                    status_name="Đang vận chuyển",
+                    post_office_id=office,
+                    post_office_name=name,
+                    province_id="79",
+                    occurred_at=at + timedelta(minutes=i) if i < 2 else None,
+                    notes='quote " and \\ backslash',
+                )
+            )
+        events = [
+            OutboxEvent(
+                event_id=f"evt_docu_{secrets.token_hex(6)}",
+                account_id=account.id,
+                shipment_id=shipment.id,
+                type=kind,
+                sequence=sequence,
+                data=data,
+            )
+            for sequence, (kind, data) in enumerate(
+                (
+                    ("shipment.status_changed", {"delay": {"code": 9}}),
+                    ("shipment.delayed", {"delay": {"code": 2, "reason": "Hẹn lại"}}),
+                    ("shipment.delayed", {"delay": None}),
+                ),
+                start=1,
+            )
+        ]
+        s.add_all(events)
+        endpoint = WebhookEndpoint(
+            account_id=account.id,
+            url="https://merchant.example/hook",
+            secret_encrypted=encrypt("whsec_test", TEST_SECRET_KEY),
+        )
+        recipient = EmailRecipient(account_id=account.id, address="ops@merchant.example")
+        s.add_all([endpoint, recipient])
+        s.flush()
+        webhook = Delivery(
+            event_id=events[0].id, endpoint_id=endpoint.id, shipment_id=shipment.id, sequence=1
+        )
+        email = Delivery(
+            event_id=events[0].id,
+            recipient_id=recipient.id,
+            shipment_id=shipment.id,
+            sequence=1,
+            state=DeliveryState.SUCCEEDED,
+            completed_at=at,
+        )
+        s.add_all([webhook, email])
+        s.flush()
+        s.add_all(
+            [
+                DeliveryAttempt(delivery_id=webhook.id, status_code=503, duration_ms=12),
+                DeliveryAttempt(delivery_id=webhook.id, duration_ms=15000, error="timed out"),
+            ]
+        )
+    with api.client(shop.token) as client:
+        answer = client.get("/v1/shipments/DOCU00001")
+    assert answer.status_code == 200
+    with transaction(api.servers.database_url) as s:
+        expected = shipment_story(s, "DOCU00001", shop.name).as_dict()
+    assert answer.json() == expected
+    # The parts the comparison is about are really there.
+    assert len(expected["scans"]) == 3 and expected["scans"][0]["post_office"] == "HCM01"
+    assert [d["code"] for d in expected["delays"]] == [2]
+    assert [len(d["attempts"]) for d in expected["notifications"][0]["deliveries"]] == [2, 0]
 
 
 def test_a_token_registers_reads_lists_and_stops_its_shipments(
@@ -395,6 +502,35 @@ def test_a_token_over_its_rate_gets_429_with_retry_after(
     # Another token has a limit of its own.
     with api.client(other.token) as client:
         assert client.get("/v1/quota").status_code == 200
+
+
+def test_processes_leasing_from_one_window_never_pass_the_limit(servers: RunServers) -> None:
+    """Two API processes' limiters share one token's window: together they grant at most the
+    limit, and leave unspent at most one lease each."""
+    import redis
+    import redis.asyncio
+
+    from worker.api.limits import RateLimiter
+
+    limit = 200
+    processes = [
+        RateLimiter(
+            redis.Redis.from_url(servers.redis_url),
+            redis.asyncio.Redis.from_url(servers.redis_url),
+            limit,
+        )
+        for _ in range(2)
+    ]
+    for _ in range(3):  # a try whose asks span two windows (a stalled machine) is repeated
+        token_hash = secrets.token_hex(32)
+        time.sleep(1.02 - time.time() % 1)  # begin just after a second turns
+        window = int(time.time())
+        granted = sum(processes[i % 2].retry_after(token_hash) is None for i in range(600))
+        refused_after = processes[0].retry_after(token_hash) is not None
+        if int(time.time()) == window:
+            break
+    assert limit - 2 * processes[0].lease <= granted <= limit
+    assert refused_after
 
 
 def test_health_readiness_openapi_and_docs(api: Api) -> None:

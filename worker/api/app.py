@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import redis
+import redis.asyncio
 from fastapi import FastAPI
+from psycopg_pool import AsyncConnectionPool
 
 from worker.api import problems
 from worker.api.deps import ApiState
@@ -13,7 +17,7 @@ from worker.api.limits import BodyLimit, RateLimiter
 from worker.api.routes import carrier, health, quota, shipments
 from worker.carrier.push import MAX_PUSH_BYTES
 from worker.core.config import Settings, get_settings
-from worker.core.db import session_factory
+from worker.core.db import libpq_url, session_factory
 from worker.core.servers import resolve
 from worker.ops.rotation import store_api_key_digests
 from worker.scheduling.learning import PlanCache
@@ -30,7 +34,26 @@ def create_app(settings: Settings) -> FastAPI:
     """The API, on the servers the settings name (or the embedded ones)."""
     servers = resolve(settings)
     client: redis.Redis[Any] = redis.Redis.from_url(servers.redis_url)
-    app = FastAPI(title="shipmon", version="1", description=DESCRIPTION)
+    aclient: redis.asyncio.Redis[Any] = redis.asyncio.Redis.from_url(servers.redis_url)
+    # Reads answer on the event loop; autocommit, so a read is one round trip.
+    reads = AsyncConnectionPool(
+        libpq_url(servers.database_url),
+        min_size=2,
+        max_size=10,
+        open=False,
+        kwargs={"autocommit": True, "connect_timeout": 10},
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await reads.open(wait=False)
+        try:
+            yield
+        finally:
+            await reads.close()
+            await aclient.aclose()  # type: ignore[attr-defined]  # (redis 5+; stubs are older)
+
+    app = FastAPI(title="shipmon", version="1", description=DESCRIPTION, lifespan=lifespan)
     sessions = session_factory(servers.database_url)
     old_keys = [k.get_secret_value() for k in settings.old_secret_keys]
     # Accounts added before pushes were received get the digest a push finds them by.
@@ -38,8 +61,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.shipmon = ApiState(
         settings=settings,
         sessions=sessions,
+        reads=reads,
         redis=client,
-        limiter=RateLimiter(client, settings.api_rate_limit),
+        limiter=RateLimiter(client, aclient, settings.api_rate_limit),
         plans=PlanCache(settings.quota_timezone),
         secret_key=servers.secret_key,
     )

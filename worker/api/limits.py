@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
 import redis
+import redis.asyncio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from worker.api.problems import ApiErrorCode, problem_response
@@ -67,22 +69,88 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
+# Take `ARGV[1]` requests of the window at once; the window's key expires with it.
+_TAKE = """
+local n = redis.call('INCRBY', KEYS[1], ARGV[1])
+if n == tonumber(ARGV[1]) then redis.call('EXPIRE', KEYS[1], 2) end
+return n
+"""
+# A process takes this share of a token's limit from Redis at a time, and spends it locally.
+LEASE_SHARE = 20
+MAX_LEASE = 100
+
+
+class _Leases:
+    """Requests leased from Redis and not yet spent, per token hash, in the current second."""
+
+    def __init__(self) -> None:
+        self.window = 0
+        self.left: dict[str, int] = {}
+
+    def spend(self, token_hash: str, now: float) -> bool:
+        if int(now) != self.window:  # a new second: every lease of the last one is void
+            self.window, self.left = int(now), {}
+        left = self.left.get(token_hash, 0)
+        if left > 0:
+            self.left[token_hash] = left - 1
+        return left > 0
+
+    def keep(self, token_hash: str, count: int, now: float) -> None:
+        if int(now) == self.window and count > 0:
+            self.left[token_hash] = self.left.get(token_hash, 0) + count
+
+
 class RateLimiter:
-    """A fixed one-second window per token, counted in Redis so every API process shares it."""
+    """A fixed one-second window per token, counted in Redis so every API process shares it.
 
-    def __init__(self, client: redis.Redis[Any], per_second: int) -> None:
-        self.redis = client
+    A process leases a few requests of the window at a time (a twentieth of the limit, at most
+    100) and spends them without asking Redis again; a lease is granted only from what the
+    window has left, so all processes together never pass the limit. What one process leased
+    and did not spend is at most one lease, lost to the others for the rest of that second.
+
+    The window is keyed by the presented token's hash, so a request is counted before the
+    database is asked whether the token is valid: a flood with one token, valid or not, is
+    turned away by Redis alone.
+    """
+
+    def __init__(
+        self, client: redis.Redis[Any], aclient: redis.asyncio.Redis[Any], per_second: int
+    ) -> None:
         self.per_second = per_second
+        self.lease = max(1, min(MAX_LEASE, per_second // LEASE_SHARE))
+        self._take = client.register_script(_TAKE)
+        self._take_async = aclient.register_script(_TAKE)
+        # The threadpool's routes and the event loop's lease apart, so neither races the other.
+        self._lock = threading.Lock()
+        self._leases = _Leases()
+        self._leases_async = _Leases()
 
-    def retry_after(self, token_id: int) -> float | None:
+    def retry_after(self, token_hash: str) -> float | None:
         """None when the request may go ahead, else the seconds to wait."""
         now = time.time()
-        window = int(now)
-        key = f"shipmon:api:rate:{token_id}:{window}"
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.incr(key)
-        pipe.expire(key, 2)
-        count = int(pipe.execute()[0])
-        if count <= self.per_second:
+        with self._lock:
+            if self._leases.spend(token_hash, now):
+                return None
+            taken = int(self._take(keys=[self._key(token_hash, now)], args=[self.lease]))
+            return self._granted(self._leases, token_hash, taken, now)
+
+    async def retry_after_async(self, token_hash: str) -> float | None:
+        """`retry_after` on the event loop."""
+        now = time.time()
+        if self._leases_async.spend(token_hash, now):
             return None
-        return window + 1 - now
+        key = self._key(token_hash, now)
+        taken = int(await self._take_async(keys=[key], args=[self.lease]))
+        return self._granted(self._leases_async, token_hash, taken, now)
+
+    def _granted(self, leases: _Leases, token_hash: str, taken: int, now: float) -> float | None:
+        """After a lease brought the window's count to `taken`: spend one of it, or refuse."""
+        granted = min(self.lease, self.per_second - (taken - self.lease))
+        if granted <= 0:
+            return int(now) + 1 - now
+        leases.keep(token_hash, granted - 1, now)
+        return None
+
+    @staticmethod
+    def _key(token_hash: str, now: float) -> str:
+        return f"shipmon:api:rate:{token_hash[:32]}:{int(now)}"

@@ -61,14 +61,19 @@ def create_token(session: Session, account_name: str, name: str) -> tuple[ApiTok
     return row, token
 
 
-def verify_token(session: Session, token: str) -> Principal | None:
-    """The principal of a valid, unrevoked token; None for anything else."""
+def presented_token_hash(token: str) -> str | None:
+    """The hash a presented token is looked up by; None when it cannot be one of ours."""
     if not token.startswith(TOKEN_PREFIX) or len(token) > MAX_TOKEN_LENGTH:
         return None
+    return token_hash(token)
+
+
+def verify_token(session: Session, presented_hash: str) -> Principal | None:
+    """The principal of the valid, unrevoked token with this hash; None for anything else."""
     found = session.execute(
         select(ApiToken.id, Account.id, Account.name)
         .join(Account, Account.id == ApiToken.account_id)
-        .where(ApiToken.token_hash == token_hash(token), ApiToken.revoked_at.is_(None))
+        .where(ApiToken.token_hash == presented_hash, ApiToken.revoked_at.is_(None))
     ).first()
     if found is None:
         return None

@@ -37,6 +37,11 @@ def get_engine(url: str) -> Engine:
     return _engines[url]
 
 
+def libpq_url(url: str) -> str:
+    """A SQLAlchemy URL (`postgresql+psycopg://...`) as psycopg itself takes it."""
+    return url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
 def dispose_engines() -> None:
     """Close every pooled connection of this process."""
     while _engines:

@@ -383,8 +383,9 @@ def _cleaned(value: Any, *, nul: bool, depth: int = 0) -> Any:
             raise ValueError(f"JSON nested deeper than {_MAX_DEPTH} levels")
         if isinstance(value, list):
             return [_cleaned(item, nul=nul, depth=depth + 1) for item in value]
+        # JSON keys are strings: cleaned in place, without a call each.
         return {
-            _cleaned(key, nul=nul): _cleaned(item, nul=nul, depth=depth + 1)
+            (key.replace("\x00", "") if nul else key): _cleaned(item, nul=nul, depth=depth + 1)
             for key, item in value.items()
         }
     return value

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from tests.conftest import ROOT, RunServers, make_account
 from worker.cli import app
+from worker.cli.common import sparkline
 from worker.core.config import Settings, get_settings
 from worker.core.db import transaction
 from worker.domain.models import (
@@ -178,6 +179,31 @@ def test_an_order_code_in_two_accounts_needs_the_account(session: Session) -> No
 
 
 # -- shipmon stats -----------------------------------------------------------------------------
+
+
+def test_stats_count_transitions_in_each_of_the_last_24_hours(session: Session) -> None:
+    before = collect_stats(session, NOW, []).transitions_by_hour
+    account = make_account(session)
+    moved = shipment(session, account, **in_status(Status.IN_TRANSIT))
+    # Hour 23 ends now; hour 0 began 24 hours ago; older changes are not shown.
+    for ago in (0.5, 0.6, 3.5, 23.5, 25.0):
+        event(session, moved, EventType.STATUS_CHANGED, NOW - ago * HOUR,
+              previous_status=status_view(Status.PICKED_UP),
+              status=status_view(Status.IN_TRANSIT))  # fmt: skip
+    event(session, moved, EventType.DELAYED, NOW - HOUR, delay=delay_view(12))
+
+    after = collect_stats(session, NOW, []).transitions_by_hour
+
+    added = [a - b for a, b in zip(after, before, strict=True)]
+    assert len(added) == 24
+    assert {hour: n for hour, n in enumerate(added) if n} == {0: 1, 20: 1, 23: 2}
+
+
+def test_a_sparkline_scales_to_the_busiest_value_and_marks_empty_ones() -> None:
+    assert sparkline([0, 1, 4, 8]) == "·▁▄█"
+    assert sparkline([5, 5]) == "██"
+    assert sparkline([0, 0]) == "··"
+    assert sparkline([]) == ""
 
 
 def test_stats_count_shipments_the_backlog_the_last_day_and_what_fails(session: Session) -> None:
@@ -598,6 +624,9 @@ def test_stats_prints_the_system_for_people_and_for_machines(
     assert table.exit_code == 0, table.output
     for title in ("shipments", "quota", "due now", "transitions", "pushes", "failing endpoints"):
         assert title in table.output
+    assert len(data["transitions_by_hour"]) == 24
+    [hourly] = [line for line in table.output.splitlines() if "transitions per hour" in line]
+    assert sparkline(data["transitions_by_hour"]) in hourly
 
 
 # -- deployment --------------------------------------------------------------------------------

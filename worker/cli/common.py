@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -114,6 +114,19 @@ def pace_bar(used: int, allowed_now: int, daily_quota: int, width: int = 24) -> 
     cells[pace] = "│"
     colour = "green" if used <= allowed_now else "red"
     return f"[{colour}]{''.join(cells[:filled])}[/]{''.join(cells[filled:])}"
+
+
+_LEVELS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: Sequence[int]) -> str:
+    """`values` as one character each, from `▁` to `█` by their share of the largest; an
+    empty period is `·`, so a quiet hour never reads as a small one."""
+    top = max(values, default=0)
+    return "".join(
+        "·" if v <= 0 else _LEVELS[min(len(_LEVELS) - 1, (v * len(_LEVELS) - 1) // top)]
+        for v in values
+    )
 
 
 def print_table(shown: Table) -> None:

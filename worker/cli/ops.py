@@ -18,6 +18,7 @@ from worker.cli.common import (
     servers,
     session,
     settings,
+    sparkline,
     uncut_table,
 )
 
@@ -245,6 +246,14 @@ def stats(as_json: JsonOption = False) -> None:
     _warn(note)
 
 
+def _hourly_line(counts: list[int]) -> str:
+    """Transitions per hour over the last day, oldest hour first, as a sparkline."""
+    return (
+        f"transitions per hour, last {len(counts)} h: {sparkline(counts)} "
+        f"(busiest hour {max(counts, default=0):,}, in all {sum(counts):,})"
+    )
+
+
 def _print_stats(
     result: Stats, data: dict[str, Any], coverage: list[tuple[str | None, PushCoverage]]
 ) -> None:
@@ -293,6 +302,7 @@ def _print_stats(
             row["from_status"] or "(new)", _text(row["to_status"]), str(row["count"])
         )
     print_table(transitions)
+    console.print(_hourly_line(result.transitions_by_hour), highlight=False)
 
     delays = uncut_table(
         "code", "reason", "count", title="delays, last 24 h", whole=("code", "count")

@@ -35,6 +35,7 @@ from worker.tracking.record import EventRecorder, stop_polling
 
 # What `shipmon stats` counts as recent, and how many stalled shipments it names.
 RECENT = timedelta(hours=24)
+HOURS_SHOWN = 24
 STALLED_SHOWN = 20
 # Why polling stopped when the merchant asked for it, over the API or the command line.
 STOPPED_BY_MERCHANT = "stopped_by_merchant"
@@ -414,6 +415,8 @@ class Stats:
     due: int
     oldest_overdue: OverdueShipment | None
     transitions: list[TransitionCount]
+    # Status changes seen in each of the last 24 hours, the oldest hour first.
+    transitions_by_hour: list[int]
     delays: list[DelayCount]
     failing_endpoints: list[FailingEndpoint]
     stalled: int
@@ -441,12 +444,18 @@ def collect_stats(session: Session, now: datetime, quota: Sequence[KeyStatus]) -
     ).first()
     previous = OutboxEvent.data["previous_status"]["name"].astext
     current = OutboxEvent.data["status"]["name"].astext
+    changed = (OutboxEvent.type == EventType.STATUS_CHANGED.value, OutboxEvent.created_at > since)
     transitions = session.execute(
         select(previous, current, func.count())
-        .where(OutboxEvent.type == EventType.STATUS_CHANGED.value, OutboxEvent.created_at > since)
+        .where(*changed)
         .group_by(previous, current)
         .order_by(func.count().desc(), previous, current)
     ).all()
+    hour = func.floor(func.extract("epoch", OutboxEvent.created_at - since) / 3600)
+    by_hour: dict[int, int] = {
+        int(h): n
+        for h, n in session.execute(select(hour, func.count()).where(*changed).group_by(hour))
+    }
     code = OutboxEvent.data["delay"]["code"].astext.cast(Shipment.delay_code.type)
     reason = OutboxEvent.data["delay"]["reason"].astext
     delays = session.execute(
@@ -467,6 +476,7 @@ def collect_stats(session: Session, now: datetime, quota: Sequence[KeyStatus]) -
             else None
         ),
         transitions=[TransitionCount(f, t, n) for f, t, n in transitions],
+        transitions_by_hour=[by_hour.get(h, 0) for h in range(HOURS_SHOWN)],
         delays=[DelayCount(c, r, n) for c, r, n in delays],
         failing_endpoints=failing_endpoints(session),
         stalled=session.scalar(select(func.count()).where(*stalled)) or 0,

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from sqlalchemy.orm import Session
 from tests.conftest import RunServers, make_account
 from worker.core.db import transaction
 from worker.domain.models import Account, Base, Shipment
-from worker.sim.demo import push_summary, start_pushing
+from worker.sim.demo import Chart, detection_delay_s, push_summary, start_pushing
 from worker.sim.sandbox import running_sandbox
 from worker.sim.workload import Faults
 from worker.tracking.intake import register_orders, remove_account
@@ -44,6 +45,11 @@ def test_the_demo_shows_polls_transitions_and_verified_webhooks(
     assert verified > 0
     assert "rejected: 0" in result.stdout
     assert "→" in result.stdout  # transitions were shown
+    # The live chart drew polls per second and detection delays in carrier time.
+    charts = re.findall(r"polls per second +([·▁▂▃▄▅▆▇█]+) +now", result.stdout)
+    assert charts and any(c != "·" * len(c) for c in charts), result.stdout[-3000:]
+    delays = re.findall(r"detection delay +[·▁▂▃▄▅▆▇█]+ +median (\d[\d,]*) min", result.stdout)
+    assert delays, result.stdout[-3000:]
     assert "What to try next" in result.stdout
     # The sandbox pushed to shipmon's own receiver, which took them; polls caught the rest.
     pushes = re.findall(
@@ -55,6 +61,29 @@ def test_the_demo_shows_polls_transitions_and_verified_webhooks(
     assert sent > 0, result.stdout[-3000:]
     assert by_push > 0
     assert (tmp_path / "home" / "demo" / "demo.log").exists()
+
+
+def test_detection_delay_is_read_on_the_carriers_clock() -> None:
+    real = datetime(2026, 12, 2, 10, 0, tzinfo=UTC)
+    carrier = datetime(2026, 12, 3, 0, 0, tzinfo=UTC)  # read at `real`, running 1200 times faster
+    # Seen 3 real seconds after the reading: 3,600 carrier seconds later; the change was 10
+    # carrier minutes before that.
+    changed = carrier + timedelta(minutes=50)
+    assert detection_delay_s(changed, real + timedelta(seconds=3), (carrier, real), 1200) == 600
+    # A change stamped after the moment it was seen (clock skew) is no negative delay.
+    assert detection_delay_s(carrier + timedelta(hours=2), real, (carrier, real), 1200) == 0
+
+
+def test_the_chart_keeps_a_point_per_refresh() -> None:
+    chart = Chart(speed=1200)
+    chart.add(0, [])
+    chart.add(50, [120.0, 600.0, 60.0])
+    chart.add(50, [])
+    assert len(chart.polls) == 2 and chart.polls[0] > 0 and chart.polls[1] == 0
+    assert list(chart.delays) == [120.0, None]
+    lines = chart.render().splitlines()
+    assert lines[0].startswith("polls per second") and "█·" in lines[0]
+    assert "median 2 min of carrier time" in lines[1]
 
 
 def test_the_demo_neither_touches_nor_leaves_anything_in_the_users_state(

@@ -8,6 +8,7 @@ level: each command imports what it uses when it runs.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -119,12 +120,13 @@ def pace_bar(used: int, allowed_now: int, daily_quota: int, width: int = 24) -> 
 _LEVELS = "▁▂▃▄▅▆▇█"
 
 
-def sparkline(values: Sequence[int]) -> str:
+def sparkline(values: Sequence[float | None]) -> str:
     """`values` as one character each, from `▁` to `█` by their share of the largest; an
-    empty period is `·`, so a quiet hour never reads as a small one."""
-    top = max(values, default=0)
+    empty or missing one is `·`, so a quiet period never reads as a small one."""
+    top = max((v for v in values if v is not None), default=0.0)
+    levels = len(_LEVELS)
     return "".join(
-        "·" if v <= 0 else _LEVELS[min(len(_LEVELS) - 1, (v * len(_LEVELS) - 1) // top)]
+        "·" if v is None or v <= 0 else _LEVELS[min(levels - 1, math.ceil(v / top * levels) - 1)]
         for v in values
     )
 

@@ -161,6 +161,7 @@ def demo(
     from worker.core.db import dispose_engines, session_factory, upgrade
     from worker.runtime.supervisor import Supervisor
     from worker.sim.demo import (
+        Chart,
         DemoView,
         Receiver,
         api_example,
@@ -205,7 +206,8 @@ def demo(
             highlight=False,
             soft_wrap=True,
         )
-        watch(DemoView(sessions, receiver, sandbox_url=sandbox_url), duration)
+        view = DemoView(sessions, receiver, sandbox_url=sandbox_url, chart=Chart(speed=speed))
+        watch(view, duration)
     except KeyboardInterrupt:
         pass
     finally:

@@ -16,6 +16,7 @@ import asyncio
 import re
 import secrets
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -36,6 +37,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from worker.api.routes.carrier import PUSH_PATH
 from worker.api.tokens import create_token
+from worker.cli.common import sparkline
 from worker.core.crypto import encrypt, keyed_digest
 from worker.domain.deliveries import DeliveryState
 from worker.domain.events import EventData
@@ -197,6 +199,58 @@ def api_example(sessions: sessionmaker[Session], port: int, order_code: str) -> 
     )
 
 
+def detection_delay_s(
+    event_time: datetime, seen_at: datetime, clock: tuple[datetime, datetime], speed: float
+) -> float:
+    """Carrier seconds from a change to shipmon seeing it. `clock` is one reading of the
+    sandbox's clock and the real time it was read at; the sandbox runs `speed` times real time."""
+    carrier_now, real_now = clock
+    seen_by_carrier_clock = carrier_now + (seen_at - real_now) * speed
+    return max(0.0, (seen_by_carrier_clock - event_time).total_seconds())
+
+
+def _carrier_clock(sandbox_url: str) -> tuple[datetime, datetime] | None:
+    """The sandbox clock's reading and when it was taken; None when it does not answer."""
+    try:
+        response = httpx.get(f"{sandbox_url}/_sandbox/stats", timeout=2)
+        response.raise_for_status()
+        return datetime.fromisoformat(response.json()["now"]), datetime.now(UTC)
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return None
+
+
+CHART_POINTS = 40
+
+
+@dataclass
+class Chart:
+    """Polls per second and the median detection delay, one point per refresh of the view."""
+
+    speed: float
+    polls: deque[float] = field(default_factory=lambda: deque(maxlen=CHART_POINTS))
+    delays: deque[float | None] = field(default_factory=lambda: deque(maxlen=CHART_POINTS))
+    _last_polls: int | None = None
+    _last_at: float = 0.0
+
+    def add(self, polls_made: int, delays_s: list[float]) -> None:
+        """The poll counter now, and the detection delays of the changes seen since the last."""
+        now = time.monotonic()
+        if self._last_polls is not None and now > self._last_at:
+            self.polls.append((polls_made - self._last_polls) / (now - self._last_at))
+            self.delays.append(statistics.median(delays_s) if delays_s else None)
+        self._last_polls, self._last_at = polls_made, now
+
+    def render(self) -> str:
+        seen = [d for d in self.delays if d is not None]
+        latest = f"{seen[-1] / 60:,.0f} min" if seen else "—"
+        rate = f"{self.polls[-1]:,.1f}/s" if self.polls else "—"
+        return (
+            f"polls per second      {sparkline(list(self.polls)):<{CHART_POINTS}} now {rate}\n"
+            f"detection delay       {sparkline(list(self.delays)):<{CHART_POINTS}} "
+            f"median {latest} of carrier time"
+        )
+
+
 @dataclass
 class DemoView:
     """The live terminal view, read from the database every second."""
@@ -208,6 +262,8 @@ class DemoView:
     recent: deque[tuple[str, ...]] = field(default_factory=lambda: deque(maxlen=12))
     sources: Counter[str] = field(default_factory=Counter)
     last_event_id: int = 0
+    chart: Chart = field(default_factory=lambda: Chart(speed=1.0))
+    _clock: tuple[datetime, datetime] | None = None
 
     def render(self) -> Group:
         with self.sessions.begin() as session:
@@ -239,11 +295,19 @@ class DemoView:
                     Delivery.state == DeliveryState.SUCCEEDED, Delivery.created_at >= self.started
                 )
             )
+        if self._clock is None and self.sandbox_url:
+            self._clock = _carrier_clock(self.sandbox_url)
+        delays = []
         for event in events:
             self.last_event_id = event.id
             data = EventData.from_json(event.data)
             self.sources[data.source] += 1
             self.recent.append((*_event_line(data, event.type), data.source))
+            if event.type == "shipment.status_changed" and data.event_time and self._clock:
+                delays.append(
+                    detection_delay_s(data.event_time, data.seen_at, self._clock, self.chart.speed)
+                )
+        self.chart.add(polls, delays)
         statuses = Table("status", "shipments", title="Shipments")
         for status, count in by_status:
             statuses.add_row(str(status), str(count))
@@ -262,7 +326,12 @@ class DemoView:
         )
         if self.sandbox_url:
             summary += "\n" + push_summary(self.sandbox_url, self.sources)
-        return Group(Panel(summary, title="shipmon demo"), statuses, feed)
+        return Group(
+            Panel(summary, title="shipmon demo"),
+            Panel(self.chart.render(), title="live", highlight=False),
+            statuses,
+            feed,
+        )
 
 
 def _event_line(data: EventData, type_: str) -> tuple[str, str, str, str]:

@@ -40,16 +40,14 @@ from typing import Any
 
 from worker.domain.vocabulary import ErrorCode, Status, parse_status
 from worker.quota.pacing import allowed_by, elapsed_share, per_second_ceiling
+from worker.scheduling.coverage import NO_PUSHES, PushCoverage, summarise_transitions
 from worker.scheduling.model import (
     DEFAULT_MAX_INTERVAL,
-    NO_PUSHES,
     LearnedModel,
-    PushCoverage,
     ShipmentState,
     Stay,
     fit_model,
     next_poll_at,
-    summarise_transitions,
 )
 from worker.scheduling.pricing import PriceController, planned_rate
 from worker.sim.workload import Carrier, Workload, generate_orders, load_workload

@@ -40,6 +40,7 @@ import psycopg
 from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session
 
+import worker.scheduling.coverage
 import worker.scheduling.learning
 from worker.core.db import upgrade
 from worker.core.metrics import refresh_gauges
@@ -201,7 +202,7 @@ def measure(url: str, rows: int, repeat: int) -> dict[str, tuple[float, float | 
     build(url, rows, now)
     print(f"  built {rows:,} shipments in {time.perf_counter() - started:.0f} s", flush=True)
     quotas = dict.fromkeys(range(1, ACCOUNTS + 1), 200_000)
-    learning_since = now - worker.scheduling.learning.LEARNING_WINDOW
+    learning_since = now - worker.scheduling.coverage.LEARNING_WINDOW
     results: dict[str, tuple[float, float | None]] = {}
 
     def run(

@@ -12,27 +12,25 @@ import worker.scheduling.learning
 from tests.conftest import make_account
 from worker.domain.models import SchedulerState, Shipment, StatusEvent
 from worker.domain.vocabulary import Status
-from worker.scheduling.learning import (
+from worker.scheduling.coverage import (
     LEARNING_WINDOW,
-    PlanCache,
+    LONGEST_PUSH_DELAY_SECONDS,
+    NO_PUSHES,
+    NOT_FOUND,
+    PushCounts,
     account_coverage,
-    planned_rates,
     push_coverage,
+    summarise_transitions,
+)
+from worker.scheduling.learning import (
+    PlanCache,
+    planned_rates,
     recorded_stays,
     relearn,
     stay_statistics,
     update_prices,
 )
-from worker.scheduling.model import (
-    LONGEST_PUSH_DELAY_SECONDS,
-    NO_PUSHES,
-    NOT_FOUND,
-    PushCounts,
-    fit_model,
-    fit_statistics,
-    summarise_stays,
-    summarise_transitions,
-)
+from worker.scheduling.model import fit_model, fit_statistics, summarise_stays
 
 NOW = datetime(2026, 11, 27, 3, 0, tzinfo=UTC)
 ZONE = "Asia/Ho_Chi_Minh"

@@ -18,18 +18,15 @@ import pytest
 
 from worker.domain.vocabulary import Status
 from worker.quota.pacing import allowed_by, elapsed_share
+from worker.scheduling.coverage import NO_PUSHES, NOT_FOUND, PushCoverage, summarise_transitions
 from worker.scheduling.model import (
     DEFAULT_MAX_INTERVAL,
-    NO_PUSHES,
-    NOT_FOUND,
     DwellModel,
     LearnedModel,
-    PushCoverage,
     ShipmentState,
     Stay,
     fit_model,
     next_poll_at,
-    summarise_transitions,
 )
 from worker.scheduling.policy import GRID_SECONDS
 from worker.scheduling.pricing import PriceController, planned_rate

@@ -70,7 +70,7 @@ def session() -> Iterator[Session]:
 
     from worker.core.crypto import SecretKeyMismatch
     from worker.core.db import transaction
-    from worker.tracking.intake import UnknownAccount
+    from worker.domain.models import UnknownAccount
 
     try:
         with transaction(servers().database_url) as s:

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import redis
 
     from worker.ops.views import ShipmentStory, Stats
-    from worker.scheduling.model import PushCoverage
+    from worker.scheduling.coverage import PushCoverage
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
 
@@ -223,7 +223,7 @@ def stats(as_json: JsonOption = False) -> None:
 
     from worker.ops.views import collect_stats
     from worker.quota.limiter import QuotaLimiter
-    from worker.scheduling.learning import account_coverage
+    from worker.scheduling.coverage import account_coverage
 
     client: redis.Redis[bytes] = redis.Redis.from_url(servers().redis_url)
     try:
@@ -258,7 +258,7 @@ def _print_stats(
     result: Stats, data: dict[str, Any], coverage: list[tuple[str | None, PushCoverage]]
 ) -> None:
     from worker.cli.quota import push_cells
-    from worker.scheduling.learning import LEARNING_WINDOW
+    from worker.scheduling.coverage import LEARNING_WINDOW
 
     shipments = uncut_table(
         "account", "status", "watched", "finished or stopped", title="shipments",

@@ -19,7 +19,7 @@ from worker.cli.common import (
 )
 
 if TYPE_CHECKING:
-    from worker.scheduling.model import PushCoverage
+    from worker.scheduling.coverage import PushCoverage
 
 
 def push_cells(coverage: PushCoverage) -> tuple[str, str]:
@@ -42,8 +42,7 @@ def quota(
 
     from worker.domain.pauses import until_words
     from worker.quota.limiter import QuotaLimiter
-    from worker.scheduling.learning import account_coverage
-    from worker.scheduling.model import NO_PUSHES
+    from worker.scheduling.coverage import NO_PUSHES, account_coverage
 
     client: redis.Redis[bytes] = redis.Redis.from_url(servers().redis_url)
     try:

@@ -57,6 +57,16 @@ def _now() -> Any:
     return mapped_column(Timestamp, server_default=func.now(), nullable=False)
 
 
+class UnknownAccount(LookupError):
+    """No account has this name."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"no account named {name!r}; create it with: shipmon account add {name} --api-key KEY"
+        )
+        self.name = name
+
+
 class Account(Base):
     """A merchant's carrier account: its API key (encrypted) and its daily quota."""
 

@@ -2,8 +2,8 @@
 
 `relearn` fits the scheduler's model from the stays that the recorded status history shows,
 summarised in SQL so that only counts and a bounded sample of stays reach Python, and each
-account's push coverage (`push_coverage`: the share of transitions the carrier's push reported
-first, and how late), from the `source` of its status rows;
+account's push coverage (`worker.scheduling.coverage`: the share of transitions the carrier's
+push reported first, and how late), from the `source` of its status rows;
 `update_prices` adapts each key's lookup price so that the polls planned fit its daily quota.
 `PlanCache` gives every worker process the current model and prices without a query per poll.
 """
@@ -19,16 +19,12 @@ from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from worker.domain.models import Account, SchedulerState, Shipment
+from worker.domain.models import SchedulerState, Shipment
 from worker.domain.vocabulary import Status, parse_status
+from worker.scheduling.coverage import LEARNING_WINDOW, NOT_FOUND, push_coverage
 from worker.scheduling.model import (
-    LONGEST_PUSH_DELAY_SECONDS,
     MAX_STAYS_FOR_QUIET_HOURS,
-    NO_PUSHES,
-    NOT_FOUND,
     LearnedModel,
-    PushCounts,
-    PushCoverage,
     Stay,
     StayStatistics,
     fit_statistics,
@@ -36,8 +32,7 @@ from worker.scheduling.model import (
 from worker.scheduling.pricing import INITIAL_PRICE, PriceController
 
 MODEL_STATE = "model"
-# Stays that began within this window are fitted, ended or not (censored): an unbiased sample.
-LEARNING_WINDOW = timedelta(days=4)
+# Stays that began within LEARNING_WINDOW are fitted, ended or not (censored): an unbiased sample.
 # How long a worker process trusts its copy of the model and prices.
 CACHE_SECONDS = 60.0
 
@@ -188,71 +183,6 @@ def recorded_stays(session: Session, since: datetime) -> list[Stay]:
         first = parse_status(first_name) if first_name is not None else None
         stays.append(Stay(None, registered, found, None if found else polled or registered, first))
     return stays
-
-
-# The transitions that happened since a moment, by account and status left (NOT_FOUND for an
-# order's first status), then by account, then over all: how many, how many a push reported
-# first, and the mean and median delay of those pushes, bounded to [0, :longest] seconds.
-_PUSH_COUNTS = """
-    WITH transitions AS (
-        SELECT s.account_id,
-               e.occurred_at,
-               e.source = 'push' AS pushed,
-               least(greatest(extract(epoch FROM e.seen_at - e.occurred_at), 0), :longest)
-                   AS delay,
-               coalesce(lag(e.status) OVER w, :not_found) AS exited
-        FROM status_events e JOIN shipments s ON s.id = e.shipment_id
-        WHERE e.shipment_id IN (SELECT shipment_id FROM status_events WHERE occurred_at >= :since)
-        WINDOW w AS (PARTITION BY e.shipment_id ORDER BY e.occurred_at, e.id)
-    )
-    SELECT account_id, exited, grouping(account_id) = 1 AS everyone, count(*),
-           count(*) FILTER (WHERE pushed),
-           coalesce(avg(delay) FILTER (WHERE pushed), 0),
-           percentile_cont(0.5) WITHIN GROUP (ORDER BY delay) FILTER (WHERE pushed)
-    FROM transitions
-    WHERE occurred_at >= :since
-    GROUP BY GROUPING SETS ((account_id, exited), (account_id), ())
-"""
-
-
-def push_coverage(session: Session, since: datetime) -> dict[int | None, PushCoverage]:
-    """Each account's push coverage of the transitions since `since` (None: all accounts).
-
-    The same as `summarise_transitions` over the recorded history, computed in the database.
-    An account with no transitions since then is left out.
-    """
-    rows = session.execute(
-        text(_PUSH_COUNTS),
-        {"since": since, "longest": LONGEST_PUSH_DELAY_SECONDS, "not_found": NOT_FOUND},
-    )
-    overall: dict[int | None, PushCounts] = {}
-    by_status: dict[int | None, list[tuple[str, PushCounts]]] = {}
-    for account_id, exited, everyone, number, pushed, mean, median in rows:
-        counts = PushCounts(
-            int(number), int(pushed), float(mean), None if median is None else float(median)
-        )
-        account = None if everyone else int(account_id)
-        if everyone or exited is None:
-            overall[account] = counts
-        else:
-            by_status.setdefault(account, []).append((str(exited), counts))
-    return {
-        account: PushCoverage(counts, tuple(sorted(by_status.get(account, []))))
-        for account, counts in overall.items()
-    }
-
-
-def account_coverage(session: Session, now: datetime) -> list[tuple[str | None, PushCoverage]]:
-    """Each account's push coverage over the learning window, by name; then all accounts' (None).
-
-    Accounts with no transitions in the window are listed with no coverage.
-    """
-    learned = push_coverage(session, now - LEARNING_WINDOW)
-    accounts = session.execute(select(Account.id, Account.name).order_by(Account.name))
-    named: list[tuple[str | None, PushCoverage]] = [
-        (name, learned.get(account_id, NO_PUSHES)) for account_id, name in accounts
-    ]
-    return [*named, (None, learned.get(None, NO_PUSHES))]
 
 
 def relearn(session: Session, timezone: str, now: datetime) -> LearnedModel:

@@ -25,7 +25,6 @@ with their own clock.
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -34,6 +33,12 @@ from zoneinfo import ZoneInfo
 
 from worker.core.clock import DAY_SECONDS
 from worker.domain.vocabulary import Status
+from worker.scheduling.coverage import (
+    NO_PUSHES,
+    NOT_FOUND,
+    PushCoverage,
+    PushTerm,
+)
 from worker.scheduling.policy import (
     GRID_SECONDS,
     MAX_WAIT_SECONDS,
@@ -44,8 +49,6 @@ from worker.scheduling.policy import (
 )
 
 _ROOT_TWO_PI = math.sqrt(2.0 * math.pi)
-# Stays before the carrier knows an order are modelled like a status under this name.
-NOT_FOUND = "NOT_FOUND"
 # Statuses the model has not seen yet are planned with the prior, under this name.
 UNSEEN = "*"
 
@@ -86,16 +89,6 @@ MAX_STAYS_PER_FIT = 1500
 MIN_ENDED_FOR_NEXT = 50
 EM_ITERATIONS = 40
 EM_TOLERANCE = 1e-3
-# A push share is planned per status left once this many of its transitions were seen, else the
-# account's share once the account has seen this many; with fewer, lookups plan as without pushes.
-MIN_TRANSITIONS_FOR_PUSH_SHARE = 50
-# Planned push shares and delays are rounded to these steps, so that a relearned coverage solves
-# a new plan only when it changed enough to matter.
-PUSH_SHARE_STEP = 0.05
-PUSH_DELAY_STEP_SECONDS = 5.0
-# A push reported longer than this after its transition counts as this late (a carrier resending
-# old changes must not make every push look slow).
-LONGEST_PUSH_DELAY_SECONDS = 86_400.0
 
 
 @dataclass(frozen=True)
@@ -158,116 +151,6 @@ PRIOR = DwellModel(math.log(PRIOR_MEDIAN_SECONDS), PRIOR_SIGMA)
 # Before any order has been found, carriers usually know an order within about half an hour of
 # its registration: new shipments are looked up promptly from the first day.
 NOT_FOUND_PRIOR = DwellModel(math.log(NOT_FOUND_PRIOR_MEDIAN_SECONDS), PRIOR_SIGMA)
-
-
-@dataclass(frozen=True)
-class PushCounts:
-    """Transitions out of one status (or all of them): how many, how many a push reported first,
-    and the mean and median delay of those pushes (seen minus happened, in seconds)."""
-
-    transitions: int
-    pushed: int = 0
-    mean_delay_s: float = 0.0
-    median_delay_s: float | None = None
-
-    @property
-    def share(self) -> float:
-        """The share of transitions a push reported first."""
-        return self.pushed / self.transitions if self.transitions else 0.0
-
-
-# A push term of the plan: (status key, planned push share, planned push delay in seconds).
-PushTerm = tuple[str, float, float]
-
-
-@dataclass(frozen=True)
-class PushCoverage:
-    """How much of one account's change the carrier's pushes report, from recorded history."""
-
-    overall: PushCounts = PushCounts(0)
-    # By the status left (NOT_FOUND for an order's first status), sorted by key.
-    by_status: tuple[tuple[str, PushCounts], ...] = ()
-
-    def terms(self, keys: Iterable[str]) -> tuple[PushTerm, ...]:
-        """The push share and delay the plan counts for each status key, where not zero.
-
-        A status's own share where enough of its transitions were seen, else the account's;
-        rounded to steps, so nearby coverages share one plan.
-        """
-        own = dict(self.by_status)
-        terms = []
-        for key in sorted(keys):
-            counts = own.get(key)
-            if counts is None or counts.transitions < MIN_TRANSITIONS_FOR_PUSH_SHARE:
-                counts = self.overall
-            if counts.transitions < MIN_TRANSITIONS_FOR_PUSH_SHARE:
-                continue
-            share = round(round(counts.share / PUSH_SHARE_STEP) * PUSH_SHARE_STEP, 6)
-            if share <= 0.0:
-                continue
-            delay = round(counts.mean_delay_s / PUSH_DELAY_STEP_SECONDS) * PUSH_DELAY_STEP_SECONDS
-            terms.append((key, min(share, 1.0), delay))
-        return tuple(terms)
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-ready form, stored with the model and shown by `shipmon quota` and `stats`."""
-
-        def of(counts: PushCounts) -> dict[str, Any]:
-            return {
-                "transitions": counts.transitions,
-                "pushed": counts.pushed,
-                "share": round(counts.share, 4),
-                "mean_delay_s": round(counts.mean_delay_s, 1),
-                "median_delay_s": (
-                    None if counts.median_delay_s is None else round(counts.median_delay_s, 1)
-                ),
-            }
-
-        return of(self.overall) | {"by_status": {key: of(c) for key, c in self.by_status}}
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> PushCoverage:
-        """The coverage `to_json` described."""
-
-        def of(d: Mapping[str, Any]) -> PushCounts:
-            median = d["median_delay_s"]
-            return PushCounts(
-                int(d["transitions"]),
-                int(d["pushed"]),
-                float(d["mean_delay_s"]),
-                None if median is None else float(median),
-            )
-
-        by_status = tuple(sorted((key, of(c)) for key, c in data["by_status"].items()))
-        return cls(of(data), by_status)
-
-
-NO_PUSHES = PushCoverage()
-
-
-def summarise_transitions(transitions: Iterable[tuple[str, float | None]]) -> PushCoverage:
-    """The coverage of transitions given as (status key left, push delay or None if polled).
-
-    The simulator's counterpart of `learning.push_coverage`, which counts the same in SQL.
-    """
-    delays: dict[str, list[float]] = {}
-    totals: dict[str, int] = {}
-    for key, delay in transitions:
-        totals[key] = totals.get(key, 0) + 1
-        group = delays.setdefault(key, [])
-        if delay is not None:
-            group.append(min(max(delay, 0.0), LONGEST_PUSH_DELAY_SECONDS))
-
-    def counts(total: int, pushed: list[float]) -> PushCounts:
-        if not pushed:
-            return PushCounts(total)
-        return PushCounts(total, len(pushed), statistics.fmean(pushed), statistics.median(pushed))
-
-    every = [d for group in delays.values() for d in group]
-    return PushCoverage(
-        counts(sum(totals.values()), every),
-        tuple(sorted((key, counts(total, delays[key])) for key, total in totals.items())),
-    )
 
 
 @dataclass(frozen=True)

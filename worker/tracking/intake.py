@@ -11,23 +11,13 @@ from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.orm import Session
 
 from worker.carrier.push import PushRefused, StatusPush
-from worker.domain.models import Account, OutboxEvent, PushReceipt, Shipment
+from worker.domain.models import Account, OutboxEvent, PushReceipt, Shipment, UnknownAccount
 from worker.domain.vocabulary import ErrorCode, validate_order_code
 from worker.tracking.record import PollContext, apply_push
 
 # Codes per INSERT statement. They travel as one array parameter, unnested by PostgreSQL: a
 # multi-row VALUES list of 10,000 rows costs SQLAlchemy most of a second to compile.
 INSERT_CHUNK = 10_000
-
-
-class UnknownAccount(LookupError):
-    """No account has this name."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(
-            f"no account named {name!r}; create it with: shipmon account add {name} --api-key KEY"
-        )
-        self.name = name
 
 
 @dataclass(frozen=True)

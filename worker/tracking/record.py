@@ -43,13 +43,8 @@ from worker.domain.events import (
 )
 from worker.domain.models import Account, OutboxEvent, Shipment, StatusEvent, TrackingEvent
 from worker.domain.vocabulary import EventType, Status, delay_reason, parse_status
-from worker.scheduling.model import (
-    NO_PUSHES,
-    LearnedModel,
-    PushCoverage,
-    ShipmentState,
-    next_poll_at,
-)
+from worker.scheduling.coverage import NO_PUSHES, PushCoverage
+from worker.scheduling.model import LearnedModel, ShipmentState, next_poll_at
 from worker.tracking.accounts import KeyRefusal
 
 log = logging.getLogger(__name__)

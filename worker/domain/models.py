@@ -134,6 +134,12 @@ class Shipment(Base):
         ),
         # The price update counts each account's registrations since it last looked.
         Index("ix_shipments_account_id_registered_at", "account_id", "registered_at"),
+        # The gauges and `stats` count each account's stalled open shipments, which are few.
+        Index(
+            "ix_shipments_stalled",
+            "account_id",
+            postgresql_where=text("active AND stalled_at IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)

@@ -571,6 +571,19 @@ def test_deep_nesting_is_malformed_not_a_crash() -> None:
         parse_tracking(b'{"estimateRoutes": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", ORDER)
 
 
+def test_json_nested_past_the_limit_or_a_number_past_a_float_is_refused() -> None:
+    def nested(levels: int) -> bytes:
+        return b'{"estimateRoutes": ' + b"[" * levels + b"]" * levels + b"}"
+
+    with pytest.raises(MalformedResponse, match="nested deeper than 32 levels"):
+        parse_tracking(nested(32), ORDER)  # the answer object is level 0, its lists 1 to 32
+    # One level less passes the depth check and is refused for what it lacks instead.
+    with pytest.raises(MalformedResponse, match="field orderCode"):
+        parse_tracking(nested(31), ORDER)
+    with pytest.raises(MalformedResponse, match="a number too large for JSON"):
+        parse_tracking(b'{"price": 1e999}', ORDER)
+
+
 # --- The client against a real HTTP server on loopback -----------------------------------
 
 API_KEY = "1111-2222-3333-SECRET"

@@ -351,7 +351,9 @@ def _decode(body: bytes, order_code: str) -> dict[str, Any]:
     if body.lstrip()[:1] == b"<":
         malformed("response was HTML, not JSON")
     try:
-        payload = json.loads(body, parse_constant=_reject_constant)
+        payload = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
+    except _Refused as error:
+        malformed(f"response refused: {error}")
     except (ValueError, RecursionError) as error:
         # UnicodeDecodeError and JSONDecodeError are both ValueErrors.
         raise MalformedResponse(
@@ -360,10 +362,9 @@ def _decode(body: bytes, order_code: str) -> dict[str, Any]:
     if not isinstance(payload, dict):
         malformed(f"response was a JSON {type(payload).__name__}, not an object")
     try:
-        cleaned: dict[str, Any] = _cleaned(payload, nul=b"\\u0000" in body)
-    except ValueError as error:
-        raise MalformedResponse(f"response refused: {error}", order_code=order_code) from None
-    return cleaned
+        return _bounded(payload, nul=b"\\u0000" in body)
+    except _Refused as error:
+        malformed(f"response refused: {error}")
 
 
 # Deeper than any real answer (which nests three levels); PostgreSQL's JSONB and json.dumps
@@ -371,23 +372,50 @@ def _decode(body: bytes, order_code: str) -> dict[str, Any]:
 _MAX_DEPTH = 32
 
 
-def _cleaned(value: Any, *, nul: bool, depth: int = 0) -> Any:
-    """`value` with NUL characters removed (PostgreSQL refuses them in text and JSONB),
-    refused if nested deeper than _MAX_DEPTH or holding a non-finite number (not JSON)."""
-    if isinstance(value, str):
-        return value.replace("\x00", "") if nul else value
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError("a number too large for JSON")
-    if isinstance(value, dict | list):
+class _Refused(ValueError):
+    """Valid JSON that no carrier answer can be: too deep, or a number beyond a float."""
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Refused("a number too large for JSON")
+    return value
+
+
+def _bounded(payload: dict[str, Any], *, nul: bool) -> dict[str, Any]:
+    """A decoded answer refused if nested too deep; with its NUL characters taken out when it
+    has any (`nul`), since PostgreSQL refuses them in text and JSONB."""
+    _check_depth(payload)
+    cleaned: dict[str, Any] = _without_nul(payload) if nul else payload
+    return cleaned
+
+
+def _check_depth(payload: Any) -> None:
+    """Refuse JSON nested deeper than _MAX_DEPTH levels, one level of containers at a time
+    (the scalars are only looked at, never walked into)."""
+    level = [payload]
+    depth = 0
+    while level:
         if depth >= _MAX_DEPTH:
-            raise ValueError(f"JSON nested deeper than {_MAX_DEPTH} levels")
-        if isinstance(value, list):
-            return [_cleaned(item, nul=nul, depth=depth + 1) for item in value]
-        # JSON keys are strings: cleaned in place, without a call each.
-        return {
-            (key.replace("\x00", "") if nul else key): _cleaned(item, nul=nul, depth=depth + 1)
-            for key, item in value.items()
-        }
+            raise _Refused(f"JSON nested deeper than {_MAX_DEPTH} levels")
+        level = [
+            child
+            for node in level
+            for child in (node.values() if isinstance(node, dict) else node)
+            if isinstance(child, dict | list)
+        ]
+        depth += 1
+
+
+def _without_nul(value: Any) -> Any:
+    """`value` with every NUL character taken out of its strings and keys."""
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, list):
+        return [_without_nul(item) for item in value]
+    if isinstance(value, dict):
+        return {key.replace("\x00", ""): _without_nul(item) for key, item in value.items()}
     return value
 
 

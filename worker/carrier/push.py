@@ -17,10 +17,11 @@ from typing import Any
 from worker.carrier.parse import (  # the parser helpers shared with lookups' answers
     StatusEntry,
     TrackingResult,
-    _cleaned,
+    _bounded,
     _delay_code,
     _FieldError,
     _Fields,
+    _finite_float,
     _identifier,
     _integer,
     _reject_constant,
@@ -103,13 +104,13 @@ def parse_push(body: bytes) -> StatusPush:
     if len(body) > MAX_PUSH_BYTES:
         raise PushRefused(f"the push is over {MAX_PUSH_BYTES} bytes; send one status per push")
     try:
-        payload = json.loads(body, parse_constant=_reject_constant)
+        payload = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError):
         raise PushRefused("the push is not valid UTF-8 JSON; send a JSON object") from None
     if not isinstance(payload, dict):
         raise PushRefused(f"the push is a JSON {type(payload).__name__}; send a JSON object")
     try:
-        return _status_push(_Fields(_cleaned(payload, nul=True), ""))
+        return _status_push(_Fields(_bounded(payload, nul=b"\\u0000" in body), ""))
     except (_FieldError, ValueError) as error:
         raise PushRefused(f"the push was refused: {error}") from None
 

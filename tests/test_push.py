@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 from sqlalchemy import delete, select
 from standardwebhooks import Webhook
 
@@ -32,6 +33,7 @@ from worker.notify.delivery import fan_out_and_deliver
 from worker.notify.webhooks.endpoints import add_endpoint
 from worker.notify.webhooks.sender import WebhookSender
 from worker.ops.rotation import store_api_key_digests
+from worker.runtime.celery import NOTIFY_QUEUE
 from worker.scheduling.model import LearnedModel
 from worker.scheduling.pricing import INITIAL_PRICE
 from worker.tracking.intake import account_by_name, register_orders
@@ -497,6 +499,31 @@ def webhook_receiver() -> Iterator[_Receiver]:
     server.shutdown()
     server.server_close()
     thread.join(10)
+
+
+def test_a_push_queues_its_events_for_the_notify_workers_at_once(
+    api: Api,  # noqa: F811
+    merchants: list[Merchant],
+) -> None:
+    """As a poll does after its commit: no wait for the delivery sweep."""
+    code = _code()
+    _accepted(_post(api, _body(merchants[0].api_key, code, "25", T0)))
+    with transaction(api.servers.database_url) as s:
+        event_ids = list(
+            s.scalars(select(OutboxEvent.id).join(Shipment).where(Shipment.order_code == code))
+        )
+    assert event_ids
+    broker = redis.Redis.from_url(api.servers.redis_url)
+    try:
+        messages = [json.loads(raw) for raw in broker.lrange(NOTIFY_QUEUE, 0, -1)]
+    finally:
+        broker.close()
+    queued = [
+        json.loads(base64.b64decode(m["body"]))[0]
+        for m in messages
+        if m["headers"]["task"] == "shipmon.deliver"
+    ]
+    assert sorted(event_ids) in [sorted(args[0]) for args in queued]
 
 
 def test_a_pushed_change_reaches_a_webhook_receiver_signed_with_source_push(

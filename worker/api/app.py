@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -16,7 +16,7 @@ from worker.api.deps import ApiState
 from worker.api.limits import BodyLimit, RateLimiter
 from worker.api.routes import carrier, health, quota, shipments
 from worker.carrier.push import MAX_PUSH_BYTES
-from worker.core.config import Settings, get_settings
+from worker.core.config import Settings
 from worker.core.db import libpq_url, session_factory
 from worker.core.servers import resolve
 from worker.ops.rotation import store_api_key_digests
@@ -30,8 +30,15 @@ Authenticate with `Authorization: Bearer <token>`; create a token with
 """
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """The API, on the servers the settings name (or the embedded ones)."""
+def _left_to_the_sweep(event_ids: list[int]) -> None:
+    """No worker to wake: the delivery sweep finds the events within seconds."""
+
+
+def create_app(
+    settings: Settings, deliver: Callable[[list[int]], None] = _left_to_the_sweep
+) -> FastAPI:
+    """The API, on the servers the settings name (or the embedded ones). `deliver` is given
+    the ids of events a request committed, to start their delivery."""
     servers = resolve(settings)
     client: redis.Redis[Any] = redis.Redis.from_url(servers.redis_url)
     aclient: redis.asyncio.Redis[Any] = redis.asyncio.Redis.from_url(servers.redis_url)
@@ -66,6 +73,7 @@ def create_app(settings: Settings) -> FastAPI:
         limiter=RateLimiter(client, aclient, settings.api_rate_limit),
         plans=PlanCache(settings.quota_timezone),
         secret_key=servers.secret_key,
+        deliver=deliver,
     )
     problems.install(app)
     app.include_router(shipments.router)
@@ -76,8 +84,3 @@ def create_app(settings: Settings) -> FastAPI:
     # Added last, so it runs first: a push over its own limit is refused in the carrier's shape.
     app.add_middleware(carrier.PushBodyLimit, limit=MAX_PUSH_BYTES)
     return app
-
-
-def from_environment() -> FastAPI:
-    """The app for uvicorn's `--factory`: every worker process builds its own from SHIPMON_*."""
-    return create_app(get_settings())

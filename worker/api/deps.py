@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -33,6 +33,8 @@ class ApiState:
     # What applying a carrier push needs: the scheduler's plan, and the key of API key digests.
     plans: PlanCache
     secret_key: str
+    # Starts delivering committed events at once (the delivery sweep is the safety net).
+    deliver: Callable[[list[int]], None]
 
 
 async def get_state(request: Request) -> ApiState:

@@ -19,7 +19,7 @@ def serve_api(host: str, port: int, workers: int) -> None:
 
     os.environ.update(system_env(servers()))
     uvicorn.run(
-        "worker.api.app:from_environment",
+        "worker.runtime.api:from_environment",
         factory=True,
         host=host,
         port=port,

@@ -117,12 +117,16 @@ def _apply(state: ApiState, push: StatusPush, authorization: str | None) -> None
             now, model, plans.price(account.id), ceiling, pushes=model.coverage(account.id)
         )
         received = receive_push(session, account, push, ctx)
+        session.flush()  # the events' ids, for the delivery started after the commit
+        event_ids = [event.id for event in received.events]
         log.debug(
             "carrier push for order %s: %s",
             push.order_code,
             "resent, ignored" if received.duplicate else f"{len(received.events)} events",
             extra={"order_code": push.order_code, "account": account.name},
         )
+    if event_ids:
+        state.deliver(event_ids)  # after the commit, so a worker finds them
 
 
 def _account(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import random
 import secrets
 import subprocess
 import threading
@@ -499,6 +500,45 @@ def webhook_receiver() -> Iterator[_Receiver]:
     server.shutdown()
     server.server_close()
     thread.join(10)
+
+
+def test_pushes_arriving_together_are_answered_each_by_its_own_fate(
+    api: Api,  # noqa: F811
+    merchants: list[Merchant],
+) -> None:
+    """Concurrent pushes are applied in batches; a refused one never fails its neighbours."""
+    shop, other = merchants
+    good = [_code() for _ in range(24)]
+    bodies = [
+        _body(shop.api_key if i % 2 else other.api_key, c, "25", T0) for i, c in enumerate(good)
+    ]
+    bodies += [_body("not-a-key-of-anyone", _code(), "25", T0) for _ in range(6)]
+    bodies += [_body(shop.api_key, "x!", "25", T0) for _ in range(6)]
+    order = list(range(len(bodies)))
+    random.Random(7).shuffle(order)
+
+    async def send_all() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=api.url, timeout=30) as client:
+            return await asyncio.gather(
+                *(client.post("/carrier/247/status", json=bodies[i]) for i in order)
+            )
+
+    answers = dict(zip(order, asyncio.run(send_all()), strict=True))
+    for i in range(24):
+        _accepted(answers[i])
+    for i in range(24, 30):
+        _refused(answers[i], 401)
+    for i in range(30, 36):
+        _refused(answers[i], 400)
+    with transaction(api.servers.database_url) as s:
+        stored = set(
+            s.scalars(
+                select(Shipment.order_code)
+                .join(StatusEvent)
+                .where(Shipment.order_code.in_(good), StatusEvent.source == "push")
+            )
+        )
+    assert stored == set(good)
 
 
 def test_a_push_queues_its_events_for_the_notify_workers_at_once(

@@ -74,6 +74,7 @@ def create_app(
         plans=PlanCache(settings.quota_timezone),
         secret_key=servers.secret_key,
         deliver=deliver,
+        pushes=carrier.PushBatcher(),
     )
     problems.install(app)
     app.include_router(shipments.router)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import redis
 from fastapi import Depends, Request
@@ -18,6 +18,9 @@ from worker.api.problems import ApiErrorCode, ApiProblem
 from worker.api.tokens import Principal, presented_token_hash, verify_token
 from worker.core.config import Settings
 from worker.scheduling.learning import PlanCache
+
+if TYPE_CHECKING:
+    from worker.api.routes.carrier import PushBatcher
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,8 @@ class ApiState:
     secret_key: str
     # Starts delivering committed events at once (the delivery sweep is the safety net).
     deliver: Callable[[list[int]], None]
+    # Applies carrier pushes in batches.
+    pushes: PushBatcher
 
 
 async def get_state(request: Request) -> ApiState:

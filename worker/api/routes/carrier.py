@@ -123,17 +123,21 @@ class PushBatcher:
     """
 
     MAX_BATCH = 100
+    # Batches in flight at once: one applies while the other waits for its commit to be flushed.
+    IN_FLIGHT = 2
 
     def __init__(self) -> None:
         self._waiting: list[_Pending] = []
-        self._draining: asyncio.Task[None] | None = None
+        self._draining: set[asyncio.Task[None]] = set()
 
     async def apply(self, state: ApiState, push: StatusPush, authorization: str | None) -> None:
         """Apply `push`; raises NotAuthenticated or PushRefused as the carrier should hear."""
         answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.append(_Pending(push, authorization, answered))
-        if self._draining is None or self._draining.done():
-            self._draining = asyncio.create_task(self._drain(state))
+        if len(self._draining) < self.IN_FLIGHT:
+            task = asyncio.create_task(self._drain(state))
+            self._draining.add(task)
+            task.add_done_callback(self._draining.discard)
         await answered
 
     async def _drain(self, state: ApiState) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import random
 import secrets
@@ -26,7 +27,10 @@ from standardwebhooks import Webhook
 
 from tests.conftest import ROOT
 from tests.test_api import CLI, Api, api  # noqa: F401  (the `api` fixture: a real server)
+from worker.api.app import create_app
+from worker.api.routes import carrier as carrier_routes
 from worker.carrier.parse import parse_tracking
+from worker.carrier.push import parse_push
 from worker.core.crypto import encrypt, hash_password, keyed_digest
 from worker.core.db import session_factory, transaction
 from worker.domain.models import Account, OutboxEvent, PushReceipt, Shipment, StatusEvent
@@ -539,6 +543,50 @@ def test_pushes_arriving_together_are_answered_each_by_its_own_fate(
             )
         )
     assert stored == set(good)
+
+
+def test_a_batch_that_fails_is_applied_again_push_by_push(
+    api: Api,  # noqa: F811
+    merchants: list[Merchant],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A push that fails in a way no one foresaw takes only itself down, not its batch."""
+    app = create_app(api.servers.settings())
+    delivered: list[list[int]] = []
+    state = dataclasses.replace(app.state.shipmon, deliver=delivered.append)
+    codes = [_code() for _ in range(3)]
+    cursed = codes[1]
+    real = carrier_routes.receive_push
+
+    def receive(session: Any, account: Any, push: Any, ctx: Any) -> Any:
+        if push.order_code == cursed:
+            raise RuntimeError("a failure no one foresaw")
+        return real(session, account, push, ctx)
+
+    monkeypatch.setattr(carrier_routes, "receive_push", receive)
+    loop = asyncio.new_event_loop()
+    try:
+        batch = [
+            carrier_routes._Pending(
+                parse_push(json.dumps(_body(merchants[0].api_key, code, "25", T0)).encode()),
+                None,
+                loop.create_future(),
+            )
+            for code in codes
+        ]
+        outcomes = carrier_routes._apply_batch(state, batch)
+    finally:
+        loop.close()
+    assert outcomes[0] is None and outcomes[2] is None
+    assert isinstance(outcomes[1], RuntimeError)
+    with transaction(api.servers.database_url) as s:
+        stored = set(s.scalars(select(Shipment.order_code).where(Shipment.order_code.in_(codes))))
+        events = set(
+            s.scalars(select(OutboxEvent.id).join(Shipment).where(Shipment.order_code.in_(codes)))
+        )
+    assert stored == {codes[0], codes[2]}
+    # Only committed events are handed on for delivery.
+    assert {i for ids in delivered for i in ids} == events
 
 
 def test_a_push_queues_its_events_for_the_notify_workers_at_once(

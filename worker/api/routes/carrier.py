@@ -168,12 +168,16 @@ def _apply_batch(state: ApiState, batch: list[_Pending]) -> list[Exception | Non
         log.warning("a batch of %d pushes failed; applying them one by one", len(batch))
         outcomes, events = [], []
         for pending in batch:
+            committed: list[OutboxEvent] = []
             try:
                 with state.sessions.begin() as session:
                     accounts = _Accounts(session, state)
-                    outcomes.append(_receive(session, state, accounts, pending, events))
+                    outcome = _receive(session, state, accounts, pending, committed)
             except Exception as error:  # this push's failure is its own
-                outcomes.append(error)
+                outcome = error
+                committed = []
+            outcomes.append(outcome)
+            events.extend(committed)
     if events:
         state.deliver([event.id for event in events])  # after the commit, so a worker finds them
     return outcomes

@@ -34,6 +34,7 @@ from worker.carrier.push import parse_push
 from worker.core.crypto import encrypt, hash_password, keyed_digest
 from worker.core.db import session_factory, transaction
 from worker.domain.models import Account, OutboxEvent, PushReceipt, Shipment, StatusEvent
+from worker.domain.vocabulary import Status
 from worker.notify.delivery import fan_out_and_deliver
 from worker.notify.webhooks.endpoints import add_endpoint
 from worker.notify.webhooks.sender import WebhookSender
@@ -374,6 +375,90 @@ def test_an_older_push_is_recorded_but_never_moves_the_shipment_back(
     assert seen["status"] == "DELIVERING"
     assert seen["history"] == [("IN_TRANSIT", "push"), ("DELIVERING", "push")]
     assert len(seen["events"]) == 1
+
+
+def _change(left: Status | None, entered: Status) -> str:
+    """The Description the carrier writes for a change from `left` (None: the first status)."""
+    return f"Change order status: {left.code if left else ''} ==> {entered.code}"
+
+
+def test_a_push_after_a_change_not_yet_seen_is_looked_up_and_both_are_announced_in_order(
+    api: Api,  # noqa: F811
+    merchants: list[Merchant],
+) -> None:
+    code = _code()
+    key, name = merchants[0].api_key, merchants[0].name
+    with transaction(api.servers.database_url) as s:
+        register_orders(s, name, [code])
+    _poll(api, name, code, [("23", T0)])
+    # IN_TRANSIT's push was lost (or is late); DELIVERING's says the order left IN_TRANSIT.
+    skipping = _body(
+        key, code, "25", T0 + timedelta(hours=2),
+        Description=_change(Status.IN_TRANSIT, Status.DELIVERING),
+    )  # fmt: skip
+    before = datetime.now(UTC)
+    _accepted(_post(api, skipping))
+    seen = _shipment(api, name, code)
+    assert seen is not None
+    assert seen["status"] == "PICKED_UP" and seen["history"] == [("PICKED_UP", "poll")]
+    assert len(seen["events"]) == 1
+    assert before - timedelta(seconds=5) <= seen["next_poll_at"] <= datetime.now(UTC)
+
+    hours = [T0 + timedelta(hours=n) for n in range(3)]
+    _poll(api, name, code, [("23", hours[0]), ("24", hours[1]), ("25", hours[2])])
+    _accepted(_post(api, skipping))  # the carrier resends it: already taken
+    late = _body(
+        key, code, "24", T0 + timedelta(hours=1),
+        Description=_change(Status.PICKED_UP, Status.IN_TRANSIT),
+    )  # fmt: skip
+    _accepted(_post(api, late))  # the late push of the change the lookup found
+    seen = _shipment(api, name, code)
+    assert seen is not None
+    assert seen["status"] == "DELIVERING"
+    announced = [
+        (d["status"]["name"], d["source"])
+        for t, d in seen["events"]
+        if t == "shipment.status_changed"
+    ]
+    assert announced == [("PICKED_UP", "poll"), ("IN_TRANSIT", "poll"), ("DELIVERING", "poll")]
+
+
+def test_a_push_that_follows_the_recorded_status_applies_at_once(
+    api: Api,  # noqa: F811
+    merchants: list[Merchant],
+) -> None:
+    code = _code()
+    key, name = merchants[0].api_key, merchants[0].name
+    first = _body(key, code, "23", T0, Description=_change(None, Status.PICKED_UP))
+    then = _body(
+        key, code, "24", T0 + timedelta(hours=1),
+        Description=_change(Status.PICKED_UP, Status.IN_TRANSIT),
+    )  # fmt: skip
+    _accepted(_post(api, first))
+    _accepted(_post(api, then))
+    seen = _shipment(api, name, code)
+    assert seen is not None
+    assert seen["status"] == "IN_TRANSIT"
+    assert [d["source"] for _, d in seen["events"]] == ["push", "push"]
+
+
+@pytest.mark.parametrize(
+    ("description", "changed_from"),
+    [
+        ("Change order status: DANGVANCHUYEN ==> DANGDIPHAT", "DANGVANCHUYEN"),
+        ("Change order status:  ==> DANGDIPHAT", ""),
+        ("Change order status: ==> 25", ""),
+        ("Change order status: DANGVANCHUYEN ==> CHOLAYHANG", None),  # another status
+        ("Change order status: two words ==> DANGDIPHAT", None),
+        ("status changed", None),
+        (None, None),
+    ],
+)
+def test_the_status_a_push_left_is_read_from_its_description_only_when_it_is_plain(
+    description: str | None, changed_from: str | None
+) -> None:
+    body = _body("key", "ABC12345", "25", T0, StatusName="DANGDIPHAT", Description=description)
+    assert parse_push(json.dumps(body).encode()).changed_from == changed_from
 
 
 def test_a_terminal_push_plans_one_settle_lookup_and_never_ends_polling_itself(

@@ -65,6 +65,23 @@ class StatusPush:
     delivery_date: datetime | None
     receiver_name: str | None
 
+    @property
+    def changed_from(self) -> str | None:
+        """The status the carrier says the order left ("" for its first status), as its
+        Description writes it; None where the Description does not say, or names another
+        status than the one pushed."""
+        # "Change order status: DANGVANCHUYEN ==> DANGDIPHAT"; nothing left of the arrow for
+        # an order's first status.
+        before, arrow, entered = (self.description or "").rpartition("==>")
+        left = before.rpartition(":")[2].split()
+        pushed = {self.status_raw, self.status_name}
+        if self.status is not None:
+            pushed |= {self.status.code, str(self.status.carrier_id)}
+        named = {name.casefold() for name in pushed if name is not None}
+        if not arrow or len(left) > 1 or entered.strip().casefold() not in named:
+            return None
+        return left[0] if left else ""
+
     def as_result(self) -> TrackingResult:
         """The push as the partial answer it is: one status, none of a lookup's details."""
         entry = StatusEntry(self.time, self.status, self.status_raw, self.status_name, None)

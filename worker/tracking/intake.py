@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from sqlalchemy import BigInteger, String, delete, func, literal, select
+from sqlalchemy import BigInteger, String, delete, func, literal, select, tuple_
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.orm import Session
 
@@ -134,7 +134,22 @@ def receive_push(
     )
     if receipt is None:
         return PushReceived([], duplicate=True)
-    return PushReceived(apply_push(session, shipment, account, push.as_result(), ctx).events)
+    applied = apply_push(session, shipment, account, push.as_result(), ctx, push.changed_from)
+    return PushReceived(applied.events)
+
+
+def lock_pushed_orders(session: Session, orders: Iterable[tuple[int, str]]) -> None:
+    """Lock the tracked shipments of these (account id, order code) pairs in one statement, in
+    id order as a poll batch locks its own, so that pushes applied together and a poll batch
+    never wait on each other in a circle."""
+    pairs = sorted(set(orders))
+    if pairs:
+        session.execute(
+            select(Shipment.id)
+            .where(tuple_(Shipment.account_id, Shipment.order_code).in_(pairs))
+            .order_by(Shipment.id)
+            .with_for_update()
+        )
 
 
 def _locked_shipment(session: Session, account_id: int, order_code: str) -> Shipment | None:

@@ -178,16 +178,42 @@ def apply_outcome(
 
 
 def apply_push(
-    session: Session, shipment: Shipment, account: Account, result: TrackingResult, ctx: PollContext
+    session: Session,
+    shipment: Shipment,
+    account: Account,
+    result: TrackingResult,
+    ctx: PollContext,
+    changed_from: str | None = None,
 ) -> Applied:
     """Apply the carrier's push, a partial answer, to a locked shipment row, as a poll's.
 
     It is not a lookup: no poll is counted, and the stored answer (and its digest) stays the
     last lookup's, so the next lookup is compared with what a lookup said.
+
+    A push whose order left a status other than the recorded one (`changed_from`, the
+    carrier's own words) comes after a change shipmon has not seen: its push was lost or is
+    still on its way. Applied now, that change would never be announced, or announced after
+    this later one; so the shipment is looked up at once instead, and the carrier's whole answer
+    announces both in order.
     """
+    if changed_from is not None and _skips_a_change(shipment, result, changed_from):
+        shipment.next_poll_at = ctx.now
+        return Applied([])
     recorder = EventRecorder(session, shipment, account, ctx.now, source="push")
     _apply_result(session, shipment, result, recorder, ctx)
     return Applied(recorder.events)
+
+
+def _skips_a_change(shipment: Shipment, result: TrackingResult, changed_from: str) -> bool:
+    """Whether the push moves an open shipment on from a status other than its recorded one."""
+    latest = _latest_status(result)
+    if not shipment.active or latest is None or latest.time is None:
+        return False
+    if shipment.status_changed_at is not None and latest.time <= shipment.status_changed_at:
+        return False  # history from before the recorded status, or the recorded change again
+    recorded = (shipment.status_code, shipment.status, shipment.status_id)
+    names = {str(name).casefold() for name in recorded if name is not None}
+    return changed_from.casefold() not in names if names else changed_from != ""
 
 
 # -- a tracking result -----------------------------------------------------------------------

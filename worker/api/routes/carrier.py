@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hmac
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
@@ -31,7 +33,7 @@ from worker.carrier.push import PushRefused, StatusPush, parse_push
 from worker.core.crypto import keyed_digest, password_matches
 from worker.domain.models import Account, OutboxEvent
 from worker.scheduling.model import DEFAULT_MAX_INTERVAL
-from worker.tracking.intake import receive_push
+from worker.tracking.intake import lock_pushed_orders, receive_push
 from worker.tracking.record import PollContext
 
 PUSH_PATH = "/carrier/247/status"
@@ -163,6 +165,7 @@ def _apply_batch(state: ApiState, batch: list[_Pending]) -> list[Exception | Non
     try:
         with state.sessions.begin() as session:
             accounts = _Accounts(session, state)
+            lock_pushed_orders(session, accounts.orders(batch))
             outcomes = [_receive(session, state, accounts, pending, events) for pending in batch]
     except Exception:  # whatever failed the batch, each push is tried alone
         log.warning("a batch of %d pushes failed; applying them one by one", len(batch))
@@ -189,6 +192,12 @@ class _Accounts:
     def __init__(self, session: Session, state: ApiState) -> None:
         self.session, self.state = session, state
         self._found: dict[tuple[str | None, str | None], Account | NotAuthenticated] = {}
+
+    def orders(self, batch: list[_Pending]) -> Iterator[tuple[int, str]]:
+        """(account id, order code) of each push that authenticates."""
+        for pending in batch:
+            with contextlib.suppress(NotAuthenticated):
+                yield self.of(pending.push, pending.authorization).id, pending.push.order_code
 
     def of(self, push: StatusPush, authorization: str | None) -> Account:
         # What `_account` decides by: the Basic credentials when sent, else the body's ApiKey.

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from zoneinfo import ZoneInfo
 
+import httpx
 import pytest
 import redis
 from sqlalchemy import delete, select, text, update
@@ -124,9 +125,11 @@ class Pipeline:
     def _release(self, session: Session, account_id: int, batch: str, started: int) -> object:
         return self.limiter.release(session, account_id, batch, started) if self.limiter else 0
 
-    def poll(self, claim: Claim) -> BatchReport:
+    def poll(self, claim: Claim, transport: httpx.AsyncBaseTransport | None = None) -> BatchReport:
         async def run() -> BatchReport:
-            async with CarrierClient(self.sandbox.base_url, timeout=5) as client:
+            async with CarrierClient(
+                self.sandbox.base_url, timeout=5, transport=transport
+            ) as client:
                 return await poll_claim(
                     self.sessions,
                     client,
@@ -601,6 +604,37 @@ def test_grants_of_shipments_a_poll_no_longer_holds_come_back_once(
     again = pipe.poll(claim)  # the same task delivered twice: its lookup was made, keep it
     assert (again.polled, again.skipped) == (0, 3)
     assert _spent(pipe, redis_client) == (1, 1)
+
+
+class PushDuringLookup(httpx.AsyncBaseTransport):
+    """Forwards lookups to the sandbox; before each, a carrier push re-plans the shipment, as
+    the HTTP API does when a push lands while the lookup is out."""
+
+    def __init__(self, pipe: Pipeline, shipment_id: int) -> None:
+        self.pipe, self.shipment_id = pipe, shipment_id
+        self.inner = httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        with self.pipe.sessions.begin() as s:
+            s.execute(
+                update(Shipment)
+                .where(Shipment.id == self.shipment_id)
+                .values(next_poll_at=self.pipe.clock.now() + timedelta(hours=3))
+            )
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def test_a_push_landing_during_the_lookup_leaves_the_answer_to_apply(pipe: Pipeline) -> None:
+    pipe.sandbox.add_order(pipe.account.api_key, "MIDPUSH01", status="PICKED_UP")  # type: ignore[attr-defined]
+    pipe.register("MIDPUSH01")
+    [claim] = pipe.claims()
+    report = pipe.poll(claim, PushDuringLookup(pipe, pipe.shipment("MIDPUSH01").id))
+    assert (report.polled, report.skipped) == (1, 0)
+    shipment = pipe.shipment("MIDPUSH01")
+    assert shipment.status == "PICKED_UP" and shipment.polls_made == 1
 
 
 def test_a_poll_task_that_waited_past_its_lease_gives_its_grants_back(

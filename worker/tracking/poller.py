@@ -192,7 +192,10 @@ def _apply_all(
         events = []
         due = []
         for shipment in lock_shipments(session, list(outcomes)):
-            if shipment.next_poll_at != started:
+            # Moved off this lease: claimed again once it ran out, so the answer is another
+            # poll's to apply. A carrier push landing during the lookup re-plans the shipment
+            # too, but the lease still holds and the answer, paid for, applies.
+            if shipment.next_poll_at != started and now >= started:
                 done.skipped += 1
                 continue
             due.append(shipment)

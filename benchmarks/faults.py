@@ -18,14 +18,17 @@ stopped for a few seconds), carrier-faults (10% HTTP 500, 5% timeouts, 2% malfor
 bodies, slow answers), two-beats (a second beat process), webhook-faults (a receiver that hangs,
 answers slowly, answers 500 or closes the connection), hostile (a fifth of the carrier's
 answers hostile: NUL bytes, over-long text, huge numbers, Unicode digits, deep nesting, wrong
-types, duplicated keys, 50 MB bodies and gzip bombs).
+types, duplicated keys, 50 MB bodies and gzip bombs), push (the sandbox pushes every status
+change to `shipmon run`'s HTTP API, 20% of them twice, 10% never, late by a delay spread that
+reorders them, while polling goes on as the backstop).
 
 Columns: transitions (status entries in the carrier's truth), recorded (of those, found in
 status_events), delivered (of those, whose status_changed webhook the receiver accepted), lost,
 duplicates (webhooks accepted more than once, always under the same webhook-id), recovery (from
 the fault's end to the next transition recorded, or webhook accepted once every transition was
 recorded; the longest for repeated faults) and done (from the fault's end, or registration,
-until everything was announced).
+until everything was announced). The push scenario also reports what the carrier pushed and the
+time from each pushed change at the carrier to its webhook's first arrival at the receiver.
 A second table counts carrier lookups: made (seen by the carrier), applied (polls recorded on
 shipments), counted (lookups charged to the key's quota in PostgreSQL and in Redis) and how the
 worker paced itself after failed lookups. The script exits 1 if any transition was lost or any
@@ -69,6 +72,7 @@ from worker.carrier.errors import CarrierError
 from worker.carrier.parse import parse_tracking
 from worker.core.db import dispose_engines, upgrade
 from worker.core.servers import EmbeddedServers, Servers
+from worker.sim.demo import free_port
 from worker.sim.sandbox import TRACKING_PATH, SpeedClock, create_app
 from worker.sim.workload import Carrier, Faults, parse_workload
 
@@ -98,6 +102,12 @@ HAMMER_S = 0.5
 # A receiver that hangs holds the request past the worker's 15-second attempt timeout.
 RECEIVER_HANG_S = 20.0
 RECEIVER_SLOW_S = 2.0
+# The carrier's pushes in the push scenario: 20% sent twice, 10% never, late by a lognormal of
+# sandbox seconds whose tail (p99 two sandbox hours, about 3.6 s here) reaches past the next
+# transition, so some pushes arrive after a later one.
+PUSH_FAULTS = {"drop": 0.10, "duplicate": 0.20, "delay_s": [5.0, 7200.0]}
+# Carrier event to webhook POST, for pushed changes.
+PUSH_MEDIAN_LIMIT_S = 1.0
 # PostgreSQL and Redis stay down this long.
 DOWNTIME_S = 5.0
 # A scenario's outer limit: lost poll tasks wait out their 5-minute lease.
@@ -171,6 +181,14 @@ class CarrierSandbox:
     def set_faults(self, faults: dict[str, Any]) -> None:
         self.admin.put("/_sandbox/faults", json=faults).raise_for_status()
 
+    def set_push(self, push: dict[str, Any]) -> None:
+        self.admin.put("/_sandbox/push", json=push).raise_for_status()
+
+    def real_time(self, sandbox_at: datetime) -> float:
+        """The real epoch second at which the sandbox clock read `sandbox_at`."""
+        behind = (self.clock.now() - sandbox_at).total_seconds()
+        return time.time() - self.clock.real_seconds(behind)
+
     def truth(self, order_code: str) -> list[tuple[str | None, datetime | None]]:
         """The order's statuses[] as the carrier reports them: (status, time) in order."""
         tracking = self.admin.get(f"/_sandbox/orders/{order_code}").json()["tracking"]
@@ -210,6 +228,8 @@ class Receiver:
         self.behaviour = behaviour
         self.secret: str | None = None
         self.arrivals: Counter[str] = Counter()
+        # Webhook-id -> when it first arrived (epoch seconds).
+        self.first_arrival: dict[str, float] = {}
         # Webhook-id -> how many times it was accepted (answered 2xx).
         self.accepted: Counter[str] = Counter()
         self.bodies: dict[str, dict[str, Any]] = {}
@@ -240,6 +260,7 @@ class Receiver:
             self.rejected += 1
             return web.Response(status=400)
         webhook_id = request.headers["webhook-id"]
+        self.first_arrival.setdefault(webhook_id, time.time())
         self.arrivals[webhook_id] += 1
         self.bodies[webhook_id] = document
         behaviour = self.behaviour(webhook_id, self.arrivals[webhook_id])
@@ -292,6 +313,7 @@ class System:
     extra: list[subprocess.Popen[bytes]] = field(default_factory=list)
     registered_at: float = 0.0
     crashes: list[str] = field(default_factory=list)
+    api_port: int = 0
 
     @property
     def home(self) -> Path:
@@ -311,6 +333,7 @@ class System:
             SHIPMON_GLOBAL_DAILY_QUOTA="100000000",
             SHIPMON_WEBHOOK_ALLOW_PRIVATE="true",
             SHIPMON_LOG_LEVEL="WARNING",
+            SHIPMON_API_PORT=str(self.api_port or free_port()),
         )
         self.apikey = f"FLT-{random.Random(self.seed).getrandbits(64):016x}"
         upgrade(self.servers.database_url)
@@ -357,6 +380,20 @@ class System:
             )
         self.extra.append(beat)
 
+    def start_pushing(self, push: dict[str, Any]) -> None:
+        """Have the carrier push to `shipmon run`'s HTTP API once it is ready."""
+        api = f"http://127.0.0.1:{self.env['SHIPMON_API_PORT']}"
+
+        def ready() -> bool:
+            try:
+                return httpx.get(f"{api}/readyz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        if not self.wait_until(ready, 60):
+            raise RuntimeError(f"the HTTP API at {api} never became ready")
+        self.carrier.set_push({"url": f"{api}/carrier/247/status", **push})
+
     def register(self) -> None:
         """Create the orders at the carrier and register them through the Celery task."""
         self.codes = [f"FLT{self.seed:03d}{i:05d}" for i in range(self.orders)]
@@ -367,9 +404,11 @@ class System:
         client = Celery(broker=self.servers.redis_url, backend=self.servers.redis_url)
         try:
             answer = client.send_task("shipmon.register_orders", args=[ACCOUNT, self.codes])
-            registered = answer.get(timeout=120)["registered"]
+            outcome = answer.get(timeout=120)
         finally:
             client.close()
+        # A carrier push may have registered an order first.
+        registered = outcome["registered"] + outcome["already_registered"]
         if len(registered) != self.orders:
             raise RuntimeError(f"only {len(registered)} of {self.orders} orders registered")
         self.registered_at = time.monotonic()
@@ -596,6 +635,10 @@ def hostile(system: System, rng: random.Random) -> Fault:
     return Fault(continuous=True, notes=["hostile carrier answers from the first lookup"])
 
 
+def pushes(system: System, rng: random.Random) -> Fault:
+    return Fault(continuous=True, notes=["carrier pushes from the first status"])
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
@@ -607,6 +650,8 @@ class Scenario:
     exact_polls: bool = True
     # The longest wait allowed from the fault's end to the next transition or webhook.
     max_recovery_s: float | None = None
+    # Whether the carrier pushes (and the push figures are measured and judged).
+    push: bool = False
 
 
 SCENARIOS = [
@@ -618,6 +663,7 @@ SCENARIOS = [
     Scenario("two-beats", two_beats, before=System.start_beat),
     Scenario("webhook-faults", webhook_faults, behaviour=troubled_first_attempts),
     Scenario("hostile", hostile, before=lambda s: s.carrier.set_faults(HOSTILE_FAULTS)),
+    Scenario("push", pushes, before=lambda s: s.start_pushing(PUSH_FAULTS), push=True),
 ]
 
 
@@ -632,6 +678,14 @@ def judge(scenario: Scenario, result: Result) -> None:
     limit = scenario.max_recovery_s
     if limit is not None and (result.recovery_s is None or result.recovery_s > limit):
         result.problems.append(f"no progress within {limit:.0f} s of the fault's end")
+    if scenario.push:
+        if result.push_median_s is None:
+            result.problems.append("no change came by push")
+        elif result.push_median_s > PUSH_MEDIAN_LIMIT_S:
+            result.problems.append(
+                f"median pushed change to webhook {result.push_median_s:.2f} s "
+                f"(limit {PUSH_MEDIAN_LIMIT_S:.0f} s)"
+            )
 
 
 # --- Measuring -----------------------------------------------------------------------------------
@@ -665,6 +719,8 @@ class Result:
     failed_lookups: int = 0
     hammering: int = 0
     min_gap_after_failure_s: float | None = None
+    regressions: int = 0
+    push_median_s: float | None = None
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -680,12 +736,14 @@ def measure(system: System, fault: Fault, settled_at: float | None, result: Resu
     ):
         recorded_rows.setdefault(code, []).append((status, at))
     announced: dict[str, list[tuple[str, str]]] = {}
+    announced_times: dict[str, list[str]] = {}
     for code, event_id, data in system.query(
         "SELECT s.order_code, o.event_id, o.data FROM outbox_events o "
         "JOIN shipments s ON s.id = o.shipment_id "
         "WHERE o.type = 'shipment.status_changed' ORDER BY o.sequence"
     ):
         announced.setdefault(code, []).append((event_id, data["status"]["name"]))
+        announced_times.setdefault(code, []).append(data["event_time"])
 
     corrupt = 0
     for code in system.codes:
@@ -696,6 +754,7 @@ def measure(system: System, fault: Fault, settled_at: float | None, result: Resu
         corrupt += len(set(recorded) - set(truth))
         if [name for _, name in events] != [status for status, _ in truth]:
             corrupt += 1
+        result.regressions += _regressions(announced_times.get(code, []))
         for index, entry in enumerate(truth):
             was_recorded = entry in recorded
             result.recorded += was_recorded
@@ -706,6 +765,8 @@ def measure(system: System, fault: Fault, settled_at: float | None, result: Resu
             result.lost += not (was_recorded and accepted > 0)
     if corrupt:
         result.problems.append(f"{corrupt} recorded rows or announcements differ from the truth")
+    if result.regressions:
+        result.problems.append(f"{result.regressions} announcements moved a shipment back")
     # Two different webhook-ids announcing one shipment's same event would be a duplicate the
     # receiver cannot recognise.
     keys = Counter(
@@ -750,6 +811,48 @@ def measure(system: System, fault: Fault, settled_at: float | None, result: Resu
         result.problems.append("a process exited")
 
 
+def _regressions(event_times: list[str]) -> int:
+    """Announcements, in their order, of a change older than the one announced before."""
+    times = [datetime.fromisoformat(at) for at in event_times]
+    return sum(later < earlier for earlier, later in itertools.pairwise(times))
+
+
+def measure_pushes(system: System, result: Result) -> None:
+    """What the carrier pushed, and how soon each pushed change reached the receiver."""
+    pushed = system.carrier.admin.get("/_sandbox/stats").json()["pushes"]
+    delays, received, sent = [], [], []
+    sources: Counter[str] = Counter()
+    for webhook_id, body in system.receiver.bodies.items():
+        data = body["data"]
+        sources[data["source"]] += 1
+        if data["source"] == "push":
+            happened = system.carrier.real_time(datetime.fromisoformat(data["event_time"]))
+            seen = datetime.fromisoformat(data["seen_at"]).timestamp()
+            arrived = system.receiver.first_arrival[webhook_id]
+            delays.append(arrived - happened)
+            received.append(seen - happened)
+            sent.append(arrived - seen)
+    if delays:
+        result.push_median_s = statistics.median(delays)
+        result.notes.append(
+            f"carrier event to webhook for pushed changes: median {result.push_median_s:.3f} s, "
+            f"p95 {_quantile(delays, 0.95):.3f} s (event to applied: median "
+            f"{statistics.median(received):.3f} s, p95 {_quantile(received, 0.95):.3f} s; "
+            f"applied to webhook: median {statistics.median(sent):.3f} s, "
+            f"p95 {_quantile(sent, 0.95):.3f} s)"
+        )
+    result.notes.append(
+        f"changes announced by push {sources['push']}, by poll {sources['poll']}; the carrier "
+        f"pushed {pushed['sent']}, duplicated {pushed['duplicated']}, dropped "
+        f"{pushed['dropped']}, retried {pushed['retried']}, gave up {pushed['given_up']}"
+    )
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 def _pacing(lookups: list[Lookup], result: Result) -> None:
     """Count failed lookups and how soon the same order was asked again after each."""
     by_order: dict[str, list[Lookup]] = {}
@@ -783,6 +886,8 @@ def run_scenario(scenario: Scenario, root: Path, orders: int, seed: int) -> Resu
         settled_at = system.settle()
         log(f"{scenario.name}: {'settled' if settled_at else 'NOT settled'}; measuring")
         measure(system, fault, settled_at, result)
+        if scenario.push:
+            measure_pushes(system, result)
         judge(scenario, result)
         if system.receiver.troubles:
             result.notes.append(f"receiver troubles: {dict(system.receiver.troubles)}")

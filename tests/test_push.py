@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from standardwebhooks import Webhook
 
 from tests.conftest import ROOT
@@ -30,7 +30,7 @@ from tests.test_api import CLI, Api, api  # noqa: F401  (the `api` fixture: a re
 from worker.api.app import create_app
 from worker.api.routes import carrier as carrier_routes
 from worker.carrier.parse import parse_tracking
-from worker.carrier.push import parse_push
+from worker.carrier.push import PushRefused, parse_push
 from worker.core.crypto import encrypt, hash_password, keyed_digest
 from worker.core.db import session_factory, transaction
 from worker.domain.models import Account, OutboxEvent, PushReceipt, Shipment, StatusEvent
@@ -630,6 +630,50 @@ def test_pushes_arriving_together_are_answered_each_by_its_own_fate(
     assert stored == set(good)
 
 
+def test_one_batch_takes_a_resend_once_and_two_changes_of_one_order_in_order(
+    api: Api,  # noqa: F811
+    merchants: list[Merchant],
+) -> None:
+    app = create_app(api.servers.settings())
+    state = dataclasses.replace(app.state.shipmon, deliver=lambda ids: None)
+    key, name = merchants[0].api_key, merchants[0].name
+    code, new = _code(), _code()
+    with transaction(api.servers.database_url) as s:
+        register_orders(s, name, [code])
+    first = _body(key, code, "23", T0, Description=_change(None, Status.PICKED_UP))
+    bodies = [
+        first,
+        first,  # the carrier resent it before the first was answered
+        _body(
+            key, code, "24", T0 + timedelta(hours=1),
+            Description=_change(Status.PICKED_UP, Status.IN_TRANSIT),
+        ),
+        _body(key, new, "23", T0, Description=_change(None, Status.PICKED_UP)),
+        _body(key, "x!", "23", T0),
+    ]  # fmt: skip
+    loop = asyncio.new_event_loop()
+    try:
+        batch = [
+            carrier_routes._Pending(parse_push(json.dumps(b).encode()), None, loop.create_future())
+            for b in bodies
+        ]
+        outcomes = carrier_routes._apply_batch(state, batch)
+    finally:
+        loop.close()
+    assert outcomes[:4] == [None] * 4 and isinstance(outcomes[4], PushRefused)
+    seen, registered = _shipment(api, name, code), _shipment(api, name, new)
+    assert seen is not None and registered is not None
+    assert seen["history"] == [("PICKED_UP", "push"), ("IN_TRANSIT", "push")]
+    assert [d["status"]["name"] for _, d in seen["events"]] == ["PICKED_UP", "IN_TRANSIT"]
+    assert registered["history"] == [("PICKED_UP", "push")]
+    with transaction(api.servers.database_url) as s:
+        receipts = s.scalar(
+            select(func.count()).select_from(PushReceipt).join(Shipment)
+            .where(Shipment.order_code.in_([code, new]))
+        )  # fmt: skip
+    assert receipts == 3
+
+
 def test_a_batch_that_fails_is_applied_again_push_by_push(
     api: Api,  # noqa: F811
     merchants: list[Merchant],
@@ -643,10 +687,10 @@ def test_a_batch_that_fails_is_applied_again_push_by_push(
     cursed = codes[1]
     real = carrier_routes.receive_push
 
-    def receive(session: Any, account: Any, push: Any, ctx: Any) -> Any:
+    def receive(session: Any, account: Any, push: Any, ctx: Any, batch: Any = None) -> Any:
         if push.order_code == cursed:
             raise RuntimeError("a failure no one foresaw")
-        return real(session, account, push, ctx)
+        return real(session, account, push, ctx, batch)
 
     monkeypatch.setattr(carrier_routes, "receive_push", receive)
     loop = asyncio.new_event_loop()

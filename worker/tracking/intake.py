@@ -3,7 +3,8 @@ carrier's pushes, which may name an order not registered yet."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy import BigInteger, String, delete, func, literal, select, tuple_
@@ -110,51 +111,105 @@ class PushReceived:
     duplicate: bool = False
 
 
+class PushBatch:
+    """The shipments and receipts of carrier pushes applied together in one transaction, read
+    and written in a few statements for the whole batch rather than a few per push.
+
+    Made by `prepare_pushes`: every tracked shipment of the batch is locked in one statement, in
+    id order as a poll batch locks its own (so the two never wait on each other in a circle);
+    orders not tracked yet are registered; every push's `TransactionId` is recorded in one
+    statement, and only the first push of each one not recorded before is applied.
+    """
+
+    def __init__(
+        self, shipments: dict[tuple[int, str], Shipment], fresh: set[tuple[int, uuid.UUID]]
+    ) -> None:
+        self._shipments = shipments
+        self._fresh = fresh
+
+    def shipment(self, account_id: int, order_code: str) -> Shipment:
+        return self._shipments[(account_id, order_code)]
+
+    def take(self, account_id: int, transaction_id: uuid.UUID) -> bool:
+        """Whether this push is new: its TransactionId never seen before this one."""
+        key = (account_id, transaction_id)
+        if key not in self._fresh:
+            return False
+        self._fresh.discard(key)
+        return True
+
+
+def prepare_pushes(session: Session, pushes: Sequence[tuple[Account, StatusPush]]) -> PushBatch:
+    """Lock, register and receipt what these pushes need; pushes with a refused order code are
+    left out (`receive_push` refuses them, having written nothing)."""
+    accepted = [(a, p) for a, p in pushes if validate_order_code(p.order_code) is None]
+    pairs = sorted({(a.id, p.order_code) for a, p in accepted})
+    shipments = _lock_orders(session, pairs)
+    missing: dict[int, tuple[Account, list[str]]] = {}
+    for account, push in accepted:
+        if (account.id, push.order_code) not in shipments:
+            missing.setdefault(account.id, (account, []))[1].append(push.order_code)
+    if missing:
+        for account, codes in missing.values():
+            register_for(session, account, codes)
+        shipments |= _lock_orders(session, [pair for pair in pairs if pair not in shipments])
+    receipts = [
+        {
+            "account_id": account.id,
+            "transaction_id": push.transaction_id,
+            "shipment_id": shipments[(account.id, push.order_code)].id,
+        }
+        for account, push in accepted
+    ]
+    fresh: set[tuple[int, uuid.UUID]] = set()
+    if receipts:
+        fresh = {
+            (row.account_id, row.transaction_id)
+            for row in session.execute(
+                insert(PushReceipt)
+                .values(receipts)
+                .on_conflict_do_nothing()
+                .returning(PushReceipt.account_id, PushReceipt.transaction_id)
+            )
+        }
+    return PushBatch(shipments, fresh)
+
+
 def receive_push(
-    session: Session, account: Account, push: StatusPush, ctx: PollContext
+    session: Session,
+    account: Account,
+    push: StatusPush,
+    ctx: PollContext,
+    batch: PushBatch | None = None,
 ) -> PushReceived:
     """Apply a carrier push for `account`, registering its order first if it is new.
 
-    Raises PushRefused for an order code intake refuses. One short transaction, the caller's:
-    the shipment row is locked like a poll's, so a push and a poll apply one after the other.
+    Raises PushRefused for an order code intake refuses. In the caller's transaction, with the
+    shipment row locked like a poll's, so a push and a poll apply one after the other; `batch`
+    is what `prepare_pushes` made for the pushes applied with this one (default: this one alone).
     """
     error = validate_order_code(push.order_code)
     if error is not None:
         raise PushRefused(f"OrderCode {push.order_code!r} is refused: {error.value}")
-    shipment = _locked_shipment(session, account.id, push.order_code)
-    if shipment is None:
-        register_for(session, account, [push.order_code])
-        shipment = _locked_shipment(session, account.id, push.order_code)
-        assert shipment is not None
-    receipt = session.scalar(
-        insert(PushReceipt)
-        .values(account_id=account.id, transaction_id=push.transaction_id, shipment_id=shipment.id)
-        .on_conflict_do_nothing()
-        .returning(PushReceipt.shipment_id)
-    )
-    if receipt is None:
+    if batch is None:
+        batch = prepare_pushes(session, [(account, push)])
+    if not batch.take(account.id, push.transaction_id):
         return PushReceived([], duplicate=True)
+    shipment = batch.shipment(account.id, push.order_code)
     applied = apply_push(session, shipment, account, push.as_result(), ctx, push.changed_from)
     return PushReceived(applied.events)
 
 
-def lock_pushed_orders(session: Session, orders: Iterable[tuple[int, str]]) -> None:
-    """Lock the tracked shipments of these (account id, order code) pairs in one statement, in
-    id order as a poll batch locks its own, so that pushes applied together and a poll batch
-    never wait on each other in a circle."""
-    pairs = sorted(set(orders))
-    if pairs:
-        session.execute(
-            select(Shipment.id)
-            .where(tuple_(Shipment.account_id, Shipment.order_code).in_(pairs))
-            .order_by(Shipment.id)
-            .with_for_update()
-        )
-
-
-def _locked_shipment(session: Session, account_id: int, order_code: str) -> Shipment | None:
-    return session.scalar(
+def _lock_orders(
+    session: Session, pairs: Sequence[tuple[int, str]]
+) -> dict[tuple[int, str], Shipment]:
+    """The shipments of these (account id, order code) pairs, locked in id order."""
+    if not pairs:
+        return {}
+    locked = session.scalars(
         select(Shipment)
-        .where(Shipment.account_id == account_id, Shipment.order_code == order_code)
+        .where(tuple_(Shipment.account_id, Shipment.order_code).in_(pairs))
+        .order_by(Shipment.id)
         .with_for_update()
     )
+    return {(s.account_id, s.order_code): s for s in locked}

@@ -33,7 +33,7 @@ from worker.carrier.push import PushRefused, StatusPush, parse_push
 from worker.core.crypto import keyed_digest, password_matches
 from worker.domain.models import Account, OutboxEvent
 from worker.scheduling.model import DEFAULT_MAX_INTERVAL
-from worker.tracking.intake import lock_pushed_orders, receive_push
+from worker.tracking.intake import PushBatch, prepare_pushes, receive_push
 from worker.tracking.record import PollContext
 
 PUSH_PATH = "/carrier/247/status"
@@ -163,10 +163,14 @@ def _apply_batch(state: ApiState, batch: list[_Pending]) -> list[Exception | Non
     """Each push's outcome: None once applied (or a resend ignored), else what refused it."""
     events: list[OutboxEvent] = []
     try:
-        with state.sessions.begin() as session:
+        with state.sessions.begin() as session, session.no_autoflush:
+            # Nothing applying a push reads needs the previous push's writes flushed: they go
+            # out together at the commit, a few statements for the whole batch.
             accounts = _Accounts(session, state)
-            lock_pushed_orders(session, accounts.orders(batch))
-            outcomes = [_receive(session, state, accounts, pending, events) for pending in batch]
+            prepared = prepare_pushes(session, list(accounts.known(batch)))
+            outcomes = [
+                _receive(session, state, accounts, pending, events, prepared) for pending in batch
+            ]
     except Exception:  # whatever failed the batch, each push is tried alone
         log.warning("a batch of %d pushes failed; applying them one by one", len(batch))
         outcomes, events = [], []
@@ -193,11 +197,11 @@ class _Accounts:
         self.session, self.state = session, state
         self._found: dict[tuple[str | None, str | None], Account | NotAuthenticated] = {}
 
-    def orders(self, batch: list[_Pending]) -> Iterator[tuple[int, str]]:
-        """(account id, order code) of each push that authenticates."""
+    def known(self, batch: list[_Pending]) -> Iterator[tuple[Account, StatusPush]]:
+        """Each push that authenticates, with its account."""
         for pending in batch:
             with contextlib.suppress(NotAuthenticated):
-                yield self.of(pending.push, pending.authorization).id, pending.push.order_code
+                yield self.of(pending.push, pending.authorization), pending.push
 
     def of(self, push: StatusPush, authorization: str | None) -> Account:
         # What `_account` decides by: the Basic credentials when sent, else the body's ApiKey.
@@ -220,6 +224,7 @@ def _receive(
     accounts: _Accounts,
     pending: _Pending,
     events: list[OutboxEvent],
+    batch: PushBatch | None = None,
 ) -> Exception | None:
     """Apply one push in the caller's transaction; a refusal is returned, having written
     nothing, so the rest of the batch goes on."""
@@ -239,7 +244,7 @@ def _receive(
             ceiling,
             pushes=model.coverage(account.id),
         )
-        received = receive_push(session, account, push, ctx)
+        received = receive_push(session, account, push, ctx, batch)
     except (NotAuthenticated, PushRefused) as refusal:
         return refusal
     log.debug(

@@ -10,7 +10,8 @@ to the first lookup that shows it. The scheduler sees only the carrier's answers
 
 With --push-drop P the carrier also pushes: each transition is pushed with probability 1 - P
 after a lognormal delay (--push-delay-s P50,P99), and a pushed transition is seen when its push
-arrives. The scheduler then learns each key's push coverage from what it has seen, by push or by
+arrives, unless it follows one not seen yet: then, as in the worker, the shipment is looked up
+at once and the lookup shows both. The scheduler then learns each key's push coverage from what it has seen, by push or by
 lookup, as the worker learns it from recorded history, and is run a second time without pushes
 ("project_poll_only") on the same carrier; round-robin gets no pushes, the baseline of the ratios.
 
@@ -353,6 +354,11 @@ class ProjectPoller(Poller):
         if self.pushes is not None:
             for at, code, k in self.pushes.arrived(end_ts):
                 shipment = self.shipments[code]
+                if k > shipment.top + 1:
+                    # As the worker does on a push that follows a change it has not seen
+                    # (its push lost or late): a lookup at once, which shows both in order.
+                    self.schedule(shipment, datetime.fromtimestamp(at, UTC))
+                    continue
                 top = shipment.top
                 self.reveal(shipment, k, at, at - self.view.times[code][k])
                 if shipment.top != top:

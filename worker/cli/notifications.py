@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any
@@ -240,6 +239,8 @@ def endpoint_test(
     endpoint_id: Annotated[int, typer.Argument(help="The endpoint's id.")],
 ) -> None:
     """Send a signed sample event (marked "test": true) and show the answer."""
+    import asyncio
+
     from worker.core.config import mask_url
     from worker.notify.webhooks.endpoints import sample_event
     from worker.notify.webhooks.sender import WebhookSender

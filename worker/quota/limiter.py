@@ -29,7 +29,7 @@ import logging
 import math
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 import redis
@@ -39,7 +39,6 @@ from sqlalchemy.orm import Session
 
 from worker.core.clock import DAY_SECONDS, Clock, utcnow
 from worker.core.config import Settings
-from worker.core.metrics import QuotaGauge
 from worker.domain.models import Account, QuotaUsage
 from worker.domain.pauses import Alert
 from worker.quota.pacing import (
@@ -50,6 +49,10 @@ from worker.quota.pacing import (
     per_second_ceiling,
     slack,
 )
+
+if TYPE_CHECKING:
+    # The metrics module (and prometheus_client) only for the gauges, not for every command.
+    from worker.core.metrics import QuotaGauge
 
 log = logging.getLogger(__name__)
 
@@ -321,6 +324,8 @@ class KeyStatus:
 
     def gauge(self) -> QuotaGauge:
         """The numbers the quota gauges show (never the key's hint)."""
+        from worker.core.metrics import QuotaGauge
+
         return QuotaGauge(self.account, self.daily_quota, self.used_today, self.allowed_now)
 
 

@@ -19,8 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import cast
 
-from sqlalchemy import select
+from sqlalchemy import Table, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -384,10 +385,12 @@ def _copy_details(shipment: Shipment, result: TrackingResult) -> None:
 
 
 # One statement each, run over many rows: SQLAlchemy compiles it once and sends the rows in bulk.
+# The history rows go in as plain table rows: nothing of the ORM's bulk insert is needed here.
+_STATUS_EVENTS = cast(Table, StatusEvent.__table__)
 _NEW_STATUS = (
-    insert(StatusEvent)
+    insert(_STATUS_EVENTS)
     .on_conflict_do_nothing(index_elements=["shipment_id", "occurred_at", "status"])
-    .returning(StatusEvent.occurred_at, StatusEvent.status)
+    .returning(_STATUS_EVENTS.c.occurred_at, _STATUS_EVENTS.c.status)
 )
 _NEW_SCAN = (
     insert(TrackingEvent)
@@ -420,7 +423,7 @@ def _record_statuses(
         )
     if not rows:
         return []
-    inserted = {(row.occurred_at, row.status) for row in session.execute(_NEW_STATUS, rows)}
+    inserted = {(r.occurred_at, r.status) for r in session.connection().execute(_NEW_STATUS, rows)}
     fresh = [
         e
         for e in entries

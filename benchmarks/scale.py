@@ -20,10 +20,12 @@ of --repeat runs is printed:
 - metrics gauges (every 30 s) and `shipmon stats`;
 - retention: one `ops.purge_finished` batch (500 shipments with their history).
 
-The disk each table takes is printed too. Every scratch database is dropped at the end.
+The disk each table takes is printed too. Every scratch database is dropped at the end. The
+references run up to --reference-rows shipments: above that the former relearn alone would read
+tens of millions of stays into Python.
 
     uv run python benchmarks/scale.py --rows 100000 --rows 1000000 \
-        [--database-url postgresql://postgres@127.0.0.1:5432] [--repeat 3]
+        [--database-url postgresql://postgres@127.0.0.1:5432] [--repeat 3] [--reference-rows N]
 """
 
 from __future__ import annotations
@@ -194,7 +196,9 @@ def full_prices(session: Session, now: datetime) -> object:
         worker.scheduling.learning.PRICE_SAMPLE_ROWS = kept
 
 
-def measure(url: str, rows: int, repeat: int) -> dict[str, tuple[float, float | None]]:
+def measure(
+    url: str, rows: int, repeat: int, with_references: bool = True
+) -> dict[str, tuple[float, float | None]]:
     now = datetime.now(UTC)
     engine_url = url.replace("postgresql://", "postgresql+psycopg://")
     upgrade(engine_url)
@@ -214,7 +218,7 @@ def measure(url: str, rows: int, repeat: int) -> dict[str, tuple[float, float | 
     ) -> None:
         new = timed(engine_url, job, repeat)
         old = None
-        if reference is not None:
+        if reference is not None and with_references:
             old = timed(engine_url, reference, reference_repeat or repeat, reference_setup)
         results[name] = (new, old)
         print(f"  {name}: {new:.4f} s" + ("" if old is None else f" (reference {old:.4f} s)"))
@@ -261,6 +265,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, action="append", required=True)
     parser.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--reference-rows",
+        type=int,
+        default=1_000_000,
+        help="run the references only on tables of at most this many shipments",
+    )
     args = parser.parse_args()
     base = args.database_url.rstrip("/")
     figures: dict[int, dict[str, tuple[float, float | None]]] = {}
@@ -270,7 +280,9 @@ def main() -> None:
             admin.execute(f'CREATE DATABASE "{name}"')
         try:
             print(f"{rows:,} shipments:", flush=True)
-            figures[rows] = measure(f"{base}/{name}", rows, args.repeat)
+            figures[rows] = measure(
+                f"{base}/{name}", rows, args.repeat, rows <= args.reference_rows
+            )
         finally:
             with psycopg.connect(f"{base}/postgres", autocommit=True) as admin:
                 admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -168,6 +168,56 @@ def test_a_transition_due_at_night_waits_for_the_window_opening() -> None:
     assert local(carrier.transitions("DAY000001")[1][0]) == datetime(2026, 3, 2, 11, 0, tzinfo=VN)
 
 
+def test_a_transition_due_on_an_inactive_day_waits_for_the_next_active_day() -> None:
+    # DELIVERING dwells exactly 1 hour and moves on only from 08:00 to 20:00, Monday to Friday.
+    data = copy.deepcopy(DEFAULT_WORKLOAD)
+    rule = data["statuses"]["DELIVERING"]
+    rule["dwell_hours"] = {"lognormal": {"median": 1, "sigma": 0}}
+    rule["active_days"] = [1, 2, 3, 4, 5]
+    rule["scans_per_day"] = 24
+    carrier = make_carrier(parse_workload(data))
+    friday_evening = datetime(2026, 3, 6, 19, 30, tzinfo=VN)
+    carrier.add_order(KEY, "WEEKEND01", friday_evening, status=Status.DELIVERING)
+    second = carrier.transitions("WEEKEND01")[1][0]
+    assert local(second) == datetime(2026, 3, 9, 8, 0, tzinfo=VN)  # Monday's opening
+    saturday_noon = datetime(2026, 3, 7, 12, 0, tzinfo=VN)
+    carrier.add_order(KEY, "WEEKEND02", saturday_noon, status=Status.DELIVERING)
+    assert local(carrier.transitions("WEEKEND02")[1][0]) == datetime(2026, 3, 9, 8, 0, tzinfo=VN)
+    tuesday = datetime(2026, 3, 3, 10, 0, tzinfo=VN)
+    carrier.add_order(KEY, "WEEKDAY01", tuesday, status=Status.DELIVERING)
+    assert local(carrier.transitions("WEEKDAY01")[1][0]) == datetime(2026, 3, 3, 11, 0, tzinfo=VN)
+
+
+def test_no_scans_on_an_inactive_day() -> None:
+    # DELIVERING dwells exactly 100 hours, scanned on weekdays only.
+    data = copy.deepcopy(DEFAULT_WORKLOAD)
+    rule = data["statuses"]["DELIVERING"]
+    rule["dwell_hours"] = {"lognormal": {"median": 100, "sigma": 0}}
+    rule["active_days"] = [1, 2, 3, 4, 5]
+    rule["scans_per_day"] = 24
+    carrier = make_carrier(parse_workload(data))
+    carrier.add_order(KEY, "WEEKEND03", datetime(2026, 3, 6, 9, 0, tzinfo=VN), status="DELIVERING")
+    body = carrier.tracking_body("WEEKEND03", datetime(2026, 3, 10, 12, 0, tzinfo=VN))
+    days = Counter(
+        datetime.strptime(row["dateChange"], "%Y-%m-%d %H:%M:%S").isoweekday()
+        for row in body["trackings"]
+    )
+    assert days[6] == days[7] == 0
+    assert days[5] > 5 and days[1] > 5  # Friday's and Monday's active hours are scanned
+
+
+@pytest.mark.parametrize("days", [[], [0], [8]])
+def test_active_days_must_be_iso_weekdays(days: list[int]) -> None:
+    data = copy.deepcopy(DEFAULT_WORKLOAD)
+    data["statuses"]["DELIVERING"]["active_days"] = days
+    with pytest.raises(WorkloadError, match="active_days"):
+        parse_workload(data)
+
+
+def test_every_day_is_active_unless_the_file_says_otherwise(workload: Workload) -> None:
+    assert all(rule.active_days == set(range(1, 8)) for rule in workload.statuses.values())
+
+
 def test_next_statuses_follow_the_workload_probabilities(workload: Workload) -> None:
     carrier = make_carrier(workload)
     following: Counter[Status] = Counter()

@@ -13,13 +13,15 @@ Decisions the workload format leaves open, made here:
   A `never_found` share is never registered.
 - A transition is due `dwell_hours` after its status was entered; if that falls outside the
   status's `active_hours` (local hours, [start, end)) it happens at the next window's opening.
+  `active_days` (ISO weekdays, 1 Monday to 7 Sunday; default every day) narrows the windows to
+  those days: a transition due on another day waits for the window of the next active day.
 - Delay codes: entering a status whose rule has `delay_codes` draws one (the probabilities may
   sum to less than 1: the rest means no code). Entering DELIVERING or DELIVERED clears the code,
   because a new delivery attempt (or success) makes the old reason stale; any other status keeps
   it, so a return (PENDING_FOR_RETURN, RETURNED) still says why the delivery failed.
 - Scans (`trackings[]` rows): one at every status change, plus a Poisson process at
   `scans_per_day` while in a status, thinned to the status's active hours (the rate per active
-  hour is raised so the daily count stays `scans_per_day`).
+  hour is raised so the daily count stays `scans_per_day`); none on a day not in `active_days`.
 - Time formats, as the real API mixes them: `statuses[].time`, `acceptDate` and `deliveryDate`
   are ISO-8601 with 7 fractional digits and the local offset (`2019-08-07T11:24:12.4946223+07:00`);
   `trackings[].dateChange` and `estimateRoutes` are `yyyy-MM-dd HH:mm:ss` local time.
@@ -94,6 +96,9 @@ class StatusRule(_Model):
 
     dwell_hours: Hours
     active_hours: tuple[int, int] = (0, 24)
+    active_days: frozenset[Annotated[int, Field(ge=1, le=7)]] = Field(
+        default=frozenset(range(1, 8)), min_length=1
+    )
     next: dict[Status, Probability]
     delay_codes: dict[Annotated[int, Field(gt=0)], Probability] = Field(default_factory=dict)
     scans_per_day: float = Field(default=0.0, ge=0.0)
@@ -973,7 +978,7 @@ class Carrier:
             if rule is None:
                 return  # terminal, or a status the workload does not move on from
             dwell = rule.dwell_hours.lognormal.draw(rng) * 3600.0
-            leave = self._next_active(last.at + dwell, rule.active_hours)
+            leave = self._next_active(last.at + dwell, rule.active_hours, rule.active_days)
             self._draw_scans(order, last.at, leave, last.status, rule)
             self._enter(order, leave, _pick(rng, rule.next), None, given_delay=False)
 
@@ -984,6 +989,7 @@ class Carrier:
             return
         window_start, window_end = rule.active_hours
         active = window_end - window_start
+        every_day = len(rule.active_days) == 7
         per_second = rule.scans_per_day / (active * 3600.0)
         rng = order.rng
         ts = start
@@ -993,6 +999,8 @@ class Carrier:
                 return
             if active < 24 and not self._inside(ts, rule.active_hours):
                 continue
+            if not every_day and self._weekday(ts) not in rule.active_days:
+                continue
             at = _whole_microseconds(ts)
             order.scans.append(_Scan(at, status, change=False, variant=int(rng.random() * 8)))
             order.scan_times.append(at)
@@ -1001,15 +1009,22 @@ class Carrier:
         hour = datetime.fromtimestamp(ts, self._zone).hour
         return window[0] <= hour < window[1]
 
-    def _next_active(self, ts: float, window: tuple[int, int]) -> float:
-        """`ts` if it falls in the window [start, end) of local hours, else the next opening."""
+    def _weekday(self, ts: float) -> int:
+        return datetime.fromtimestamp(ts, self._zone).isoweekday()
+
+    def _next_active(self, ts: float, window: tuple[int, int], days: frozenset[int]) -> float:
+        """`ts` if it falls in the window [start, end) of local hours on one of the ISO weekdays
+        `days`, else the next opening on such a day."""
         start, end = window
-        if start == 0 and end == 24:
+        every_day = len(days) == 7
+        if start == 0 and end == 24 and every_day:
             return ts
         local = datetime.fromtimestamp(ts, self._zone)
-        if start <= local.hour < end:
+        if start <= local.hour < end and (every_day or local.isoweekday() in days):
             return ts
         day = local.date() if local.hour < start else local.date() + timedelta(days=1)
+        while day.isoweekday() not in days:
+            day += timedelta(days=1)
         return datetime.combine(day, time(start), self._zone).timestamp()
 
     def _truncate(self, order: _Order, ts: float) -> None:

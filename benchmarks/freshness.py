@@ -11,9 +11,10 @@ to the first lookup that shows it. The scheduler sees only the carrier's answers
 With --push-drop P the carrier also pushes: each transition is pushed with probability 1 - P
 after a lognormal delay (--push-delay-s P50,P99), and a pushed transition is seen when its push
 arrives, unless it follows one not seen yet: then, as in the worker, the shipment is looked up
-at once and the lookup shows both. The scheduler then learns each key's push coverage from what it has seen, by push or by
-lookup, as the worker learns it from recorded history, and is run a second time without pushes
-("project_poll_only") on the same carrier; round-robin gets no pushes, the baseline of the ratios.
+at once and the lookup shows both. The scheduler then learns each key's push coverage from
+what it has seen, by push or by lookup, as the worker learns it from recorded history, and is
+run a second time without pushes ("project_poll_only") on the same carrier; round-robin gets
+no pushes, the baseline of the ratios.
 
 With --known-model a third poller, "project_known_model", runs on the same carrier: the
 project's scheduler, refitted as often with the same `fit_model`, but from the carrier's true

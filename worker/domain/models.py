@@ -275,6 +275,8 @@ class OutboxEvent(Base):
     __table_args__ = (
         UniqueConstraint("shipment_id", "sequence"),
         Index("ix_outbox_events_created_at", "created_at"),
+        # Delivery runs look for the few events not yet fanned out to their endpoints.
+        Index("ix_outbox_events_unfanned", "id", postgresql_where=text("fanned_out_at IS NULL")),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)

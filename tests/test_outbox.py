@@ -444,6 +444,29 @@ def test_a_slow_endpoint_never_holds_up_another(
     assert slow.sequences(code) == [1, 2, 3]
 
 
+def test_events_committed_while_a_run_delivers_go_out_with_that_run(
+    world: World, receivers: Callable[..., Receiver]
+) -> None:
+    """A busy notify worker takes new events into the run it is in, not a queued task."""
+    account = world.account()
+    first, first_code = world.shipment(account)
+    later, later_code = world.shipment(account)
+
+    async def answer(received: Received) -> tuple[int, dict[str, str]]:
+        if received.order_code == first_code:  # meanwhile a poll commits a change of another
+            await asyncio.to_thread(world.event, later)
+        return 200, {}
+
+    receiver = receivers(answer)
+    world.endpoint(account, receiver)
+    event_id, _ = world.event(first)
+
+    world.deliver(T0, [event_id])
+
+    assert receiver.sequences(first_code) == [1]
+    assert receiver.sequences(later_code) == [1]
+
+
 def test_410_disables_the_endpoint_and_enabling_it_resumes_in_order(
     world: World, receivers: Callable[..., Receiver]
 ) -> None:

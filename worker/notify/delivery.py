@@ -552,9 +552,15 @@ async def deliver_due(
     attempted = 0
     running: set[asyncio.Task[None]] = set()
     drained = False
+    started = True
     try:
         while True:
             free = min(concurrency - len(running), limit - attempted)
+            if not drained and free > 0 and not started:
+                # Events committed since this run began: fanned out here, they go out with
+                # this run's attempts rather than wait for a worker to take their own task.
+                await asyncio.to_thread(_fan_out_committed, session_factory, None, clock())
+            started = False
             # A claim gives each endpoint no more than its room, so claim again while claims
             # find something: the slots left go to the next endpoints in line.
             while not drained and free > 0:

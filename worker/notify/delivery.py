@@ -552,15 +552,9 @@ async def deliver_due(
     attempted = 0
     running: set[asyncio.Task[None]] = set()
     drained = False
-    started = True
     try:
         while True:
             free = min(concurrency - len(running), limit - attempted)
-            if not drained and free > 0 and not started:
-                # Events committed since this run began: fanned out here, they go out with
-                # this run's attempts rather than wait for a worker to take their own task.
-                await asyncio.to_thread(_fan_out_committed, session_factory, None, clock())
-            started = False
             # A claim gives each endpoint no more than its room, so claim again while claims
             # find something: the slots left go to the next endpoints in line.
             while not drained and free > 0:
@@ -579,6 +573,10 @@ async def deliver_due(
             done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()
+            if attempted < limit:
+                # Events committed since this run began: fanned out here, they go out with
+                # this run's attempts rather than wait for a worker to take their own task.
+                await asyncio.to_thread(_fan_out_committed, session_factory, None, clock())
             drained = False
     finally:
         # Claims cut short here stay leased and come due again: delayed, never lost.

@@ -11,15 +11,26 @@ import sys
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
+import httpx
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from typer.testing import CliRunner
 
 from tests.conftest import RunServers, make_account
+from worker.cli import app
 from worker.core.db import transaction
 from worker.domain.models import Account, Base, Shipment
-from worker.sim.demo import Chart, detection_delay_s, push_summary, start_pushing
+from worker.sim.demo import (
+    Chart,
+    carrier_morning,
+    detection_delay_s,
+    push_summary,
+    start_pushing,
+    start_sandbox,
+)
 from worker.sim.sandbox import running_sandbox
 from worker.sim.workload import Faults
 from worker.tracking.intake import register_orders, remove_account
@@ -61,6 +72,42 @@ def test_the_demo_shows_polls_transitions_and_verified_webhooks(
     assert sent > 0, result.stdout[-3000:]
     assert by_push > 0
     assert (tmp_path / "home" / "demo" / "demo.log").exists()
+
+
+def test_the_demos_carrier_opens_on_its_latest_morning() -> None:
+    zone = ZoneInfo("Asia/Ho_Chi_Minh")
+    # 16:30 in Hanoi: that day's 07:00, so an afternoon demo still watches the parcels move.
+    afternoon = datetime(2026, 12, 3, 9, 30, tzinfo=UTC)
+    assert carrier_morning(afternoon, zone) == datetime(2026, 12, 3, 7, 0, tzinfo=zone)
+    # 05:00 in Hanoi: the morning before, never one still to come.
+    before_dawn = datetime(2026, 12, 2, 22, 0, tzinfo=UTC)
+    assert carrier_morning(before_dawn, zone) == datetime(2026, 12, 2, 7, 0, tzinfo=zone)
+    exactly = datetime(2026, 12, 3, 7, 0, tzinfo=zone)
+    assert carrier_morning(exactly, zone) == exactly
+
+
+def test_the_sandbox_clock_starts_where_it_is_told() -> None:
+    start = datetime(2026, 12, 3, 7, 0, tzinfo=ZoneInfo("Asia/Ho_Chi_Minh"))
+    process, url = start_sandbox(speed=1.0, seed=1, start=start)
+    try:
+        now = datetime.fromisoformat(httpx.get(f"{url}/_sandbox/stats").json()["now"])
+    finally:
+        process.terminate()
+        process.wait(10)
+        assert process.stdout is not None
+        process.stdout.close()
+    assert timedelta(0) <= now - start < timedelta(seconds=30)
+
+
+@pytest.mark.parametrize(
+    ("start", "says"),
+    [("yesterday", "is not an ISO 8601 time"), ("2026-12-03T07:00", "has no UTC offset")],
+)
+def test_a_sandbox_start_it_cannot_place_is_refused(start: str, says: str) -> None:
+    result = CliRunner().invoke(app, ["sandbox", "--start", start])
+    assert result.exit_code != 0
+    assert says in result.output
+    assert "2026-12-03T07:00+07:00" in result.output
 
 
 def test_detection_delay_is_read_on_the_carriers_clock() -> None:

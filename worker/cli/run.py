@@ -133,17 +133,35 @@ def sandbox(
     populate: Annotated[
         bool, typer.Option(help="Open the workload's accounts and let its orders arrive.")
     ] = False,
+    start: Annotated[
+        str | None,
+        typer.Option(
+            help="When the carrier's clock starts, ISO 8601 with an offset "
+            "(2026-12-03T07:00+07:00) [default: now]."
+        ),
+    ] = None,
 ) -> None:
     """Serve an emulated 247Express tracking API, faults included, for tests and demos."""
+    from datetime import datetime
+
     from worker.sim.sandbox import run_sandbox
     from worker.sim.workload import WorkloadError
 
     if speed <= 0:
         fail("--speed must be positive")
+    starts_at = None
+    if start is not None:
+        try:
+            starts_at = datetime.fromisoformat(start)
+        except ValueError:
+            fail(f"--start {start!r} is not an ISO 8601 time; write it as 2026-12-03T07:00+07:00")
+        if starts_at.tzinfo is None:
+            fail(f"--start {start!r} has no UTC offset; add one, as in 2026-12-03T07:00+07:00")
     try:
         run_sandbox(
-            host=host, port=port, workload=workload, speed=speed, seed=seed, populate=populate
-        )
+            host=host, port=port, workload=workload, speed=speed, seed=seed,
+            populate=populate, start=starts_at,
+        )  # fmt: skip
     except (WorkloadError, OSError) as exc:
         fail(str(exc))
 
@@ -158,6 +176,8 @@ def demo(
     ] = 1200.0,
 ) -> None:
     """Watch the whole system live: a carrier, sample orders, polls, transitions, webhooks."""
+    from datetime import UTC, datetime
+
     from worker.core.db import dispose_engines, session_factory, upgrade
     from worker.runtime.supervisor import Supervisor
     from worker.sim.demo import (
@@ -165,18 +185,21 @@ def demo(
         DemoView,
         Receiver,
         api_example,
+        carrier_morning,
         free_port,
         seed_orders,
         start_pushing,
         start_sandbox,
         watch,
     )
+    from worker.sim.workload import default_workload
 
     home = settings().home / "demo"
     embedded, found = demo_servers(home)
     console.print("starting: the sandbox carrier, a webhook receiver, workers and beat…")
     upgrade(found.database_url)
-    sandbox_process, sandbox_url = start_sandbox(speed, seed=247)
+    morning = carrier_morning(datetime.now(UTC), default_workload().zone)
+    sandbox_process, sandbox_url = start_sandbox(speed, seed=247, start=morning)
     receiver = Receiver()
     receiver.start()
     sessions = session_factory(found.database_url)

@@ -23,7 +23,8 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import httpx
 from aiohttp import web
@@ -91,10 +92,26 @@ class Receiver:
         ready.wait(10)
 
 
-def start_sandbox(speed: float, seed: int) -> tuple[subprocess.Popen[str], str]:
+# The carrier's local hour the demo's clock opens at: pickups start, the day lies ahead.
+DEMO_MORNING_HOUR = 7
+
+
+def carrier_morning(now: datetime, zone: ZoneInfo) -> datetime:
+    """The last DEMO_MORNING_HOUR on the carrier's local clock at or before `now`. The demo's
+    carrier starts there, so whatever the hour it is run, its parcels move while watched."""
+    local = now.astimezone(zone)
+    morning = local.replace(hour=DEMO_MORNING_HOUR, minute=0, second=0, microsecond=0)
+    return morning if morning <= local else morning - timedelta(days=1)
+
+
+def start_sandbox(
+    speed: float, seed: int, start: datetime | None = None
+) -> tuple[subprocess.Popen[str], str]:
+    """The sandbox carrier in a process of its own, its clock from `start` (default: now)."""
+    starting = ["--start", start.isoformat()] if start is not None else []
     process = subprocess.Popen(
         [sys.executable, "-m", "worker", "sandbox", "--port", "0",
-         "--speed", str(speed), "--seed", str(seed)],
+         "--speed", str(speed), "--seed", str(seed), *starting],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert process.stdout is not None

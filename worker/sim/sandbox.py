@@ -718,10 +718,16 @@ def _open_accounts(world: Carrier, seed: int) -> list[tuple[str, str]]:
 
 
 async def _serve(
-    host: str, port: int, workload: Workload, speed: float, seed: int, populate: bool
+    host: str,
+    port: int,
+    workload: Workload,
+    speed: float,
+    seed: int,
+    populate: bool,
+    start: datetime | None,
 ) -> None:
     world = Carrier(workload, seed=seed)
-    clock = SpeedClock(speed)
+    clock = SpeedClock(speed, start)
     runner = web.AppRunner(
         create_app(world, clock, seed=seed), handler_cancellation=True, access_log=None
     )
@@ -767,16 +773,17 @@ def run_sandbox(
     speed: float = 1.0,
     seed: int | None = None,
     populate: bool = False,
+    start: datetime | None = None,
 ) -> None:
     """Serve the sandbox until SIGINT or SIGTERM; prints its URL (port 0 picks a free one).
 
     With `populate`, the workload's accounts are opened (their keys printed) and its orders
-    arrive at `orders_per_day` on the sandbox clock.
+    arrive at `orders_per_day` on the sandbox clock. The clock starts at `start` (default: now).
     """
     chosen = load_workload(workload) if workload is not None else default_workload()
     if seed is None:
         seed = random.SystemRandom().randrange(1_000_000)
-    asyncio.run(_serve(host, port, chosen, speed, seed, populate))
+    asyncio.run(_serve(host, port, chosen, speed, seed, populate, start))
 
 
 @dataclass

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import func, literal, select, text, update
+from sqlalchemy import func, literal, select, text
 from sqlalchemy.orm import Session
 
 from worker.domain.models import Account, QuotaUsage, Shipment
@@ -150,12 +150,21 @@ def plan_first_lookups(session: Session, now: datetime, first_lookup: FirstLooku
         {"now": now, "limit": FIRST_PLANS_PER_TICK},
     ).all()
     if rows:
+        # One statement for the whole tick's plans: updated one by one, each row's round trip
+        # and index upkeep cost about twice as much.
         session.execute(
-            update(Shipment),
-            [
-                {"id": row.id, "next_poll_at": first_lookup(row.account_id, row.registered_at)}
-                for row in rows
-            ],
+            text(
+                """
+                UPDATE shipments SET next_poll_at = plan.first_lookup
+                FROM unnest(CAST(:ids AS bigint[]), CAST(:first_lookups AS timestamptz[]))
+                    AS plan(id, first_lookup)
+                WHERE shipments.id = plan.id
+                """
+            ),
+            {
+                "ids": [row.id for row in rows],
+                "first_lookups": [first_lookup(row.account_id, row.registered_at) for row in rows],
+            },
         )
     return len(rows)
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
-from sqlalchemy import BigInteger, String, delete, func, literal, select, tuple_
+from sqlalchemy import BigInteger, String, Table, delete, func, literal, select, tuple_
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.orm import Session
 
@@ -103,6 +104,16 @@ def register_for(session: Session, account: Account, order_codes: Iterable[str])
     return result
 
 
+# The receipts of a batch, as rows of one statement compiled once: a VALUES list built for each
+# batch would be compiled anew every time. Those returned were never received before.
+_RECEIPTS = cast(Table, PushReceipt.__table__)
+_NEW_RECEIPT = (
+    insert(_RECEIPTS)
+    .on_conflict_do_nothing()
+    .returning(_RECEIPTS.c.account_id, _RECEIPTS.c.transaction_id)
+)
+
+
 @dataclass(frozen=True)
 class PushReceived:
     """What became of one carrier push: applied (with its events), or a resent one ignored."""
@@ -165,12 +176,7 @@ def prepare_pushes(session: Session, pushes: Sequence[tuple[Account, StatusPush]
     if receipts:
         fresh = {
             (row.account_id, row.transaction_id)
-            for row in session.execute(
-                insert(PushReceipt)
-                .values(receipts)
-                .on_conflict_do_nothing()
-                .returning(PushReceipt.account_id, PushReceipt.transaction_id)
-            )
+            for row in session.connection().execute(_NEW_RECEIPT, receipts)
         }
     return PushBatch(shipments, fresh)
 

@@ -13,7 +13,14 @@ from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.orm import Session
 
 from worker.carrier.push import PushRefused, StatusPush
-from worker.domain.models import Account, OutboxEvent, PushReceipt, Shipment, UnknownAccount
+from worker.domain.models import (
+    Account,
+    AccountRef,
+    OutboxEvent,
+    PushReceipt,
+    Shipment,
+    UnknownAccount,
+)
 from worker.domain.vocabulary import ErrorCode, validate_order_code
 from worker.tracking.record import PollContext, apply_push
 
@@ -71,7 +78,7 @@ def register_orders(
     return register_for(session, account_by_name(session, account_name), order_codes)
 
 
-def register_for(session: Session, account: Account, order_codes: Iterable[str]) -> IntakeResult:
+def register_for(session: Session, account: AccountRef, order_codes: Iterable[str]) -> IntakeResult:
     """`register_orders` for an account already at hand."""
     result = IntakeResult()
     valid: list[str] = []
@@ -150,13 +157,13 @@ class PushBatch:
         return True
 
 
-def prepare_pushes(session: Session, pushes: Sequence[tuple[Account, StatusPush]]) -> PushBatch:
+def prepare_pushes(session: Session, pushes: Sequence[tuple[AccountRef, StatusPush]]) -> PushBatch:
     """Lock, register and receipt what these pushes need; pushes with a refused order code are
     left out (`receive_push` refuses them, having written nothing)."""
     accepted = [(a, p) for a, p in pushes if validate_order_code(p.order_code) is None]
     pairs = sorted({(a.id, p.order_code) for a, p in accepted})
     shipments = _lock_orders(session, pairs)
-    missing: dict[int, tuple[Account, list[str]]] = {}
+    missing: dict[int, tuple[AccountRef, list[str]]] = {}
     for account, push in accepted:
         if (account.id, push.order_code) not in shipments:
             missing.setdefault(account.id, (account, []))[1].append(push.order_code)
@@ -183,7 +190,7 @@ def prepare_pushes(session: Session, pushes: Sequence[tuple[Account, StatusPush]
 
 def receive_push(
     session: Session,
-    account: Account,
+    account: AccountRef,
     push: StatusPush,
     ctx: PollContext,
     batch: PushBatch | None = None,

@@ -42,7 +42,14 @@ from worker.domain.events import (
     StatusView,
     jsonable,
 )
-from worker.domain.models import Account, OutboxEvent, Shipment, StatusEvent, TrackingEvent
+from worker.domain.models import (
+    Account,
+    AccountRef,
+    OutboxEvent,
+    Shipment,
+    StatusEvent,
+    TrackingEvent,
+)
 from worker.domain.vocabulary import EventType, Status, delay_reason, parse_status
 from worker.scheduling.coverage import NO_PUSHES, PushCoverage
 from worker.scheduling.model import LearnedModel, ShipmentState, next_poll_at
@@ -107,7 +114,7 @@ class EventRecorder:
         self,
         session: Session,
         shipment: Shipment,
-        account: Account,
+        account: AccountRef,
         now: datetime,
         source: Source = "poll",
     ):
@@ -181,7 +188,7 @@ def apply_outcome(
 def apply_push(
     session: Session,
     shipment: Shipment,
-    account: Account,
+    account: AccountRef,
     result: TrackingResult,
     ctx: PollContext,
     changed_from: str | None = None,

@@ -14,7 +14,8 @@ import binascii
 import contextlib
 import hmac
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
@@ -107,6 +108,46 @@ async def status_push(
     return _answer(200)
 
 
+@dataclass(frozen=True, slots=True)
+class PushAccount:
+    """The account a push authenticated as: a copy of its id and name, safe to keep between
+    transactions and threads (an ORM row is neither)."""
+
+    id: int
+    name: str
+
+
+class AccountCache:
+    """The accounts pushes authenticated as, by a keyed digest of their credentials, so most
+    batches read no account at all.
+
+    An entry lives for SECONDS: a replaced API key or push password stops authenticating pushes
+    within that, and a new one works at once (only accounts found are kept, never refusals).
+    A removed account needs no wait: a batch applied for it fails (its rows are gone), and the
+    batch clears the cache before applying its pushes one by one.
+    """
+
+    # One lookup per account every two seconds is nothing at hundreds of batches a second.
+    SECONDS = 2.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._found: dict[tuple[bool, str], tuple[float, PushAccount]] = {}
+
+    def get(self, credential: tuple[bool, str]) -> PushAccount | None:
+        """The account found for this credential less than SECONDS ago, if any."""
+        entry = self._found.get(credential)
+        if entry is None or entry[0] <= self._clock():
+            return None
+        return entry[1]
+
+    def put(self, credential: tuple[bool, str], account: PushAccount) -> None:
+        self._found[credential] = (self._clock() + self.SECONDS, account)
+
+    def clear(self) -> None:
+        self._found.clear()
+
+
 @dataclass
 class _Pending:
     push: StatusPush
@@ -128,7 +169,8 @@ class PushBatcher:
     # Batches in flight at once: one applies while the other waits for its commit to be flushed.
     IN_FLIGHT = 2
 
-    def __init__(self) -> None:
+    def __init__(self, accounts: AccountCache | None = None) -> None:
+        self.accounts = accounts or AccountCache()
         self._waiting: list[_Pending] = []
         self._draining: set[asyncio.Task[None]] = set()
 
@@ -173,6 +215,8 @@ def _apply_batch(state: ApiState, batch: list[_Pending]) -> list[Exception | Non
             ]
     except Exception:  # whatever failed the batch, each push is tried alone
         log.warning("a batch of %d pushes failed; applying them one by one", len(batch))
+        # Perhaps for an account removed since it was cached: each push finds its own again.
+        state.pushes.accounts.clear()
         outcomes, events = [], []
         for pending in batch:
             committed: list[OutboxEvent] = []
@@ -191,28 +235,37 @@ def _apply_batch(state: ApiState, batch: list[_Pending]) -> list[Exception | Non
 
 
 class _Accounts:
-    """The accounts a batch's pushes authenticate as, each looked up once per credential."""
+    """The accounts a batch's pushes authenticate as: from the process's cache, else looked up
+    once per credential."""
 
     def __init__(self, session: Session, state: ApiState) -> None:
         self.session, self.state = session, state
-        self._found: dict[tuple[str | None, str | None], Account | NotAuthenticated] = {}
+        self._found: dict[tuple[bool, str], PushAccount | NotAuthenticated] = {}
 
-    def known(self, batch: list[_Pending]) -> Iterator[tuple[Account, StatusPush]]:
+    def known(self, batch: list[_Pending]) -> Iterator[tuple[PushAccount, StatusPush]]:
         """Each push that authenticates, with its account."""
         for pending in batch:
             with contextlib.suppress(NotAuthenticated):
                 yield self.of(pending.push, pending.authorization), pending.push
 
-    def of(self, push: StatusPush, authorization: str | None) -> Account:
-        # What `_account` decides by: the Basic credentials when sent, else the body's ApiKey.
+    def of(self, push: StatusPush, authorization: str | None) -> PushAccount:
+        # What `_account` decides by: the Basic credentials when sent, else the body's ApiKey;
+        # kept by digest, so no credential stays in memory as it was sent.
         basic = authorization is not None and authorization[:6].lower() == "basic "
-        key = (authorization, None) if basic else (None, push.api_key)
-        if key not in self._found:
+        sent = authorization if basic else push.api_key
+        credential = (basic, keyed_digest(sent or "", self.state.secret_key))
+        if credential not in self._found:
+            cache = self.state.pushes.accounts
+            cached = cache.get(credential)
             try:
-                self._found[key] = _account(self.session, self.state, push, authorization)
+                if cached is None:
+                    account = _account(self.session, self.state, push, authorization)
+                    cached = PushAccount(account.id, account.name)
+                    cache.put(credential, cached)
+                self._found[credential] = cached
             except NotAuthenticated as refusal:
-                self._found[key] = refusal
-        found = self._found[key]
+                self._found[credential] = refusal
+        found = self._found[credential]
         if isinstance(found, NotAuthenticated):
             raise NotAuthenticated(str(found))
         return found

@@ -22,7 +22,7 @@ from worker.domain.models import (
     UnknownAccount,
 )
 from worker.domain.vocabulary import ErrorCode, validate_order_code
-from worker.tracking.record import PollContext, apply_push
+from worker.tracking.record import PollContext, StatusHistory, apply_push
 
 # Codes per INSERT statement. They travel as one array parameter, unnested by PostgreSQL: a
 # multi-row VALUES list of 10,000 rows costs SQLAlchemy most of a second to compile.
@@ -136,14 +136,19 @@ class PushBatch:
     Made by `prepare_pushes`: every tracked shipment of the batch is locked in one statement, in
     id order as a poll batch locks its own (so the two never wait on each other in a circle);
     orders not tracked yet are registered; every push's `TransactionId` is recorded in one
-    statement, and only the first push of each one not recorded before is applied.
+    statement, and only the first push of each one not recorded before is applied. The history
+    rows the new ones may add are read in one statement, and written in one by `finish`.
     """
 
     def __init__(
-        self, shipments: dict[tuple[int, str], Shipment], fresh: set[tuple[int, uuid.UUID]]
+        self,
+        shipments: dict[tuple[int, str], Shipment],
+        fresh: set[tuple[int, uuid.UUID]],
+        history: StatusHistory,
     ) -> None:
         self._shipments = shipments
         self._fresh = fresh
+        self.history = history
 
     def shipment(self, account_id: int, order_code: str) -> Shipment:
         return self._shipments[(account_id, order_code)]
@@ -155,6 +160,10 @@ class PushBatch:
             return False
         self._fresh.discard(key)
         return True
+
+    def finish(self, session: Session) -> None:
+        """Write what the batch's pushes left for the end: their history rows."""
+        self.history.write(session)
 
 
 def prepare_pushes(session: Session, pushes: Sequence[tuple[AccountRef, StatusPush]]) -> PushBatch:
@@ -185,31 +194,31 @@ def prepare_pushes(session: Session, pushes: Sequence[tuple[AccountRef, StatusPu
             (row.account_id, row.transaction_id)
             for row in session.connection().execute(_NEW_RECEIPT, receipts)
         }
-    return PushBatch(shipments, fresh)
+    expected = [
+        (shipments[(account.id, push.order_code)], (push.status_entry,))
+        for account, push in accepted
+        if (account.id, push.transaction_id) in fresh
+    ]
+    return PushBatch(shipments, fresh, StatusHistory(session, expected))
 
 
 def receive_push(
-    session: Session,
-    account: AccountRef,
-    push: StatusPush,
-    ctx: PollContext,
-    batch: PushBatch | None = None,
+    session: Session, account: AccountRef, push: StatusPush, ctx: PollContext, batch: PushBatch
 ) -> PushReceived:
-    """Apply a carrier push for `account`, registering its order first if it is new.
+    """Apply a carrier push for `account`, its order registered by `prepare_pushes` if new.
 
     Raises PushRefused for an order code intake refuses. In the caller's transaction, with the
     shipment row locked like a poll's, so a push and a poll apply one after the other; `batch`
-    is what `prepare_pushes` made for the pushes applied with this one (default: this one alone).
+    is what `prepare_pushes` made for the pushes applied with this one, finished by the caller.
     """
     error = validate_order_code(push.order_code)
     if error is not None:
         raise PushRefused(f"OrderCode {push.order_code!r} is refused: {error.value}")
-    if batch is None:
-        batch = prepare_pushes(session, [(account, push)])
     if not batch.take(account.id, push.transaction_id):
         return PushReceived([], duplicate=True)
     shipment = batch.shipment(account.id, push.order_code)
-    applied = apply_push(session, shipment, account, push.as_result(), ctx, push.changed_from)
+    result = push.as_result()
+    applied = apply_push(session, shipment, account, result, ctx, batch.history, push.changed_from)
     return PushReceived(applied.events)
 
 

@@ -15,13 +15,13 @@ import logging
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import cast
+from typing import Any, cast
 
-from sqlalchemy import Table, select
+from sqlalchemy import Table, bindparam, select, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -191,6 +191,7 @@ def apply_push(
     account: AccountRef,
     result: TrackingResult,
     ctx: PollContext,
+    history: StatusHistory,
     changed_from: str | None = None,
 ) -> Applied:
     """Apply the carrier's push, a partial answer, to a locked shipment row, as a poll's.
@@ -203,12 +204,14 @@ def apply_push(
     still on its way. Applied now, that change would never be announced, or announced after
     this later one; so the shipment is looked up at once instead, and the carrier's whole answer
     announces both in order.
+
+    `history` keeps the status row for the one statement that writes its batch's.
     """
     if changed_from is not None and _skips_a_change(shipment, result, changed_from):
         shipment.next_poll_at = ctx.now
         return Applied([])
     recorder = EventRecorder(session, shipment, account, ctx.now, source="push")
-    _apply_result(session, shipment, result, recorder, ctx)
+    _apply_result(session, shipment, result, recorder, ctx, history)
     return Applied(recorder.events)
 
 
@@ -233,6 +236,7 @@ def _apply_result(
     result: TrackingResult,
     recorder: EventRecorder,
     ctx: PollContext,
+    history: StatusHistory | None = None,
 ) -> None:
     pushed = recorder.source == "push"
     shipment.consecutive_errors = 0
@@ -246,7 +250,11 @@ def _apply_result(
         _schedule_after_result(shipment, ctx, pushed)
         return
 
-    new_statuses = _record_statuses(session, shipment, result.statuses, recorder.source)
+    new_statuses = (
+        _record_statuses(session, shipment, result.statuses, recorder.source)
+        if history is None
+        else history.record(shipment, result.statuses, recorder.source)
+    )
     new_scans = _record_scans(session, shipment, result.trackings)
     if new_statuses or new_scans:
         # A change ends a stall; the shipment may stall again later.
@@ -410,6 +418,76 @@ def _record_statuses(
     session: Session, shipment: Shipment, entries: Sequence[StatusEntry], source: Source
 ) -> list[StatusEntry]:
     """Insert the history rows not seen before; return those entries, oldest first."""
+    rows = _history_rows(shipment, entries, source)
+    if not rows:
+        return []
+    statement = session.connection().execute(_NEW_STATUS, [row for _, row in rows])
+    inserted = {(r.occurred_at, r.status) for r in statement}
+    return _oldest_first(
+        [entry for entry, row in rows if (row["occurred_at"], row["status"]) in inserted]
+    )
+
+
+# A history row's natural key: (shipment id, time, status).
+StatusKey = tuple[int, datetime, str]
+
+_STORED_STATUS = select(
+    _STATUS_EVENTS.c.shipment_id, _STATUS_EVENTS.c.occurred_at, _STATUS_EVENTS.c.status
+).where(
+    tuple_(_STATUS_EVENTS.c.shipment_id, _STATUS_EVENTS.c.occurred_at, _STATUS_EVENTS.c.status).in_(
+        bindparam("keys", expanding=True)
+    )
+)
+
+
+class StatusHistory:
+    """The history rows of locked shipments applied together (a batch of carrier pushes),
+    written in one statement by `write` rather than one per shipment.
+
+    Which rows are new is told by the ones stored already, read up front for the entries the
+    batch may record, and by those recorded since: no one else writes the history of a
+    shipment locked by this transaction.
+    """
+
+    def __init__(
+        self, session: Session, expected: Iterable[tuple[Shipment, Sequence[StatusEntry]]]
+    ) -> None:
+        keys = [
+            _status_key(row)
+            for shipment, entries in expected
+            for _, row in _history_rows(shipment, entries, "push")
+        ]
+        self._stored: set[StatusKey] = set()
+        if keys:
+            stored = session.connection().execute(_STORED_STATUS, {"keys": keys})
+            self._stored = {(r.shipment_id, r.occurred_at, r.status) for r in stored}
+        self._rows: list[dict[str, Any]] = []
+
+    def record(
+        self, shipment: Shipment, entries: Sequence[StatusEntry], source: Source
+    ) -> list[StatusEntry]:
+        """`_record_statuses`, but the rows wait for `write`."""
+        fresh = []
+        for entry, row in _history_rows(shipment, entries, source):
+            key = _status_key(row)
+            if key not in self._stored:
+                self._stored.add(key)
+                self._rows.append(row)
+                fresh.append(entry)
+        return _oldest_first(fresh)
+
+    def write(self, session: Session) -> None:
+        """Insert the rows recorded (conflicts are skipped, as by `_record_statuses`)."""
+        if self._rows:
+            # One INSERT for all the rows (the RETURNING makes it one; its rows are known).
+            session.connection().execute(_NEW_STATUS, self._rows)
+            self._rows = []
+
+
+def _history_rows(
+    shipment: Shipment, entries: Sequence[StatusEntry], source: Source
+) -> list[tuple[StatusEntry, dict[str, Any]]]:
+    """Each entry with a time and a status, with its history row."""
     rows = []
     for entry in entries:
         if entry.time is None:
@@ -417,27 +495,25 @@ def _record_statuses(
         name, status_id, code = _status_triplet(entry.status, entry.status_raw, entry.status_name)
         if name is None:
             continue
-        rows.append(
-            {
-                "shipment_id": shipment.id,
-                "status": name,
-                "status_id": status_id,
-                "status_code": code,
-                "tracking_name": entry.tracking_name,
-                "occurred_at": entry.time,
-                "source": source,
-            }
-        )
-    if not rows:
-        return []
-    inserted = {(r.occurred_at, r.status) for r in session.connection().execute(_NEW_STATUS, rows)}
-    fresh = [
-        e
-        for e in entries
-        if e.time is not None
-        and (e.time, _status_triplet(e.status, e.status_raw, e.status_name)[0]) in inserted
-    ]
-    return sorted(fresh, key=lambda e: e.time or datetime.min.replace(tzinfo=UTC))
+        row = {
+            "shipment_id": shipment.id,
+            "status": name,
+            "status_id": status_id,
+            "status_code": code,
+            "tracking_name": entry.tracking_name,
+            "occurred_at": entry.time,
+            "source": source,
+        }
+        rows.append((entry, row))
+    return rows
+
+
+def _status_key(row: dict[str, Any]) -> StatusKey:
+    return row["shipment_id"], row["occurred_at"], row["status"]
+
+
+def _oldest_first(entries: list[StatusEntry]) -> list[StatusEntry]:
+    return sorted(entries, key=lambda e: e.time or datetime.min.replace(tzinfo=UTC))
 
 
 def scan_fingerprint(scan: TrackingEntry) -> str:

@@ -205,14 +205,8 @@ def _apply_batch(state: ApiState, batch: list[_Pending]) -> list[Exception | Non
     """Each push's outcome: None once applied (or a resend ignored), else what refused it."""
     events: list[OutboxEvent] = []
     try:
-        with state.sessions.begin() as session, session.no_autoflush:
-            # Nothing applying a push reads needs the previous push's writes flushed: they go
-            # out together at the commit, a few statements for the whole batch.
-            accounts = _Accounts(session, state)
-            prepared = prepare_pushes(session, list(accounts.known(batch)))
-            outcomes = [
-                _receive(session, state, accounts, pending, events, prepared) for pending in batch
-            ]
+        with state.sessions.begin() as session:
+            outcomes = _receive_together(session, state, batch, events)
     except Exception:  # whatever failed the batch, each push is tried alone
         log.warning("a batch of %d pushes failed; applying them one by one", len(batch))
         # Perhaps for an account removed since it was cached: each push finds its own again.
@@ -222,8 +216,7 @@ def _apply_batch(state: ApiState, batch: list[_Pending]) -> list[Exception | Non
             committed: list[OutboxEvent] = []
             try:
                 with state.sessions.begin() as session:
-                    accounts = _Accounts(session, state)
-                    outcome = _receive(session, state, accounts, pending, committed)
+                    [outcome] = _receive_together(session, state, [pending], committed)
             except Exception as error:  # this push's failure is its own
                 outcome = error
                 committed = []
@@ -231,6 +224,22 @@ def _apply_batch(state: ApiState, batch: list[_Pending]) -> list[Exception | Non
             events.extend(committed)
     if events:
         state.deliver([event.id for event in events])  # after the commit, so a worker finds them
+    return outcomes
+
+
+def _receive_together(
+    session: Session, state: ApiState, batch: list[_Pending], events: list[OutboxEvent]
+) -> list[Exception | None]:
+    """Apply these pushes in the caller's transaction; each one's outcome, as `_apply_batch`."""
+    # Nothing applying a push reads needs the previous push's writes flushed: they go out
+    # together at the commit, a few statements for the whole batch.
+    with session.no_autoflush:
+        accounts = _Accounts(session, state)
+        prepared = prepare_pushes(session, list(accounts.known(batch)))
+        outcomes = [
+            _receive(session, state, accounts, pending, events, prepared) for pending in batch
+        ]
+        prepared.finish(session)
     return outcomes
 
 
@@ -277,7 +286,7 @@ def _receive(
     accounts: _Accounts,
     pending: _Pending,
     events: list[OutboxEvent],
-    batch: PushBatch | None = None,
+    batch: PushBatch,
 ) -> Exception | None:
     """Apply one push in the caller's transaction; a refusal is returned, having written
     nothing, so the rest of the batch goes on."""

@@ -13,6 +13,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.orm import Session
 
 from worker.carrier.push import PushRefused, StatusPush
+from worker.core.db import as_arrays, unnested
 from worker.domain.models import (
     Account,
     AccountRef,
@@ -111,13 +112,29 @@ def register_for(session: Session, account: AccountRef, order_codes: Iterable[st
     return result
 
 
-# The receipts of a batch, as rows of one statement compiled once: a VALUES list built for each
-# batch would be compiled anew every time. Those returned were never received before.
+# A batch's receipts, and the orders it locks, each in one statement whose SQL is the same
+# whatever their number (`unnested`). The receipts returned were never received before.
 _RECEIPTS = cast(Table, PushReceipt.__table__)
+_RECEIPT_COLUMNS = ["account_id", "transaction_id", "shipment_id"]
 _NEW_RECEIPT = (
     insert(_RECEIPTS)
+    .from_select(
+        _RECEIPT_COLUMNS, select(unnested(*(_RECEIPTS.c[name] for name in _RECEIPT_COLUMNS)))
+    )
     .on_conflict_do_nothing()
     .returning(_RECEIPTS.c.account_id, _RECEIPTS.c.transaction_id)
+)
+_SHIPMENTS = cast(Table, Shipment.__table__)
+_ORDER_COLUMNS = ["account_id", "order_code"]
+_LOCK_ORDERS = (
+    select(Shipment)
+    .where(
+        tuple_(Shipment.account_id, Shipment.order_code).in_(
+            select(unnested(*(_SHIPMENTS.c[name] for name in _ORDER_COLUMNS)))
+        )
+    )
+    .order_by(Shipment.id)
+    .with_for_update()
 )
 
 
@@ -192,7 +209,9 @@ def prepare_pushes(session: Session, pushes: Sequence[tuple[AccountRef, StatusPu
     if receipts:
         fresh = {
             (row.account_id, row.transaction_id)
-            for row in session.connection().execute(_NEW_RECEIPT, receipts)
+            for row in session.connection().execute(
+                _NEW_RECEIPT, as_arrays(receipts, _RECEIPT_COLUMNS)
+            )
         }
     expected = [
         (shipments[(account.id, push.order_code)], (push.status_entry,))
@@ -228,10 +247,5 @@ def _lock_orders(
     """The shipments of these (account id, order code) pairs, locked in id order."""
     if not pairs:
         return {}
-    locked = session.scalars(
-        select(Shipment)
-        .where(tuple_(Shipment.account_id, Shipment.order_code).in_(pairs))
-        .order_by(Shipment.id)
-        .with_for_update()
-    )
-    return {(s.account_id, s.order_code): s for s in locked}
+    orders = as_arrays(({"account_id": a, "order_code": c} for a, c in pairs), _ORDER_COLUMNS)
+    return {(s.account_id, s.order_code): s for s in session.scalars(_LOCK_ORDERS, orders)}

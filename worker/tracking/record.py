@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, select, tuple_
+from sqlalchemy import Table, select, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -32,6 +32,7 @@ from worker.carrier.errors import (
 )
 from worker.carrier.parse import StatusEntry, TrackingEntry, TrackingResult, ascii_integer
 from worker.core.clock import iso_utc
+from worker.core.db import as_arrays, unnested
 from worker.domain.events import (
     CurrentStatus,
     DelayView,
@@ -402,8 +403,21 @@ def _copy_details(shipment: Shipment, result: TrackingResult) -> None:
 # One statement each, run over many rows: SQLAlchemy compiles it once and sends the rows in bulk.
 # The history rows go in as plain table rows: nothing of the ORM's bulk insert is needed here.
 _STATUS_EVENTS = cast(Table, StatusEvent.__table__)
+_STATUS_COLUMNS = [
+    "shipment_id",
+    "status",
+    "status_id",
+    "status_code",
+    "tracking_name",
+    "occurred_at",
+    "source",
+]
 _NEW_STATUS = (
     insert(_STATUS_EVENTS)
+    .from_select(
+        _STATUS_COLUMNS,
+        select(unnested(*(_STATUS_EVENTS.c[name] for name in _STATUS_COLUMNS))),
+    )
     .on_conflict_do_nothing(index_elements=["shipment_id", "occurred_at", "status"])
     .returning(_STATUS_EVENTS.c.occurred_at, _STATUS_EVENTS.c.status)
 )
@@ -421,8 +435,10 @@ def _record_statuses(
     rows = _history_rows(shipment, entries, source)
     if not rows:
         return []
-    statement = session.connection().execute(_NEW_STATUS, [row for _, row in rows])
-    inserted = {(r.occurred_at, r.status) for r in statement}
+    written = session.connection().execute(
+        _NEW_STATUS, as_arrays((row for _, row in rows), _STATUS_COLUMNS)
+    )
+    inserted = {(r.occurred_at, r.status) for r in written}
     return _oldest_first(
         [entry for entry, row in rows if (row["occurred_at"], row["status"]) in inserted]
     )
@@ -431,13 +447,9 @@ def _record_statuses(
 # A history row's natural key: (shipment id, time, status).
 StatusKey = tuple[int, datetime, str]
 
-_STORED_STATUS = select(
-    _STATUS_EVENTS.c.shipment_id, _STATUS_EVENTS.c.occurred_at, _STATUS_EVENTS.c.status
-).where(
-    tuple_(_STATUS_EVENTS.c.shipment_id, _STATUS_EVENTS.c.occurred_at, _STATUS_EVENTS.c.status).in_(
-        bindparam("keys", expanding=True)
-    )
-)
+_KEY_COLUMNS = ["shipment_id", "occurred_at", "status"]
+_KEYS = [_STATUS_EVENTS.c[name] for name in _KEY_COLUMNS]
+_STORED_STATUS = select(*_KEYS).where(tuple_(*_KEYS).in_(select(unnested(*_KEYS))))
 
 
 class StatusHistory:
@@ -452,14 +464,14 @@ class StatusHistory:
     def __init__(
         self, session: Session, expected: Iterable[tuple[Shipment, Sequence[StatusEntry]]]
     ) -> None:
-        keys = [
-            _status_key(row)
+        rows = [
+            row
             for shipment, entries in expected
             for _, row in _history_rows(shipment, entries, "push")
         ]
         self._stored: set[StatusKey] = set()
-        if keys:
-            stored = session.connection().execute(_STORED_STATUS, {"keys": keys})
+        if rows:
+            stored = session.connection().execute(_STORED_STATUS, as_arrays(rows, _KEY_COLUMNS))
             self._stored = {(r.shipment_id, r.occurred_at, r.status) for r in stored}
         self._rows: list[dict[str, Any]] = []
 
@@ -479,8 +491,7 @@ class StatusHistory:
     def write(self, session: Session) -> None:
         """Insert the rows recorded (conflicts are skipped, as by `_record_statuses`)."""
         if self._rows:
-            # One INSERT for all the rows (the RETURNING makes it one; its rows are known).
-            session.connection().execute(_NEW_STATUS, self._rows)
+            session.connection().execute(_NEW_STATUS, as_arrays(self._rows, _STATUS_COLUMNS))
             self._rows = []
 
 

@@ -23,7 +23,7 @@ from worker.domain.models import (
     UnknownAccount,
 )
 from worker.domain.vocabulary import ErrorCode, validate_order_code
-from worker.tracking.record import PollContext, StatusHistory, apply_push
+from worker.tracking.record import BatchWrites, PollContext, apply_push
 
 # Codes per INSERT statement. They travel as one array parameter, unnested by PostgreSQL: a
 # multi-row VALUES list of 10,000 rows costs SQLAlchemy most of a second to compile.
@@ -154,18 +154,19 @@ class PushBatch:
     id order as a poll batch locks its own (so the two never wait on each other in a circle);
     orders not tracked yet are registered; every push's `TransactionId` is recorded in one
     statement, and only the first push of each one not recorded before is applied. The history
-    rows the new ones may add are read in one statement, and written in one by `finish`.
+    rows the new ones may add are read in one statement; `finish` writes them, and the batch's
+    outbox events, in one statement each.
     """
 
     def __init__(
         self,
         shipments: dict[tuple[int, str], Shipment],
         fresh: set[tuple[int, uuid.UUID]],
-        history: StatusHistory,
+        writes: BatchWrites,
     ) -> None:
         self._shipments = shipments
         self._fresh = fresh
-        self.history = history
+        self.writes = writes
 
     def shipment(self, account_id: int, order_code: str) -> Shipment:
         return self._shipments[(account_id, order_code)]
@@ -179,8 +180,8 @@ class PushBatch:
         return True
 
     def finish(self, session: Session) -> None:
-        """Write what the batch's pushes left for the end: their history rows."""
-        self.history.write(session)
+        """Write what the batch's pushes left for the end: history rows and outbox events."""
+        self.writes.write(session)
 
 
 def prepare_pushes(session: Session, pushes: Sequence[tuple[AccountRef, StatusPush]]) -> PushBatch:
@@ -218,7 +219,7 @@ def prepare_pushes(session: Session, pushes: Sequence[tuple[AccountRef, StatusPu
         for account, push in accepted
         if (account.id, push.transaction_id) in fresh
     ]
-    return PushBatch(shipments, fresh, StatusHistory(session, expected))
+    return PushBatch(shipments, fresh, BatchWrites(session, expected))
 
 
 def receive_push(
@@ -237,7 +238,7 @@ def receive_push(
         return PushReceived([], duplicate=True)
     shipment = batch.shipment(account.id, push.order_code)
     result = push.as_result()
-    applied = apply_push(session, shipment, account, result, ctx, batch.history, push.changed_from)
+    applied = apply_push(session, shipment, account, result, ctx, batch.writes, push.changed_from)
     return PushReceived(applied.events)
 
 

@@ -109,7 +109,8 @@ def _status_view(shipment: Shipment) -> StatusView:
 
 
 class EventRecorder:
-    """Writes the outbox events of one shipment, numbering them in sequence."""
+    """Writes the outbox events of one shipment, numbering them in sequence: added to the
+    session, or to `batch` for its one statement."""
 
     def __init__(
         self,
@@ -118,12 +119,14 @@ class EventRecorder:
         account: AccountRef,
         now: datetime,
         source: Source = "poll",
+        batch: BatchWrites | None = None,
     ):
         self.session = session
         self.shipment = shipment
         self.account = account
         self.now = now
         self.source: Source = source
+        self.batch = batch
         self.events: list[OutboxEvent] = []
 
     def emit(
@@ -165,7 +168,10 @@ class EventRecorder:
             data=data.to_json(),
             created_at=self.now,
         )
-        self.session.add(event)
+        if self.batch is None:
+            self.session.add(event)
+        else:
+            self.batch.events.append(event)
         self.events.append(event)
 
 
@@ -192,7 +198,7 @@ def apply_push(
     account: AccountRef,
     result: TrackingResult,
     ctx: PollContext,
-    history: StatusHistory,
+    batch: BatchWrites,
     changed_from: str | None = None,
 ) -> Applied:
     """Apply the carrier's push, a partial answer, to a locked shipment row, as a poll's.
@@ -206,13 +212,13 @@ def apply_push(
     this later one; so the shipment is looked up at once instead, and the carrier's whole answer
     announces both in order.
 
-    `history` keeps the status row for the one statement that writes its batch's.
+    Its status row and events wait in `batch`, for the statements that write its batch's.
     """
     if changed_from is not None and _skips_a_change(shipment, result, changed_from):
         shipment.next_poll_at = ctx.now
         return Applied([])
-    recorder = EventRecorder(session, shipment, account, ctx.now, source="push")
-    _apply_result(session, shipment, result, recorder, ctx, history)
+    recorder = EventRecorder(session, shipment, account, ctx.now, source="push", batch=batch)
+    _apply_result(session, shipment, result, recorder, ctx)
     return Applied(recorder.events)
 
 
@@ -237,7 +243,6 @@ def _apply_result(
     result: TrackingResult,
     recorder: EventRecorder,
     ctx: PollContext,
-    history: StatusHistory | None = None,
 ) -> None:
     pushed = recorder.source == "push"
     shipment.consecutive_errors = 0
@@ -253,8 +258,8 @@ def _apply_result(
 
     new_statuses = (
         _record_statuses(session, shipment, result.statuses, recorder.source)
-        if history is None
-        else history.record(shipment, result.statuses, recorder.source)
+        if recorder.batch is None
+        else recorder.batch.record(shipment, result.statuses, recorder.source)
     )
     new_scans = _record_scans(session, shipment, result.trackings)
     if new_statuses or new_scans:
@@ -444,6 +449,24 @@ def _record_statuses(
     )
 
 
+_OUTBOX_EVENTS = cast(Table, OutboxEvent.__table__)
+_EVENT_COLUMNS = [
+    "event_id",
+    "account_id",
+    "shipment_id",
+    "type",
+    "sequence",
+    "data",
+    "created_at",
+]
+_NEW_EVENT = (
+    insert(_OUTBOX_EVENTS)
+    .from_select(
+        _EVENT_COLUMNS, select(unnested(*(_OUTBOX_EVENTS.c[name] for name in _EVENT_COLUMNS)))
+    )
+    .returning(_OUTBOX_EVENTS.c.id, _OUTBOX_EVENTS.c.event_id)
+)
+
 # A history row's natural key: (shipment id, time, status).
 StatusKey = tuple[int, datetime, str]
 
@@ -452,9 +475,10 @@ _KEYS = [_STATUS_EVENTS.c[name] for name in _KEY_COLUMNS]
 _STORED_STATUS = select(*_KEYS).where(tuple_(*_KEYS).in_(select(unnested(*_KEYS))))
 
 
-class StatusHistory:
-    """The history rows of locked shipments applied together (a batch of carrier pushes),
-    written in one statement by `write` rather than one per shipment.
+class BatchWrites:
+    """The history rows and outbox events of locked shipments applied together (a batch of
+    carrier pushes), written by `write` in one statement each rather than one per shipment
+    (and the events without the ORM's flush, whose statement changes with their number).
 
     Which rows are new is told by the ones stored already, read up front for the entries the
     batch may record, and by those recorded since: no one else writes the history of a
@@ -474,6 +498,7 @@ class StatusHistory:
             stored = session.connection().execute(_STORED_STATUS, as_arrays(rows, _KEY_COLUMNS))
             self._stored = {(r.shipment_id, r.occurred_at, r.status) for r in stored}
         self._rows: list[dict[str, Any]] = []
+        self.events: list[OutboxEvent] = []
 
     def record(
         self, shipment: Shipment, entries: Sequence[StatusEntry], source: Source
@@ -489,10 +514,17 @@ class StatusHistory:
         return _oldest_first(fresh)
 
     def write(self, session: Session) -> None:
-        """Insert the rows recorded (conflicts are skipped, as by `_record_statuses`)."""
+        """Insert the rows recorded (conflicts are skipped, as by `_record_statuses`) and the
+        events, which are given their ids."""
         if self._rows:
             session.connection().execute(_NEW_STATUS, as_arrays(self._rows, _STATUS_COLUMNS))
             self._rows = []
+        if self.events:
+            arrays = {name: [getattr(e, name) for e in self.events] for name in _EVENT_COLUMNS}
+            ids = {r.event_id: r.id for r in session.connection().execute(_NEW_EVENT, arrays)}
+            for event in self.events:
+                event.id = ids[event.event_id]
+            self.events = []
 
 
 def _history_rows(

@@ -172,9 +172,23 @@ def _apply_together(state: Any, bodies: list[dict[str, Any]]) -> list[Exception 
             carrier_routes._Pending(parse_push(json.dumps(b).encode()), None, loop.create_future())
             for b in bodies
         ]
-        return carrier_routes._apply_batch(state, batch)
+        return carrier_routes._apply_batch(state, batch)[0]
     finally:
         loop.close()
+
+
+def _push_at_once(state: Any, bodies: list[dict[str, Any]]) -> list[BaseException | None]:
+    """Hand these pushes to the receiver's batcher together, as the route does; their outcomes."""
+
+    async def push_all() -> list[BaseException | None]:
+        pushes = [parse_push(json.dumps(b).encode()) for b in bodies]
+        outcomes = await asyncio.gather(
+            *(state.pushes.apply(state, push, None) for push in pushes), return_exceptions=True
+        )
+        await asyncio.gather(*state.pushes._tasks)  # it hands the events on after answering
+        return outcomes
+
+    return asyncio.run(push_all())
 
 
 # --- Authentication --------------------------------------------------------------------------
@@ -765,9 +779,7 @@ def test_a_batch_that_fails_is_applied_again_push_by_push(
         return real(session, account, push, ctx, batch)
 
     monkeypatch.setattr(carrier_routes, "receive_push", receive)
-    outcomes = _apply_together(
-        state, [_body(merchants[0].api_key, code, "25", T0) for code in codes]
-    )
+    outcomes = _push_at_once(state, [_body(merchants[0].api_key, code, "25", T0) for code in codes])
     assert outcomes[0] is None and outcomes[2] is None
     assert isinstance(outcomes[1], RuntimeError)
     with transaction(api.servers.database_url) as s:
@@ -778,6 +790,48 @@ def test_a_batch_that_fails_is_applied_again_push_by_push(
     assert stored == {codes[0], codes[2]}
     # Only committed events are handed on for delivery.
     assert {i for ids in delivered for i in ids} == events
+
+
+def test_batches_in_quick_succession_queue_their_events_together_and_the_last_at_once(
+    api: Api,  # noqa: F811
+    merchants: list[Merchant],
+) -> None:
+    app = create_app(api.servers.settings())
+    delivered: list[list[int]] = []
+    state = dataclasses.replace(
+        app.state.shipmon, deliver=delivered.append, pushes=carrier_routes.PushBatcher()
+    )
+    state.pushes.MAX_BATCH = 4  # six batches, one after the other
+    state.pushes.DELIVERY_INTERVAL = 3600.0
+    codes = [_code() for _ in range(24)]
+    outcomes = _push_at_once(state, [_body(merchants[0].api_key, c, "25", T0) for c in codes])
+    assert outcomes == [None] * 24
+    with transaction(api.servers.database_url) as s:
+        events = list(
+            s.scalars(select(OutboxEvent.id).join(Shipment).where(Shipment.order_code.in_(codes)))
+        )
+    assert len(events) == 24
+    # The first batch's events at once, the other five's together when the pushes stopped:
+    # every event once.
+    assert len(delivered) == 2 and len(delivered[0]) == 4
+    assert sorted(i for ids in delivered for i in ids) == sorted(events)
+
+
+def test_a_push_handed_on_right_after_the_last_was_answered_is_applied(
+    api: Api,  # noqa: F811
+    merchants: list[Merchant],
+) -> None:
+    """The batcher is free again the moment it answers its last push, not a step later."""
+    app = create_app(api.servers.settings())
+    state = dataclasses.replace(app.state.shipmon, deliver=lambda ids: None)
+    first, second = (_body(merchants[0].api_key, _code(), "25", T0) for _ in "ab")
+
+    async def one_after_the_other() -> None:
+        for body in (first, second):
+            await state.pushes.apply(state, parse_push(json.dumps(body).encode()), None)
+
+    asyncio.run(asyncio.wait_for(one_after_the_other(), 30))
+    assert _shipment(api, merchants[0].name, second["OrderCode"]) is not None
 
 
 def test_a_push_queues_its_events_for_the_notify_workers_at_once(

@@ -42,7 +42,7 @@ from worker.ops.rotation import store_api_key_digests
 from worker.runtime.celery import NOTIFY_QUEUE
 from worker.scheduling.model import LearnedModel
 from worker.scheduling.pricing import INITIAL_PRICE
-from worker.tracking.intake import account_by_name, register_orders
+from worker.tracking.intake import account_by_name, register_orders, remove_account
 from worker.tracking.record import SETTLE_DELAY, PollContext, apply_outcome, lock_shipments
 
 OK = {"IsError": False, "ErrorMessage": ""}
@@ -164,6 +164,33 @@ def _shipment(api: Api, account: str, code: str) -> dict[str, Any] | None:  # no
         }
 
 
+def _apply_together(state: Any, bodies: list[dict[str, Any]]) -> list[Exception | None]:
+    """Apply these pushes as one batch of the receiver's, in this process; their outcomes."""
+    loop = asyncio.new_event_loop()
+    try:
+        batch = [
+            carrier_routes._Pending(parse_push(json.dumps(b).encode()), None, loop.create_future())
+            for b in bodies
+        ]
+        return carrier_routes._apply_batch(state, batch)[0]
+    finally:
+        loop.close()
+
+
+def _push_at_once(state: Any, bodies: list[dict[str, Any]]) -> list[BaseException | None]:
+    """Hand these pushes to the receiver's batcher together, as the route does; their outcomes."""
+
+    async def push_all() -> list[BaseException | None]:
+        pushes = [parse_push(json.dumps(b).encode()) for b in bodies]
+        outcomes = await asyncio.gather(
+            *(state.pushes.apply(state, push, None) for push in pushes), return_exceptions=True
+        )
+        await asyncio.gather(*state.pushes._tasks)  # it hands the events on after answering
+        return outcomes
+
+    return asyncio.run(push_all())
+
+
 # --- Authentication --------------------------------------------------------------------------
 
 
@@ -277,6 +304,73 @@ def test_rotation_and_first_start_keep_the_api_key_digests_current(
     with sessions.begin() as s:
         account = account_by_name(s, merchants[1].name)
         assert account.api_key_digest == keyed_digest(merchants[1].api_key, api.servers.secret_key)
+
+
+class _Clock:
+    """A monotonic clock that moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _cached_state(api: Api, clock: _Clock) -> Any:  # noqa: F811
+    """The receiver's state, with an account cache on `clock`."""
+    app = create_app(api.servers.settings())
+    pushes = carrier_routes.PushBatcher(carrier_routes.AccountCache(clock))
+    return dataclasses.replace(app.state.shipmon, deliver=lambda ids: None, pushes=pushes)
+
+
+def test_a_replaced_api_key_authenticates_pushes_only_until_its_cached_account_expires(
+    api: Api,  # noqa: F811
+    merchants: list[Merchant],
+) -> None:
+    clock = _Clock()
+    state = _cached_state(api, clock)
+    shop = merchants[0]
+    new_key = f"key-{secrets.token_hex(12)}"
+    assert _apply_together(state, [_body(shop.api_key, _code(), "21", T0)]) == [None]
+    with transaction(api.servers.database_url) as s:  # what `shipmon account set-key` does
+        account_by_name(s, shop.name).api_key_digest = keyed_digest(new_key, api.servers.secret_key)
+    # The new key works at once; the old one only while its account is cached.
+    assert _apply_together(state, [_body(new_key, _code(), "21", T0)]) == [None]
+    clock.now += carrier_routes.AccountCache.SECONDS - 0.1
+    assert _apply_together(state, [_body(shop.api_key, _code(), "21", T0)]) == [None]
+    clock.now += 0.2
+    code = _code()
+    [refused] = _apply_together(state, [_body(shop.api_key, code, "21", T0)])
+    assert isinstance(refused, carrier_routes.NotAuthenticated)
+    assert _shipment(api, shop.name, code) is None
+
+
+def test_a_refused_key_is_not_remembered_and_a_removed_account_is_refused_at_once(
+    api: Api,  # noqa: F811
+    merchants: list[Merchant],
+) -> None:
+    clock = _Clock()
+    state = _cached_state(api, clock)
+    shop, other = merchants
+    unknown = f"key-{secrets.token_hex(12)}"
+    [refused] = _apply_together(state, [_body(unknown, _code(), "21", T0)])
+    assert isinstance(refused, carrier_routes.NotAuthenticated)
+    with transaction(api.servers.database_url) as s:  # the key becomes the account's own
+        account_by_name(s, shop.name).api_key_digest = keyed_digest(unknown, api.servers.secret_key)
+    assert _apply_together(state, [_body(unknown, _code(), "21", T0)]) == [None]
+    with transaction(api.servers.database_url) as s:
+        remove_account(s, shop.name)
+    # Cached a moment ago: the batch fails on the missing account, and its pushes, applied
+    # again one by one, look the account up and are refused, writing nothing; a neighbour
+    # of another account is applied.
+    gone, neighbour = _code(), _code()
+    outcomes = _apply_together(
+        state, [_body(unknown, gone, "21", T0), _body(other.api_key, neighbour, "21", T0)]
+    )
+    assert isinstance(outcomes[0], carrier_routes.NotAuthenticated) and outcomes[1] is None
+    with transaction(api.servers.database_url) as s:
+        assert s.scalar(select(func.count()).where(Shipment.order_code == gone)) == 0
+    assert _shipment(api, other.name, neighbour) is not None
 
 
 # --- Idempotency and order -------------------------------------------------------------------
@@ -651,15 +745,7 @@ def test_one_batch_takes_a_resend_once_and_two_changes_of_one_order_in_order(
         _body(key, new, "23", T0, Description=_change(None, Status.PICKED_UP)),
         _body(key, "x!", "23", T0),
     ]  # fmt: skip
-    loop = asyncio.new_event_loop()
-    try:
-        batch = [
-            carrier_routes._Pending(parse_push(json.dumps(b).encode()), None, loop.create_future())
-            for b in bodies
-        ]
-        outcomes = carrier_routes._apply_batch(state, batch)
-    finally:
-        loop.close()
+    outcomes = _apply_together(state, bodies)
     assert outcomes[:4] == [None] * 4 and isinstance(outcomes[4], PushRefused)
     seen, registered = _shipment(api, name, code), _shipment(api, name, new)
     assert seen is not None and registered is not None
@@ -693,19 +779,7 @@ def test_a_batch_that_fails_is_applied_again_push_by_push(
         return real(session, account, push, ctx, batch)
 
     monkeypatch.setattr(carrier_routes, "receive_push", receive)
-    loop = asyncio.new_event_loop()
-    try:
-        batch = [
-            carrier_routes._Pending(
-                parse_push(json.dumps(_body(merchants[0].api_key, code, "25", T0)).encode()),
-                None,
-                loop.create_future(),
-            )
-            for code in codes
-        ]
-        outcomes = carrier_routes._apply_batch(state, batch)
-    finally:
-        loop.close()
+    outcomes = _push_at_once(state, [_body(merchants[0].api_key, code, "25", T0) for code in codes])
     assert outcomes[0] is None and outcomes[2] is None
     assert isinstance(outcomes[1], RuntimeError)
     with transaction(api.servers.database_url) as s:
@@ -716,6 +790,48 @@ def test_a_batch_that_fails_is_applied_again_push_by_push(
     assert stored == {codes[0], codes[2]}
     # Only committed events are handed on for delivery.
     assert {i for ids in delivered for i in ids} == events
+
+
+def test_batches_in_quick_succession_queue_their_events_together_and_the_last_at_once(
+    api: Api,  # noqa: F811
+    merchants: list[Merchant],
+) -> None:
+    app = create_app(api.servers.settings())
+    delivered: list[list[int]] = []
+    state = dataclasses.replace(
+        app.state.shipmon, deliver=delivered.append, pushes=carrier_routes.PushBatcher()
+    )
+    state.pushes.MAX_BATCH = 4  # six batches, one after the other
+    state.pushes.DELIVERY_INTERVAL = 3600.0
+    codes = [_code() for _ in range(24)]
+    outcomes = _push_at_once(state, [_body(merchants[0].api_key, c, "25", T0) for c in codes])
+    assert outcomes == [None] * 24
+    with transaction(api.servers.database_url) as s:
+        events = list(
+            s.scalars(select(OutboxEvent.id).join(Shipment).where(Shipment.order_code.in_(codes)))
+        )
+    assert len(events) == 24
+    # The first batch's events at once, the other five's together when the pushes stopped:
+    # every event once.
+    assert len(delivered) == 2 and len(delivered[0]) == 4
+    assert sorted(i for ids in delivered for i in ids) == sorted(events)
+
+
+def test_a_push_handed_on_right_after_the_last_was_answered_is_applied(
+    api: Api,  # noqa: F811
+    merchants: list[Merchant],
+) -> None:
+    """The batcher is free again the moment it answers its last push, not a step later."""
+    app = create_app(api.servers.settings())
+    state = dataclasses.replace(app.state.shipmon, deliver=lambda ids: None)
+    first, second = (_body(merchants[0].api_key, _code(), "25", T0) for _ in "ab")
+
+    async def one_after_the_other() -> None:
+        for body in (first, second):
+            await state.pushes.apply(state, parse_push(json.dumps(body).encode()), None)
+
+    asyncio.run(asyncio.wait_for(one_after_the_other(), 30))
+    assert _shipment(api, merchants[0].name, second["OrderCode"]) is not None
 
 
 def test_a_push_queues_its_events_for_the_notify_workers_at_once(

@@ -82,9 +82,13 @@ class StatusPush:
             return None
         return left[0] if left else ""
 
+    @property
+    def status_entry(self) -> StatusEntry:
+        """The one status the push reports, as an entry of an answer's history."""
+        return StatusEntry(self.time, self.status, self.status_raw, self.status_name, None)
+
     def as_result(self) -> TrackingResult:
         """The push as the partial answer it is: one status, none of a lookup's details."""
-        entry = StatusEntry(self.time, self.status, self.status_raw, self.status_name, None)
         return TrackingResult(
             order_code=self.order_code,
             status=self.status,
@@ -112,7 +116,7 @@ class StatusPush:
             total_service_cost=None,
             accept_date=None,
             external_code=self.external_code,
-            statuses=(entry,),
+            statuses=(self.status_entry,),
         )
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import ARRAY, Column, Engine, String, bindparam, create_engine, func
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.selectable import TableValuedAlias
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -74,3 +75,27 @@ def upgrade(url: str, revision: str = "head") -> None:
     from alembic import command
 
     command.upgrade(alembic_config(url), revision)
+
+
+def unnested(*columns: Column[Any]) -> TableValuedAlias:
+    """Rows passed as one array parameter per column (named by `as_arrays`), unnested by
+    PostgreSQL, with these columns' names and types.
+
+    A statement over them has the same SQL whatever the number of rows, so SQLAlchemy compiles
+    it once, psycopg parses it once and PostgreSQL prepares it; a VALUES list or an IN list of
+    bound rows is a new statement for every row count, parsed anew each time once it holds over
+    50 parameters.
+    """
+    # Each array is cast to its type (`%(name)s::BIGINT[]`), VARCHAR without its length: a
+    # cast to VARCHAR(n) would cut what the column would refuse.
+    arrays = [
+        bindparam(c.key, type_=ARRAY(String() if isinstance(c.type, String) else c.type))
+        for c in columns
+    ]
+    return func.unnest(*arrays).table_valued(*(c.key for c in columns)).render_derived()
+
+
+def as_arrays(rows: Iterable[Mapping[str, Any]], columns: Iterable[str]) -> dict[str, list[Any]]:
+    """The parameters of `unnested` for these rows: each column's values, in row order."""
+    listed = list(rows)
+    return {name: [row[name] for row in listed] for name in columns}

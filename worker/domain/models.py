@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from sqlalchemy import (
     BigInteger,
@@ -98,6 +98,17 @@ class Account(Base):
     created_at: Mapped[datetime] = _now()
 
     shipments: Mapped[list[Shipment]] = relationship(back_populates="account", lazy="raise")
+
+
+class AccountRef(Protocol):
+    """What writing a shipment's history and events needs of its account: an `Account`, or a
+    copy of its id and name kept between transactions (the carrier push's account cache)."""
+
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def name(self) -> str: ...
 
 
 class Shipment(Base):

@@ -19,7 +19,10 @@ def deliver_now(event_ids: list[int]) -> None:
     """Send the events to the notify workers at once, as a poll does after its commit. If the
     broker does not take the task, the delivery sweep sends them within seconds instead."""
     try:
-        celery.send_task("shipmon.deliver", args=[event_ids], retry=False)
+        # The task is not registered in this process, so Celery would not know its results are
+        # ignored: it would subscribe to each one's result channel, two more round trips to
+        # Redis (and a leftover subscription) for every batch of pushes.
+        celery.send_task("shipmon.deliver", args=[event_ids], retry=False, ignore_result=True)
     except (KombuError, RedisError, OSError):
         log.warning("could not queue %d events for delivery; the sweep sends them", len(event_ids))
 

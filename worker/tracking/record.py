@@ -15,14 +15,14 @@ import logging
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import cast
+from typing import Any, cast
 
-from sqlalchemy import Table, select
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import Table, bindparam, func, literal_column, select, tuple_
+from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.orm import Session
 
 from worker.carrier.errors import (
@@ -32,6 +32,7 @@ from worker.carrier.errors import (
 )
 from worker.carrier.parse import StatusEntry, TrackingEntry, TrackingResult, ascii_integer
 from worker.core.clock import iso_utc
+from worker.core.db import as_arrays, unnested
 from worker.domain.events import (
     CurrentStatus,
     DelayView,
@@ -42,7 +43,14 @@ from worker.domain.events import (
     StatusView,
     jsonable,
 )
-from worker.domain.models import Account, OutboxEvent, Shipment, StatusEvent, TrackingEvent
+from worker.domain.models import (
+    Account,
+    AccountRef,
+    OutboxEvent,
+    Shipment,
+    StatusEvent,
+    TrackingEvent,
+)
 from worker.domain.vocabulary import EventType, Status, delay_reason, parse_status
 from worker.scheduling.coverage import NO_PUSHES, PushCoverage
 from worker.scheduling.model import LearnedModel, ShipmentState, next_poll_at
@@ -101,21 +109,24 @@ def _status_view(shipment: Shipment) -> StatusView:
 
 
 class EventRecorder:
-    """Writes the outbox events of one shipment, numbering them in sequence."""
+    """Writes the outbox events of one shipment, numbering them in sequence: added to the
+    session, or to `batch` for its one statement."""
 
     def __init__(
         self,
         session: Session,
         shipment: Shipment,
-        account: Account,
+        account: AccountRef,
         now: datetime,
         source: Source = "poll",
+        batch: BatchWrites | None = None,
     ):
         self.session = session
         self.shipment = shipment
         self.account = account
         self.now = now
         self.source: Source = source
+        self.batch = batch
         self.events: list[OutboxEvent] = []
 
     def emit(
@@ -157,7 +168,10 @@ class EventRecorder:
             data=data.to_json(),
             created_at=self.now,
         )
-        self.session.add(event)
+        if self.batch is None:
+            self.session.add(event)
+        else:
+            self.batch.events.append(event)
         self.events.append(event)
 
 
@@ -181,9 +195,10 @@ def apply_outcome(
 def apply_push(
     session: Session,
     shipment: Shipment,
-    account: Account,
+    account: AccountRef,
     result: TrackingResult,
     ctx: PollContext,
+    batch: BatchWrites,
     changed_from: str | None = None,
 ) -> Applied:
     """Apply the carrier's push, a partial answer, to a locked shipment row, as a poll's.
@@ -196,11 +211,13 @@ def apply_push(
     still on its way. Applied now, that change would never be announced, or announced after
     this later one; so the shipment is looked up at once instead, and the carrier's whole answer
     announces both in order.
+
+    Its status row and events wait in `batch`, for the statements that write its batch's.
     """
     if changed_from is not None and _skips_a_change(shipment, result, changed_from):
         shipment.next_poll_at = ctx.now
         return Applied([])
-    recorder = EventRecorder(session, shipment, account, ctx.now, source="push")
+    recorder = EventRecorder(session, shipment, account, ctx.now, source="push", batch=batch)
     _apply_result(session, shipment, result, recorder, ctx)
     return Applied(recorder.events)
 
@@ -239,7 +256,11 @@ def _apply_result(
         _schedule_after_result(shipment, ctx, pushed)
         return
 
-    new_statuses = _record_statuses(session, shipment, result.statuses, recorder.source)
+    new_statuses = (
+        _record_statuses(session, shipment, result.statuses, recorder.source)
+        if recorder.batch is None
+        else recorder.batch.record(shipment, result.statuses, recorder.source)
+    )
     new_scans = _record_scans(session, shipment, result.trackings)
     if new_statuses or new_scans:
         # A change ends a stall; the shipment may stall again later.
@@ -387,8 +408,21 @@ def _copy_details(shipment: Shipment, result: TrackingResult) -> None:
 # One statement each, run over many rows: SQLAlchemy compiles it once and sends the rows in bulk.
 # The history rows go in as plain table rows: nothing of the ORM's bulk insert is needed here.
 _STATUS_EVENTS = cast(Table, StatusEvent.__table__)
+_STATUS_COLUMNS = [
+    "shipment_id",
+    "status",
+    "status_id",
+    "status_code",
+    "tracking_name",
+    "occurred_at",
+    "source",
+]
 _NEW_STATUS = (
     insert(_STATUS_EVENTS)
+    .from_select(
+        _STATUS_COLUMNS,
+        select(unnested(*(_STATUS_EVENTS.c[name] for name in _STATUS_COLUMNS))),
+    )
     .on_conflict_do_nothing(index_elements=["shipment_id", "occurred_at", "status"])
     .returning(_STATUS_EVENTS.c.occurred_at, _STATUS_EVENTS.c.status)
 )
@@ -403,6 +437,109 @@ def _record_statuses(
     session: Session, shipment: Shipment, entries: Sequence[StatusEntry], source: Source
 ) -> list[StatusEntry]:
     """Insert the history rows not seen before; return those entries, oldest first."""
+    rows = _history_rows(shipment, entries, source)
+    if not rows:
+        return []
+    written = session.connection().execute(
+        _NEW_STATUS, as_arrays((row for _, row in rows), _STATUS_COLUMNS)
+    )
+    inserted = {(r.occurred_at, r.status) for r in written}
+    return _oldest_first(
+        [entry for entry, row in rows if (row["occurred_at"], row["status"]) in inserted]
+    )
+
+
+# A batch's events travel as one JSON document of rows, read by PostgreSQL as outbox rows:
+# their data is JSON already, and as one array per column each event's data would be escaped
+# into a text array, which costs more than the insert itself.
+_OUTBOX_EVENTS = cast(Table, OutboxEvent.__table__)
+_EVENT_COLUMNS = [
+    "event_id",
+    "account_id",
+    "shipment_id",
+    "type",
+    "sequence",
+    "data",
+    "created_at",
+]
+_EVENT_ROWS = func.jsonb_populate_recordset(
+    literal_column(f"NULL::{_OUTBOX_EVENTS.name}"), bindparam("events", type_=JSONB)
+).table_valued(*_EVENT_COLUMNS)
+_NEW_EVENT = (
+    insert(_OUTBOX_EVENTS)
+    .from_select(_EVENT_COLUMNS, select(*(_EVENT_ROWS.c[name] for name in _EVENT_COLUMNS)))
+    .returning(_OUTBOX_EVENTS.c.id, _OUTBOX_EVENTS.c.event_id)
+)
+
+# A history row's natural key: (shipment id, time, status).
+StatusKey = tuple[int, datetime, str]
+
+_KEY_COLUMNS = ["shipment_id", "occurred_at", "status"]
+_KEYS = [_STATUS_EVENTS.c[name] for name in _KEY_COLUMNS]
+_STORED_STATUS = select(*_KEYS).where(tuple_(*_KEYS).in_(select(unnested(*_KEYS))))
+
+
+class BatchWrites:
+    """The history rows and outbox events of locked shipments applied together (a batch of
+    carrier pushes), written by `write` in one statement each rather than one per shipment
+    (and the events without the ORM's flush, whose statement changes with their number).
+
+    Which rows are new is told by the ones stored already, read up front for the entries the
+    batch may record, and by those recorded since: no one else writes the history of a
+    shipment locked by this transaction.
+    """
+
+    def __init__(
+        self, session: Session, expected: Iterable[tuple[Shipment, Sequence[StatusEntry]]]
+    ) -> None:
+        rows = [
+            row
+            for shipment, entries in expected
+            for _, row in _history_rows(shipment, entries, "push")
+        ]
+        self._stored: set[StatusKey] = set()
+        if rows:
+            stored = session.connection().execute(_STORED_STATUS, as_arrays(rows, _KEY_COLUMNS))
+            self._stored = {(r.shipment_id, r.occurred_at, r.status) for r in stored}
+        self._rows: list[dict[str, Any]] = []
+        self.events: list[OutboxEvent] = []
+
+    def record(
+        self, shipment: Shipment, entries: Sequence[StatusEntry], source: Source
+    ) -> list[StatusEntry]:
+        """`_record_statuses`, but the rows wait for `write`."""
+        fresh = []
+        for entry, row in _history_rows(shipment, entries, source):
+            key = _status_key(row)
+            if key not in self._stored:
+                self._stored.add(key)
+                self._rows.append(row)
+                fresh.append(entry)
+        return _oldest_first(fresh)
+
+    def write(self, session: Session) -> None:
+        """Insert the rows recorded (conflicts are skipped, as by `_record_statuses`) and the
+        events, which are given their ids."""
+        if self._rows:
+            session.connection().execute(_NEW_STATUS, as_arrays(self._rows, _STATUS_COLUMNS))
+            self._rows = []
+        if self.events:
+            rows = [
+                {name: getattr(e, name) for name in _EVENT_COLUMNS}
+                | {"created_at": e.created_at.isoformat()}
+                for e in self.events
+            ]
+            written = session.connection().execute(_NEW_EVENT, {"events": rows})
+            ids = {r.event_id: r.id for r in written}
+            for event in self.events:
+                event.id = ids[event.event_id]
+            self.events = []
+
+
+def _history_rows(
+    shipment: Shipment, entries: Sequence[StatusEntry], source: Source
+) -> list[tuple[StatusEntry, dict[str, Any]]]:
+    """Each entry with a time and a status, with its history row."""
     rows = []
     for entry in entries:
         if entry.time is None:
@@ -410,27 +547,25 @@ def _record_statuses(
         name, status_id, code = _status_triplet(entry.status, entry.status_raw, entry.status_name)
         if name is None:
             continue
-        rows.append(
-            {
-                "shipment_id": shipment.id,
-                "status": name,
-                "status_id": status_id,
-                "status_code": code,
-                "tracking_name": entry.tracking_name,
-                "occurred_at": entry.time,
-                "source": source,
-            }
-        )
-    if not rows:
-        return []
-    inserted = {(r.occurred_at, r.status) for r in session.connection().execute(_NEW_STATUS, rows)}
-    fresh = [
-        e
-        for e in entries
-        if e.time is not None
-        and (e.time, _status_triplet(e.status, e.status_raw, e.status_name)[0]) in inserted
-    ]
-    return sorted(fresh, key=lambda e: e.time or datetime.min.replace(tzinfo=UTC))
+        row = {
+            "shipment_id": shipment.id,
+            "status": name,
+            "status_id": status_id,
+            "status_code": code,
+            "tracking_name": entry.tracking_name,
+            "occurred_at": entry.time,
+            "source": source,
+        }
+        rows.append((entry, row))
+    return rows
+
+
+def _status_key(row: dict[str, Any]) -> StatusKey:
+    return row["shipment_id"], row["occurred_at"], row["status"]
+
+
+def _oldest_first(entries: list[StatusEntry]) -> list[StatusEntry]:
+    return sorted(entries, key=lambda e: e.time or datetime.min.replace(tzinfo=UTC))
 
 
 def scan_fingerprint(scan: TrackingEntry) -> str:
